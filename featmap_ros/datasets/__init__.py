@@ -1,0 +1,1 @@
+"""Dataset readers: BOP (objects) and NYU (hands)."""

@@ -1,0 +1,1 @@
+"""The ROS edge: message conversion (pure Python) and the rclpy node (ros/node.py only)."""
