@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
@@ -64,7 +64,7 @@ def message_definitions() -> dict[str, str]:
     return {f"{PACKAGE}/msg/{p.stem}": p.read_text() for p in sorted(msg_dir().glob("*.msg"))}
 
 
-@lru_cache(maxsize=None)
+@cache
 def typestore(distro: str = "humble"):
     """A rosbags Typestore for `distro` (humble or jazzy) with vision_msgs and our messages added."""
     if distro not in DISTROS:
