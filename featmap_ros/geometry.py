@@ -375,7 +375,9 @@ def crop_depth_cube(
     sx, sy = out / (u_hi - u_lo), out / (v_hi - v_lo)
     A = np.array([[sx, 0.0, -sx * u_lo - 0.5], [0.0, sy, -sy * v_lo - 0.5]])
     depth = np.where(np.isfinite(depth_m) & (depth_m > 0), depth_m, 0.0).astype(np.float32)
-    crop = cv2.warpAffine(depth, A, (out, out), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    crop = cv2.warpAffine(
+        depth, A, (out, out), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0
+    )
     norm = (crop - c[2]) / half
     norm[(crop <= 0) | (norm > 1.0)] = 1.0
     norm = np.clip(norm, -1.0, 1.0).astype(np.float32)
