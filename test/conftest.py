@@ -1,0 +1,32 @@
+"""Shared test fixtures: where the real data lives, and skipping when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LMO = SHARED_DATA / "lmo"
+NYU = SHARED_DATA / "nyu"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in ("linter", "flake8", "pep257", "launch_test", "slow"):
+        config.addinivalue_line("markers", f"{marker}: ament / featmap test category")
+
+
+@pytest.fixture(scope="session")
+def lmo_root() -> Path:
+    """The Linemod-Occluded BOP directory in ../shared/data (skips when absent)."""
+    if not (LMO / "test" / "000002" / "scene_gt.json").is_file():
+        pytest.skip(f"real LM-O data not found at {LMO} (it lives in ../shared/data beside the project)")
+    return LMO
+
+
+@pytest.fixture(scope="session")
+def nyu_root() -> Path:
+    """The NYU hand frame in ../shared/data (skips when absent)."""
+    if not (NYU / "test" / "depth_1_0000001.png").is_file():
+        pytest.skip(f"real NYU frame not found at {NYU} (it lives in ../shared/data beside the project)")
+    return NYU
