@@ -1,0 +1,1 @@
+"""Experiments: train every method, evaluate, write tables (LM-O, hands, NYU)."""
