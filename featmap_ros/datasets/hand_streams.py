@@ -1,0 +1,175 @@
+"""Torch datasets of hand crops: an endless clean synthetic stream and a fixed set of "real" pairs.
+
+Crops follow DeepPrior++ (geometry.crop_depth_cube): a metric cube around a 3D centre, depth in
+[-1, 1], joints as offsets from the centre over half the cube. The synthetic stream is the
+domain h(f(x)) is trained on; SensorHandSet simulates annotated real frames (another person's
+hand seen by a structured-light sensor) each paired with the clean nominal render of its pose,
+which is what Feature Mapping's g is trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from featmap_ros.datasets.nyu import NYU_INTRINSICS, PALM
+from featmap_ros.geometry import GeometryError, Intrinsics, crop_depth_cube, locate_hand
+from featmap_ros.render import sensor
+from featmap_ros.render.hand import HandPose, HandRenderer, HandShape, PoseSamplerConfig, sample_poses
+
+
+class HandStreamError(ValueError):
+    """A hand data stream is misconfigured."""
+
+
+@dataclass(frozen=True)
+class HandStreamConfig:
+    """Defaults of the hand crops and streams; metres and degrees."""
+
+    cube_m: float = 0.3  # DeepPrior++ cube edge
+    crop_px: int = 128
+    centre_sigma_m: float = 0.005  # random offset of the synthetic crop centre from the palm (DeepPrior++)
+    rotation_deg: float = 0.0  # in-plane rotation augmentation, uniform in +-this (0: off; the sampler rolls)
+    sampled_shapes: bool = False  # synthetic stream: nominal hand (paper) or a new person per render batch
+    render_batch: int = 16  # poses rendered together (batched ray casting amortises overhead)
+    device: str = "cpu"  # where the renderer runs
+    locate_max_error_m: float = 0.06  # a located centre further than this from the palm counts as failed
+    fallback_sigma_m: float = 0.01  # offset of the fallback centre (GT palm + noise)
+    poses: PoseSamplerConfig = field(default_factory=PoseSamplerConfig)
+    scene: sensor.SceneConfig = field(default_factory=sensor.SceneConfig)
+
+
+def _sample(crop: np.ndarray, cube_target: np.ndarray, centre: np.ndarray, joints: np.ndarray) -> dict[str, Any]:
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(crop[None], dtype=np.float32)),
+        "target": torch.from_numpy(np.ascontiguousarray(cube_target, dtype=np.float32).reshape(-1)),
+        "centre": torch.from_numpy(np.asarray(centre, dtype=np.float32)),
+        "joints": torch.from_numpy(np.asarray(joints, dtype=np.float32)),
+    }
+
+
+class SyntheticHandStream(IterableDataset):
+    """Endless clean renders of sampled hand poses, cropped around the palm (DeepPrior++).
+
+    Yields {'image': (1, 128, 128) float32 in [-1, 1], 'target': (42,) normalised joints, 'centre':
+    (3,) metres, 'joints': (14, 3) metres}. Worker w of a DataLoader draws from seed (seed, w), so
+    the stream is reproducible for a given seed and number of workers.
+    """
+
+    def __init__(
+        self, seed: int = 0, config: HandStreamConfig = HandStreamConfig(), intrinsics: Intrinsics = NYU_INTRINSICS
+    ) -> None:
+        if config.render_batch < 1:
+            raise HandStreamError(f"render_batch must be >= 1, got {config.render_batch}")
+        self.seed = int(seed)
+        self.config = config
+        self.intrinsics = intrinsics
+
+    def __iter__(self):  # noqa: ANN204 - a generator of dicts
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id])
+        cfg, K = self.config, self.intrinsics.K
+        renderer = HandRenderer(self.intrinsics, cfg.device)
+        while True:
+            shape = HandShape.sample(rng) if cfg.sampled_shapes else HandShape.nominal()
+            n = cfg.render_batch
+            pose = sample_poses(rng, n, shape, self.intrinsics, cfg.poses)
+            palm = pose.t_h2c + pose.R_h2c @ shape.palm_centre()
+            centre = palm + cfg.centre_sigma_m * rng.standard_normal((n, 3))
+            if cfg.rotation_deg > 0:
+                # Rotating the hand itself about the ray through the crop centre is exact, unlike a 2D warp.
+                angle = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, n))
+                pose = pose.rotated_about_ray(centre, angle)
+            out = renderer.render(shape, pose)
+            joints = out.geometry.nyu_joints
+            for i in range(n):
+                crop, cube = crop_depth_cube(out.depth[i], K, centre[i], cube_m=cfg.cube_m, out=cfg.crop_px)
+                yield _sample(crop, cube.normalise_joints(joints[i]), centre[i], joints[i])
+
+
+class SensorHandSet(Dataset):
+    """N fixed simulated "real" frames, each paired with the clean nominal-hand render of its pose.
+
+    Frame i is made from rng (seed, i): a pose of `shape`, composed into a scene and passed through
+    the sensor; the crop centre is geometry.locate_hand on the noisy frame, or the palm plus noise
+    when that fails or lands further than locate_max_error_m away (counted in `fallbacks`). Items:
+    {'real', 'syn': (1, 128, 128), 'target': (42,) the real hand's joints in the cube, 'syn_target':
+    (42,) the nominal hand's, 'centre': (3,), 'joints': (14, 3), 'fallback': bool}. Frames are
+    cached per process after their first use.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        shape: HandShape,
+        sensor_config: sensor.SensorConfig | None = None,
+        seed: int = 0,
+        config: HandStreamConfig = HandStreamConfig(),
+        intrinsics: Intrinsics = NYU_INTRINSICS,
+    ) -> None:
+        if n < 1:
+            raise HandStreamError(f"need at least one frame, got n={n}")
+        self.n = int(n)
+        self.shape = shape
+        self.sensor_config = sensor_config if sensor_config is not None else sensor.SensorConfig.nominal()
+        self.seed = int(seed)
+        self.config = config
+        self.intrinsics = intrinsics
+        self._renderer = HandRenderer(intrinsics, config.device)
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._fallback: dict[int, bool] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def fallbacks(self) -> int:
+        """How many of the frames made so far in this process fell back to the ground-truth centre."""
+        return sum(self._fallback.values())
+
+    def frame(self, index: int) -> tuple[np.ndarray, np.ndarray, HandPose]:
+        """Return frame `index`'s noisy HxW depth (metres, NaN invalid), its (14, 3) joints and its pose."""
+        rng = np.random.default_rng([self.seed, index])
+        cfg, K = self.config, self.intrinsics.K
+        pose = sample_poses(rng, 1, self.shape, self.intrinsics, cfg.poses)
+        out = self._renderer.render(self.shape, pose)
+        joints = out.geometry.nyu_joints[0]
+        scene = sensor.compose_scene(out.depth[0], K, rng, cfg.scene, hand_centre_xyz=joints[PALM])
+        return sensor.apply(scene, K, rng, self.sensor_config), joints, pose
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.n:
+            raise IndexError(f"frame {index} out of range for {self.n} frames")
+        if index in self._cache:
+            return self._cache[index]
+        cfg, K = self.config, self.intrinsics.K
+        noisy, joints, pose = self.frame(index)
+        palm = joints[PALM]
+        rng = np.random.default_rng([self.seed, index, 1])
+        try:
+            centre = locate_hand(noisy, K, cube_m=cfg.cube_m)
+            failed = bool(np.linalg.norm(centre - palm) > cfg.locate_max_error_m)
+        except GeometryError:
+            failed = True
+        if failed:
+            centre = palm + cfg.fallback_sigma_m * rng.standard_normal(3)
+        self._fallback[index] = failed
+        real, cube = crop_depth_cube(noisy, K, centre, cube_m=cfg.cube_m, out=cfg.crop_px)
+        nominal = HandShape.nominal()
+        # The same articulation and orientation on the nominal hand, with its palm where the real palm is.
+        syn_pose = HandPose(pose.articulation, pose.R_h2c, palm[None] - pose.R_h2c @ nominal.palm_centre())
+        syn_out = self._renderer.render(nominal, syn_pose)
+        syn, _ = crop_depth_cube(syn_out.depth[0], K, centre, cube_m=cfg.cube_m, out=cfg.crop_px)
+        item = _sample(real, cube.normalise_joints(joints), centre, joints)
+        item["real"] = item.pop("image")
+        item["syn"] = torch.from_numpy(syn[None].astype(np.float32))
+        item["syn_target"] = torch.from_numpy(
+            cube.normalise_joints(syn_out.geometry.nyu_joints[0]).reshape(-1).astype(np.float32)
+        )
+        item["fallback"] = torch.tensor(failed)
+        self._cache[index] = item
+        return item
