@@ -1,0 +1,1 @@
+"""Networks (f feature extractor, g mapping, h pose head), losses and self-describing checkpoints."""

@@ -1,0 +1,284 @@
+"""The three parts of Feature Mapping: feature extractor f, mapping g and pose head h.
+
+Synthetic image: h(f_S(x)). Real image: h(g(f_R(x))); g is never applied to synthetic features.
+Images are NCHW float32 in [-1, 1]: objects 3x128x128 RGB crops, hands 1x128x128 normalised depth.
+Outputs are crop-normalised corner projections (B, 16) for objects and joints divided by the cube
+half-size (B, 42) for hands.
+
+Normalisation layers are GroupNorm (or none), never BatchNorm: the frozen f_S must give the same
+feature in train and eval mode, and data-parallel training must match single-process training
+without synchronising batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+TASKS = ("objects", "hands")
+
+# What "paper-like" means per task when a field is left as None: VGG-16 convolutions for objects
+# (BB8), a DeepPrior++-like ResNet (5x5 stem of 32, stages 64/128/256/256) for hands.
+_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "objects": {"in_channels": 3, "n_outputs": 16, "width": 64, "blocks": (2, 2, 3, 3, 3)},
+    "hands": {"in_channels": 1, "n_outputs": 42, "width": 32, "blocks": (2, 2, 2, 2)},
+}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of f, g and h; fields left None take the task's paper-like default."""
+
+    task: str = "objects"
+    in_channels: int | None = None
+    input_size: int = 128
+    # Objects: channels per VGG stage are (w, 2w, 4w, 8w, 8w). Hands: stem w, stages (2w, 4w, 8w, 8w).
+    width: int | None = None
+    # Objects: convolutions per VGG stage. Hands: residual blocks per stage (always 4 stages).
+    blocks: tuple[int, ...] | None = None
+    feature_dim: int = 1024
+    n_outputs: int | None = None
+    dropout: float = 0.3
+    norm: str = "group"
+    # Feature Mapping: a separate real-domain extractor f_R and the mapping g exist only when True.
+    mapping: bool = False
+    mapping_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name, value in _TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))  # lists come from JSON/YAML
+        n_stages = 5 if self.task == "objects" else 4
+        if len(self.blocks) != n_stages or min(self.blocks) < 1:
+            raise ValueError(f"{self.task} needs {n_stages} stages of >= 1 block each, got blocks={self.blocks}")
+        if self.input_size % 32 != 0 or self.input_size < 32:
+            raise ValueError(f"input_size must be a multiple of 32 (5 halvings), got {self.input_size}")
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"norm must be 'group' or 'none', got {self.norm!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if min(self.width, self.feature_dim, self.n_outputs, self.in_channels) < 1:
+            raise ValueError(f"width, feature_dim, n_outputs, in_channels must be positive: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved fields as plain JSON/YAML values."""
+        d = asdict(self)
+        d["blocks"] = list(self.blocks)
+        return d
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    """GroupNorm with up to 8 groups of at least 4 channels, or identity."""
+    if kind == "none":
+        return nn.Identity()
+    groups = math.gcd(channels, 8)
+    # One channel per group would be instance norm, which erases each channel's mean level (the
+    # colour or depth offset); narrow CPU-sized nets get fewer, wider groups instead.
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, norm: str) -> nn.Sequential:
+    """Convolution, normalisation, ReLU; spatial size divided by stride."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=norm == "none"),
+        _norm(c_out, norm),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Basic ResNet block (two 3x3 convolutions) with a projection shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = _conv_block(c_in, c_out, 3, stride, norm)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=norm == "none")
+        self.norm2 = _norm(c_out, norm)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(c_out, norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c_in, H, W) -> (B, c_out, H/stride, W/stride)."""
+        return torch.relu(self.norm2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+def _vgg_trunk(cfg: NetConfig) -> tuple[nn.Sequential, int]:
+    """VGG-like convolutions, 5 stages each ending in 2x2 max pooling; returns (trunk, channels out)."""
+    w = cfg.width
+    layers: list[nn.Module] = []
+    c_in = cfg.in_channels
+    for c_out, n in zip((w, 2 * w, 4 * w, 8 * w, 8 * w), cfg.blocks, strict=True):
+        for _ in range(n):
+            layers.append(_conv_block(c_in, c_out, 3, 1, cfg.norm))
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers), c_in
+
+
+def _resnet_trunk(cfg: NetConfig) -> tuple[nn.Sequential, int]:
+    """ResNet-like: 5x5 stem and max pooling, then 4 residual stages each halving the size; no global pooling."""
+    w = cfg.width
+    layers: list[nn.Module] = [_conv_block(cfg.in_channels, w, 5, 1, cfg.norm), nn.MaxPool2d(2)]
+    c_in = w
+    for c_out, n in zip((2 * w, 4 * w, 8 * w, 8 * w), cfg.blocks, strict=True):
+        for i in range(n):
+            layers.append(ResidualBlock(c_in, c_out, 2 if i == 0 else 1, cfg.norm))
+            c_in = c_out
+    return nn.Sequential(*layers), c_in
+
+
+class FeatureExtractor(nn.Module):
+    """f: convolutional trunk, then two FC layers to a feature_dim vector (post-ReLU)."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.trunk, channels = _vgg_trunk(cfg) if cfg.task == "objects" else _resnet_trunk(cfg)
+        side = cfg.input_size // 32
+        # Dropout only between the two FC layers: the feature itself is the target of the feature
+        # loss and should not be randomly zeroed.
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * side * side, cfg.feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.feature_dim, cfg.feature_dim),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) images in [-1, 1] -> (B, feature_dim) features."""
+        return self.fc(self.trunk(x))
+
+
+class MappingBlock(nn.Module):
+    """x + FC(ReLU(FC(x))); the last FC starts at zero so the block starts as the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch alone: (B, D) -> (B, D)."""
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D)."""
+        return x + self.residual(x)
+
+
+class Mapping(nn.Module):
+    """g: residual blocks mapping real features onto synthetic ones; the identity at initialisation."""
+
+    def __init__(self, dim: int, n_blocks: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(MappingBlock(dim) for _ in range(n_blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) real features -> (B, D) mapped features."""
+        return self.blocks(x)
+
+
+class Head(nn.Module):
+    """h: one FC layer from features to normalised pose outputs."""
+
+    def __init__(self, dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, n_outputs)."""
+        return self.fc(x)
+
+
+@dataclass
+class Prediction:
+    """Run-time result: normalised pose outputs (B, n_outputs) and the features h saw (B, D)."""
+
+    outputs: torch.Tensor
+    features: torch.Tensor
+
+
+class FeatureMappingModel(nn.Module):
+    """f_S and h, plus f_R and g when cfg.mapping; baselines use f_S for every image."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.f_S = FeatureExtractor(cfg)
+        self.h = Head(cfg.feature_dim, cfg.n_outputs)
+        self.f_R: FeatureExtractor | None = FeatureExtractor(cfg) if cfg.mapping else None
+        self.g: Mapping | None = Mapping(cfg.feature_dim, cfg.mapping_blocks) if cfg.mapping else None
+
+    def init_real_from_syn(self) -> None:
+        """Copy f_S's weights into f_R (the start of the mapping stage)."""
+        if self.f_R is None:
+            raise ValueError("this model has no f_R: build it with NetConfig(mapping=True)")
+        self.f_R.load_state_dict(self.f_S.state_dict())
+
+    def features_syn(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) synthetic images -> (B, D) features f_S(x)."""
+        return self.f_S(x)
+
+    def features_real(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) real images -> (B, D): g(f_R(x)) with a mapping, else f_S(x)."""
+        if self.f_R is None or self.g is None:
+            return self.f_S(x)
+        return self.g(self.f_R(x))
+
+    def predict_real(self, x: torch.Tensor) -> Prediction:
+        """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines."""
+        features = self.features_real(x)
+        return Prediction(self.h(features), features)
+
+    def predict_syn(self, x: torch.Tensor) -> Prediction:
+        """Synthetic images: h(f_S(x))."""
+        features = self.features_syn(x)
+        return Prediction(self.h(features), features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) real images -> (B, n_outputs): the run-time path, for tracing and export."""
+        return self.predict_real(x).outputs
+
+
+@dataclass
+class ExemplarBank:
+    """Non-parametric predictor: features f_S (N, D) of synthetic exemplars and their targets (N, n_outputs)."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 2 or self.targets.dim() != 2 or len(self.features) != len(self.targets):
+            raise ValueError(f"need (N, D) and (N, K), got {tuple(self.features.shape)}, {tuple(self.targets.shape)}")
+
+    @torch.no_grad()
+    def predict(self, query: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
+        """(B, D) query features -> (B, n_outputs): the target of the nearest exemplar (mean of k nearest).
+
+        Query with model.features_real(x): the mapped feature when the model has g, so real
+        images are compared in the synthetic feature space.
+        """
+        feats = self.features.to(query.device, query.dtype)
+        best_d = torch.full((len(query), k), float("inf"), device=query.device)
+        best_i = torch.zeros((len(query), k), dtype=torch.long, device=query.device)
+        # Chunks over the bank keep the distance matrix small for banks of a million exemplars.
+        for start in range(0, len(feats), chunk):
+            d = torch.cdist(query, feats[start : start + chunk])
+            d_all = torch.cat([best_d, d], dim=1)
+            i_all = torch.cat([best_i, torch.arange(start, start + d.shape[1], device=query.device).expand_as(d)], 1)
+            best_d, pos = d_all.topk(k, dim=1, largest=False)
+            best_i = i_all.gather(1, pos)
+        return self.targets.to(query.device, query.dtype)[best_i].mean(dim=1)

@@ -1,0 +1,558 @@
+"""Training: stage 1 on synthetic images, stage 2 Feature Mapping, and the baselines; one config in, one checkpoint out.
+
+Methods (all get the same number of steps, stage1_steps + stage2_steps, at the same global batch):
+  fm         stage 1: f_S, h on synthetic. stage 2: f_R (from f_S) and g on real/synthetic pairs,
+             pose(h(g(f_R(real)))) + lambda_feat * ||g(f_R(real)) - f_S(syn)||^2 with f_S frozen,
+             while h keeps learning lambda_syn * pose(h(f_S(syn))) from the synthetic stream.
+  fm_mmd     fm plus lambda_mmd * MMD(g(f_R(unlabelled real)), f_S(syn)).
+  synthetic  f, h on synthetic only; evaluated on real images as they are.
+  real       f, h on the real labelled images only.
+  mixed      f, h on a synthetic and a real batch every step, no mapping.
+  finetune   stage 1 as fm, then f, h fine-tuned on real images.
+The exemplar baseline is a nearest-neighbour predictor built from a trained model by
+build_exemplar_bank.
+
+Data-parallel training (torchrun, or a process group the caller already initialised) averages
+gradients by hand rather than through DistributedDataParallel: the set of trained parameters
+changes between stages (f_R and g join, f_S freezes), which DDP's reducer does not allow without
+find_unused_parameters. Streams are infinite, so there is no sampler: each rank gets its own
+StreamContext (rank, world_size) and draws its share of the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from featmap_ros.model import checkpoint as ckpt
+from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
+from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
+
+METHODS = ("fm", "fm_mmd", "synthetic", "real", "mixed", "finetune")
+CHECKPOINT_STEM = "model"
+
+Batch = dict[str, torch.Tensor]
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or go on: bad config, missing data stream, non-finite loss."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration: one typed source of defaults; YAML files hold only the differences.
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and a per-stage schedule (linear warm-up, then constant or cosine decay)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 200
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which pose loss and the weights of the terms (pose_real has weight 1)."""
+
+    pose: str = "mse"
+    smooth_l1_beta: float = 0.05
+    lambda_feat: float = 1.0
+    lambda_syn: float = 1.0
+    lambda_mmd: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides data; saved as config.yaml next to the checkpoint."""
+
+    method: str = "fm"
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    batch_size: int = 64  # global: each of N ranks draws batch_size / N
+    stage1_steps: int = 20000
+    stage2_steps: int = 20000
+    max_steps: int = 0  # stop and checkpoint at this global step (0: run all stages), for time-boxed jobs
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
+    amp: bool = True  # bf16 autocast, CUDA only
+    resume: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TrainError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss.pose not in POSE_LOSSES:
+            raise TrainError(f"loss.pose must be one of {POSE_LOSSES}, got {self.loss.pose!r}")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise TrainError(f"optim.schedule must be 'constant' or 'cosine', got {self.optim.schedule!r}")
+        if self.batch_size < 1 or self.stage1_steps < 0 or self.stage2_steps < 0 or self.max_steps < 0:
+            raise TrainError(f"batch_size must be >= 1 and step counts >= 0: {self}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise TrainError("checkpoint_every and log_every must be >= 1")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a YAML value against a type hint and convert lists/dicts; raise TrainError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except TrainError:
+                pass
+        raise TrainError(f"{where}: expected {tp}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TrainError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TrainError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise TrainError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a (nested) config dataclass from a dict, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TrainError(f"{where}: unknown keys {unknown}; known keys are {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # NetConfig validates itself with ValueError
+        raise TrainError(f"{where}: {err}") from err
+
+
+def load_config(path: str | os.PathLike[str] | None = None, task: str | None = None) -> TrainConfig:
+    """Read a YAML of differences from the defaults; task (objects|hands) sets net.task and its defaults."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TrainError(f"cannot read config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise TrainError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if task is not None:
+        net = dict(data.get("net") or {})
+        if net.get("task", task) != task:
+            raise TrainError(f"{where}: net.task is {net['task']!r} but the command asks for {task!r}")
+        data = {**data, "net": {**net, "task": task}}
+    return _build(TrainConfig, data, where)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) of a config, as written to YAML and into checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the full resolved config as YAML (load_config reads it back to an equal config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# The data interface the streams plug into.
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """What a stream needs to know: its share of the batch, its seed, its rank, where to restart."""
+
+    batch_size: int  # this rank's share of the global batch
+    seed: int
+    rank: int
+    world_size: int
+    start_step: int  # batches this stream already delivered to the run (non-zero on resume)
+
+
+@dataclass
+class TaskData:
+    """Stream factories; each returns an endless iterator of batches on CPU.
+
+    synthetic: {'image': (B, C, S, S), 'target': (B, D)} rendered images.
+    pairs: {'real': (B, C, S, S), 'syn': (B, C, S, S), 'target': (B, D)}: real images, renders at
+        the same pose, and their targets (the real baseline uses 'real' and 'target').
+    unlabeled_real: {'image': (B, C, S, S)} for the MMD term; pairs' real images when None.
+    """
+
+    synthetic: Callable[[StreamContext], Iterator[Batch]] | None = None
+    pairs: Callable[[StreamContext], Iterator[Batch]] | None = None
+    unlabeled_real: Callable[[StreamContext], Iterator[Batch]] | None = None
+    labels: tuple[str, ...] = ()  # object names or joint names, for the checkpoint
+    normalisation: str = ""  # how images and targets were normalised, for the checkpoint
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of steps [start, end) with one kind of loss and the streams it draws from."""
+
+    name: str  # 'syn', 'real', 'mixed' or 'fm'
+    start: int
+    end: int
+    streams: tuple[str, ...]
+
+
+def plan_stages(cfg: TrainConfig, has_unlabeled: bool = False) -> list[Stage]:
+    """The stages of a method; every method spends stage1_steps + stage2_steps steps."""
+    s1, total = cfg.stage1_steps, cfg.stage1_steps + cfg.stage2_steps
+    m = cfg.method
+    if m == "synthetic":
+        return [Stage("syn", 0, total, ("synthetic",))]
+    if m == "real":
+        return [Stage("real", 0, total, ("pairs",))]
+    if m == "mixed":
+        return [Stage("mixed", 0, total, ("synthetic", "pairs"))]
+    second = Stage("real", s1, total, ("pairs",))
+    if m in ("fm", "fm_mmd"):
+        extra = ("unlabeled_real",) if m == "fm_mmd" and has_unlabeled else ()
+        second = Stage("fm", s1, total, ("synthetic", "pairs", *extra))
+    return [s for s in (Stage("syn", 0, s1, ("synthetic",)), second) if s.end > s.start]
+
+
+def _consumed(stages: list[Stage], stream: str, step: int) -> int:
+    """How many batches a stream delivered before a global step (so resumed streams do not replay)."""
+    return sum(max(0, min(step, s.end) - s.start) for s in stages if stream in s.streams)
+
+
+def lr_at(step: int, stage: Stage, optim: OptimConfig) -> float:
+    """Learning rate at a global step: warm-up from each stage's start, then constant or cosine."""
+    k = step - stage.start
+    if k < optim.warmup_steps:
+        return optim.lr * (k + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    span = max(1, stage.end - stage.start - optim.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (k - optim.warmup_steps) / span)))
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cos)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses of one step, by stage.
+
+
+def stage_losses(
+    model: FeatureMappingModel, stage: str, batches: dict[str, Batch], loss: LossConfig, with_mmd: bool
+) -> dict[str, torch.Tensor]:
+    """Named, unweighted losses of one step; batches maps stream name to its batch (on device)."""
+
+    def pose(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return pose_loss(pred.float(), target.float(), loss.pose, loss.smooth_l1_beta)
+
+    out: dict[str, torch.Tensor] = {}
+    if stage in ("syn", "mixed"):
+        syn = batches["synthetic"]
+        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn["target"])
+    if stage in ("real", "mixed"):
+        pairs = batches["pairs"]
+        out["pose_real"] = pose(model.predict_real(pairs["real"]).outputs, pairs["target"])
+    if stage == "fm":
+        syn, pairs = batches["synthetic"], batches["pairs"]
+        # f_S is frozen (and in eval mode) in this stage: its features are fixed targets for g(f_R).
+        with torch.no_grad():
+            f_pair = model.features_syn(pairs["syn"]).float()
+            f_stream = model.features_syn(syn["image"]).float()
+        mapped = model.features_real(pairs["real"])
+        out["pose_real"] = pose(model.h(mapped), pairs["target"])
+        out["feat"] = feature_loss(mapped.float(), f_pair)
+        out["pose_syn"] = pose(model.h(f_stream), syn["target"])
+        if with_mmd:
+            unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
+            mapped_unl = mapped if unl is None else model.features_real(unl)
+            out["mmd"] = mmd(mapped_unl.float(), f_stream)
+    return out
+
+
+def _weighted_total(losses: dict[str, torch.Tensor], loss: LossConfig) -> torch.Tensor:
+    weights = {"pose_real": 1.0, "pose_syn": loss.lambda_syn, "feat": loss.lambda_feat, "mmd": loss.lambda_mmd}
+    return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
+
+
+def _set_trainable(model: FeatureMappingModel, stage: str) -> None:
+    """Freeze f_S during the mapping stage; everything else trains (unused parts just get no gradient)."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if stage == "fm":
+        model.f_S.eval()
+        for p in model.f_S.parameters():
+            p.requires_grad_(False)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce the gradients that exist, as one flat buffer, and divide by the world size."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The training run.
+
+
+def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], method: str | None = None) -> Path:
+    """Train one method and return the path of the final checkpoint's JSON (out_dir/model.json).
+
+    A checkpoint with optimiser state is written every checkpoint_every steps and at the end; with
+    config.resume a rerun continues from it at its step. Raises TrainError on bad input or a
+    non-finite loss (naming the step and the loss).
+    """
+    cfg = dataclasses.replace(config, method=method) if method is not None else config
+    # ---- setup: process group, device, seeds
+    created_group = False
+    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created_group = True
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.batch_size % world:
+        raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and distributed and dist.get_backend() == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cuda" if use_cuda else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / CHECKPOINT_STEM
+    stages = plan_stages(cfg, data.unlabeled_real is not None)
+    total = stages[-1].end if stages else 0
+    needed = {s for st in stages for s in st.streams}
+    missing = sorted(s for s in needed if getattr(data, s) is None)
+    if missing:
+        raise TrainError(f"method {cfg.method!r} needs the data streams {missing}, which TaskData lacks")
+
+    # ---- model and optimiser (same seed on every rank gives the same initial weights)
+    torch.manual_seed(cfg.seed)
+    net_cfg = dataclasses.replace(cfg.net, mapping=cfg.method in ("fm", "fm_mmd"))
+    model = FeatureMappingModel(net_cfg).to(device)
+    params = list(model.parameters())
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+    # ---- resume
+    step = 0
+    json_path = stem.with_name(stem.name + ".json")
+    if cfg.resume and json_path.is_file():
+        saved, doc = ckpt.load(stem, expect_task=net_cfg.task)
+        if doc.get("method") != cfg.method or doc.get("net") != net_cfg.to_dict():
+            raise TrainError(
+                f"{json_path} holds method {doc.get('method')!r} with net {doc.get('net')}; this run is "
+                f"{cfg.method!r} with {net_cfg.to_dict()}: use another out_dir or resume=False"
+            )
+        model.load_state_dict(saved.state_dict())
+        ckpt.load_optimizer(stem, optimizer)
+        step = int(doc["step"])
+    stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    if step >= stop:  # nothing left to do: keep the checkpoint (and its summary) as it is
+        if created_group:
+            dist.destroy_process_group()
+        return json_path
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        _trim_history(out / "history.jsonl", step)
+
+    # Dropout draws differ per rank and after a resume, like the data.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
+    streams: dict[str, Iterator[Batch]] = {}
+    for name in sorted(needed):
+        ctx = StreamContext(cfg.batch_size // world, cfg.seed, rank, world, _consumed(stages, name, step))
+        streams[name] = getattr(data, name)(ctx)
+
+    writer = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
+
+        writer = SummaryWriter(str(out / "tb"))
+    from tqdm import tqdm
+
+    bar = tqdm(total=stop, initial=step, disable=rank != 0, desc=f"{net_cfg.task}/{cfg.method}", dynamic_ncols=True)
+    use_amp = device.type == "cuda" and cfg.amp
+    window: dict[str, float] = {}
+    window_n = 0
+    last_logged: dict[str, float] = {}
+    t0 = time.time()
+    current: Stage | None = None
+
+    def save_checkpoint(at: int) -> Path:
+        if rank == 0:
+            meta = {
+                "method": cfg.method,
+                "step": at,
+                "labels": list(data.labels),
+                "normalisation": data.normalisation,
+                "input_size": net_cfg.input_size,
+                "training": {
+                    "total_steps": total,
+                    "stages": [dataclasses.asdict(s) for s in stages],
+                    "global_batch": cfg.batch_size,
+                    "world_size": world,
+                    "device": str(device),
+                    "last_losses": last_logged,
+                    "wall_s_this_session": round(time.time() - t0, 1),
+                },
+                "config": config_to_dict(cfg),
+            }
+            ckpt.save(stem, model, meta, optimizer)
+        if distributed:
+            dist.barrier()
+        return json_path
+
+    try:
+        # ---- loop
+        while step < stop:
+            stage = next(s for s in stages if s.start <= step < s.end)
+            if stage is not current:
+                if stage.name == "fm" and step == stage.start:
+                    model.init_real_from_syn()
+                _set_trainable(model, stage.name)
+                current = stage
+            lr = lr_at(step, stage, o)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = {name: _to_device(next(streams[name]), device) for name in stage.streams}
+
+            with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
+                losses = stage_losses(model, stage.name, batches, cfg.loss, cfg.method == "fm_mmd")
+            total_loss = _weighted_total(losses, cfg.loss)
+            # One small all-reduce of the loss values: every rank sees the same numbers, so a
+            # non-finite loss stops all ranks together instead of leaving the others hanging.
+            values = torch.stack([v.detach().float() for v in (*losses.values(), total_loss)])
+            if distributed:
+                dist.all_reduce(values)
+                values /= world
+            named = dict(zip([*losses, "total"], values.tolist(), strict=True))
+            bad = {k: v for k, v in named.items() if not math.isfinite(v)}
+            if bad:
+                raise TrainError(f"non-finite loss at step {step} (stage {stage.name}, method {cfg.method}): {bad}")
+
+            optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            _average_gradients(params, world)
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], o.grad_clip)
+            optimizer.step()
+            step += 1
+
+            for k, v in named.items():
+                window[k] = window.get(k, 0.0) + v
+            window_n += 1
+            if step % cfg.log_every == 0 or step == stop:
+                last_logged = {k: v / window_n for k, v in window.items()}
+                window, window_n = {}, 0
+                if rank == 0:
+                    record = {"step": step, "stage": stage.name, "lr": lr, **last_logged}
+                    with open(out / "history.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k, v in last_logged.items():
+                            writer.add_scalar(f"loss/{k}", v, step)
+                        writer.add_scalar("lr", lr, step)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last_logged.items()})
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step != stop:
+                save_checkpoint(step)
+
+        return save_checkpoint(step)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _trim_history(path: Path, step: int) -> None:
+    """Drop history lines past the resumed step (logged after the last checkpoint of a killed run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# --------------------------------------------------------------------------------------------
+# The exemplar baseline.
+
+
+@torch.no_grad()
+def build_exemplar_bank(
+    model: FeatureMappingModel, data: TaskData, n: int, batch_size: int = 64, seed: int = 12345
+) -> ExemplarBank:
+    """Collect f_S features (N, D) and targets (N, n_outputs) of n synthetic exemplars from data.synthetic.
+
+    Query the bank with model.features_real(x_real): with a mapping that is g(f_R(x)), so real
+    images are matched in the synthetic feature space; without, f_S(x).
+    """
+    if data.synthetic is None:
+        raise TrainError("an exemplar bank needs TaskData.synthetic")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats, targets = [], []
+    stream = data.synthetic(StreamContext(batch_size, seed, 0, 1, 0))
+    have = 0
+    while have < n:
+        batch = next(stream)
+        feats.append(model.features_syn(batch["image"].to(device)).float().cpu())
+        targets.append(batch["target"].float().cpu())
+        have += len(batch["image"])
+    model.train(was_training)
+    return ExemplarBank(torch.cat(feats)[:n], torch.cat(targets)[:n])

@@ -1,0 +1,254 @@
+"""Networks, losses, exemplar bank and checkpoints of featmap_ros.model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from featmap_ros.model import checkpoint as ckpt
+from featmap_ros.model.checkpoint import CheckpointError
+from featmap_ros.model.losses import feature_loss, mmd, pose_loss
+from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, Mapping, NetConfig
+
+
+def tiny(task: str, mapping: bool = False, size: int = 32) -> NetConfig:
+    return NetConfig(task=task, input_size=size, width=4, feature_dim=32, dropout=0.0, mapping=mapping)
+
+
+@pytest.mark.parametrize(("task", "channels", "outputs"), [("objects", 3, 16), ("hands", 1, 42)])
+def test_task_defaults_follow_the_paper(task: str, channels: int, outputs: int) -> None:
+    cfg = NetConfig(task=task)
+    assert (cfg.in_channels, cfg.n_outputs, cfg.input_size, cfg.feature_dim) == (channels, outputs, 128, 1024)
+    assert len(cfg.blocks) == (5 if task == "objects" else 4)
+
+
+@pytest.mark.parametrize("task", ["objects", "hands"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_path_gives_outputs_and_features_of_the_right_shape(task: str, size: int) -> None:
+    cfg = tiny(task, mapping=True, size=size)
+    model = FeatureMappingModel(cfg)
+    x = torch.rand(3, cfg.in_channels, size, size) * 2 - 1
+    for pred in (model.predict_real(x), model.predict_syn(x)):
+        assert pred.outputs.shape == (3, cfg.n_outputs)
+        assert pred.features.shape == (3, 32)
+    assert model(x).shape == (3, cfg.n_outputs)
+
+
+def test_baseline_models_have_no_mapping_and_use_f_S_for_real_images() -> None:
+    model = FeatureMappingModel(tiny("objects")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert model.f_R is None and model.g is None
+    torch.testing.assert_close(model.features_real(x), model.features_syn(x))
+
+
+def test_bad_net_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="task"):
+        NetConfig(task="cars")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        NetConfig(input_size=100)
+    with pytest.raises(ValueError, match="stages"):
+        NetConfig(task="hands", blocks=(1, 1))
+
+
+def test_g_is_the_identity_at_initialisation() -> None:
+    g = Mapping(16, n_blocks=2)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(g(x), x)
+
+
+def test_g_is_identity_plus_residual_once_trained() -> None:
+    g = Mapping(16, n_blocks=1)
+    block = g.blocks[0]
+    with torch.no_grad():
+        block.fc2.weight.normal_()
+        block.fc2.bias.normal_()
+    x = torch.randn(5, 16)
+    assert not torch.allclose(g(x), x)
+    torch.testing.assert_close(g(x) - x, block.residual(x))
+
+
+def test_mapping_starts_as_identity_so_f_R_from_f_S_reproduces_synthetic_predictions() -> None:
+    model = FeatureMappingModel(tiny("hands", mapping=True)).eval()
+    model.init_real_from_syn()
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(model.predict_real(x).outputs, model.predict_syn(x).outputs)
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1"])
+def test_pose_loss_is_zero_for_equal_inputs_and_positive_otherwise(kind: str) -> None:
+    a = torch.randn(4, 16)
+    assert pose_loss(a, a.clone(), kind).item() == 0.0
+    assert pose_loss(a, a + 0.1, kind).item() > 0.0
+    with pytest.raises(ValueError, match="pose loss"):
+        pose_loss(a, a, "l3")
+    with pytest.raises(ValueError, match="target"):
+        pose_loss(a, a[:, :8])
+
+
+def test_feature_loss_is_zero_for_equal_inputs_and_the_mean_squared_difference_otherwise() -> None:
+    a = torch.randn(4, 8)
+    assert feature_loss(a, a.clone()).item() == 0.0
+    assert feature_loss(a, a + 2.0).item() == pytest.approx(4.0)
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_larger_for_a_shifted_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 16, generator=gen), torch.randn(128, 16, generator=gen)
+    shifted = torch.randn(128, 16, generator=gen) + 1.0
+    same, apart = mmd(x, y).item(), mmd(x, shifted).item()
+    assert mmd(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert same < 0.05
+    assert apart > 5 * same
+
+
+def test_mmd_gives_gradients_to_both_samples() -> None:
+    x = torch.randn(16, 4, requires_grad=True)
+    y = (torch.randn(16, 4) + 1).requires_grad_(True)
+    mmd(x, y).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and y.grad is not None
+
+
+def test_exemplar_bank_returns_the_target_of_the_nearest_exemplar() -> None:
+    feats = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    targets = torch.tensor([[1.0], [2.0], [3.0]])
+    bank = ExemplarBank(feats, targets)
+    query = torch.tensor([[9.0, 1.0], [0.5, 8.0], [0.1, 0.1]])
+    torch.testing.assert_close(bank.predict(query, chunk=2), torch.tensor([[2.0], [3.0], [1.0]]))
+    torch.testing.assert_close(bank.predict(query[:1], k=2), torch.tensor([[1.5]]))
+
+
+# ---- checkpoints
+
+
+def saved(tmp_path: Path, task: str = "objects", mapping: bool = True) -> tuple[FeatureMappingModel, Path]:
+    torch.manual_seed(0)
+    model = FeatureMappingModel(tiny(task, mapping=mapping))
+    path = ckpt.save(tmp_path / "ckpt", model, {"method": "fm", "step": 7, "labels": ["ape"]})
+    return model, path
+
+
+def test_checkpoint_round_trip_rebuilds_the_model_from_the_json_alone(tmp_path: Path) -> None:
+    model, path = saved(tmp_path)
+    assert path == tmp_path / "ckpt.json" and (tmp_path / "ckpt.safetensors").is_file()
+    loaded, meta = ckpt.load(tmp_path / "ckpt", expect_task="objects")
+    assert meta["format"] == ckpt.FORMAT and meta["step"] == 7 and meta["labels"] == ["ape"]
+    assert meta["net"]["width"] == 4 and len(meta["weights"]["sha256"]) == 64 and meta["code_version"]
+    assert loaded.cfg == model.cfg and not loaded.training
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    for alias in (path, tmp_path / "ckpt.safetensors"):
+        ckpt.load(alias)
+    # No temporary files are left behind by the atomic writes.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
+def test_a_directory_means_its_model_checkpoint(tmp_path: Path) -> None:
+    model = FeatureMappingModel(tiny("hands"))
+    assert ckpt.save(tmp_path, model, {}) == tmp_path / "model.json"
+    assert ckpt.load(tmp_path)[0].cfg.task == "hands"
+
+
+def test_reserved_meta_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="reserved"):
+        ckpt.save(tmp_path / "x", FeatureMappingModel(tiny("hands")), {"task": "objects"})
+
+
+def test_a_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.load(tmp_path / "nothing")
+    saved(tmp_path)
+    (tmp_path / "ckpt.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.load(tmp_path / "ckpt")
+
+
+def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
+    saved(tmp_path)
+    weights = tmp_path / "ckpt.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        ckpt.load(tmp_path / "ckpt")
+
+
+def test_a_foreign_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "other.json").write_text(json.dumps({"task": "objects", "net": {}}))
+    with pytest.raises(CheckpointError, match="format"):
+        ckpt.load(tmp_path / "other.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="JSON"):
+        ckpt.load(tmp_path / "broken")
+
+
+def test_a_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
+    saved(tmp_path, task="hands")
+    with pytest.raises(CheckpointError, match="expected 'objects'"):
+        ckpt.load(tmp_path / "ckpt", expect_task="objects")
+
+
+def test_weights_of_another_task_behind_our_json_are_refused(tmp_path: Path) -> None:
+    saved(tmp_path, task="objects")
+    ckpt.save(tmp_path / "hand", FeatureMappingModel(tiny("hands")), {})
+    (tmp_path / "hand.safetensors").replace(tmp_path / "ckpt.safetensors")
+    with pytest.raises(CheckpointError, match="sha256"):
+        ckpt.load(tmp_path / "ckpt")
+    # Even with the hash made to match, the tensors do not fit the objects model.
+    doc = json.loads((tmp_path / "ckpt.json").read_text())
+    doc["weights"]["sha256"] = ckpt._sha256((tmp_path / "ckpt.safetensors").read_bytes())
+    (tmp_path / "ckpt.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="shape|fit"):
+        ckpt.load(tmp_path / "ckpt")
+
+
+def test_unparseable_safetensors_and_missing_keys_are_refused(tmp_path: Path) -> None:
+    saved(tmp_path, mapping=True)
+    doc = json.loads((tmp_path / "ckpt.json").read_text())
+    garbage = b"\xff" * 64
+    (tmp_path / "ckpt.safetensors").write_bytes(garbage)
+    doc["weights"]["sha256"] = ckpt._sha256(garbage)
+    (tmp_path / "ckpt.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="safetensors"):
+        ckpt.load(tmp_path / "ckpt")
+    # A JSON that claims a mapping over weights saved without one: missing f_R/g keys.
+    saved(tmp_path, mapping=False)
+    doc = json.loads((tmp_path / "ckpt.json").read_text())
+    doc["net"]["mapping"] = True
+    (tmp_path / "ckpt.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.load(tmp_path / "ckpt")
+
+
+def test_optimiser_state_round_trips_without_pickle(tmp_path: Path) -> None:
+    model = FeatureMappingModel(tiny("objects"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9))
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    ckpt.save(tmp_path / "c", model, {}, optimizer=opt)
+    fresh = torch.optim.AdamW(model.parameters(), lr=5.0)
+    ckpt.load_optimizer(tmp_path / "c", fresh)
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for idx, entry in a["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(b["state"][idx][key], value)
+
+
+def test_exemplar_banks_round_trip_and_refuse_another_task(tmp_path: Path) -> None:
+    feats, targets = torch.randn(10, 8), torch.randn(10, 16)
+    path = ckpt.save_exemplars(tmp_path / "model", feats, targets, "objects", {"n": 10})
+    assert path.name == "model.exemplars.safetensors"
+    f2, t2, meta = ckpt.load_exemplars(tmp_path / "model", expect_task="objects")
+    torch.testing.assert_close(f2, feats)
+    torch.testing.assert_close(t2, targets)
+    assert meta == {"n": 10}
+    with pytest.raises(CheckpointError, match="expected 'hands'"):
+        ckpt.load_exemplars(tmp_path / "model", expect_task="hands")
+    # The model weights are safetensors too, but not an exemplar bank.
+    ckpt.save(tmp_path / "w", FeatureMappingModel(tiny("objects")), {})
+    (tmp_path / "w.safetensors").replace(tmp_path / "w.exemplars.safetensors")
+    with pytest.raises(CheckpointError, match="not a featmap_ros exemplar bank"):
+        ckpt.load_exemplars(tmp_path / "w")

@@ -1,0 +1,264 @@
+"""Training stages, baselines, resume, data parallelism, config files and the exemplar bank."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from featmap_ros.model import checkpoint as ckpt
+from featmap_ros.model.nets import NetConfig
+from featmap_ros.train import (
+    METHODS,
+    LossConfig,
+    OptimConfig,
+    StreamContext,
+    TaskData,
+    TrainConfig,
+    TrainError,
+    build_exemplar_bank,
+    load_config,
+    plan_stages,
+    save_config,
+    train,
+)
+
+SIZE = 32
+
+
+def fake_data(task: str = "objects", nan_at: int = -1) -> TaskData:
+    """Images are a random colour per channel plus texture; the target is a fixed linear map of the colour.
+
+    Real images are a darker, lower-contrast version of the same field (a domain shift g can
+    undo); batches depend only on (stream, step), so every rank can cut its share of a global batch.
+    """
+    channels, outputs = (3, 16) if task == "objects" else (1, 42)
+    weight = torch.randn(channels, outputs, generator=torch.Generator().manual_seed(99)) * (3 / channels) ** 0.5
+
+    def global_batch(kind: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1000 * kind + step)
+        colour = torch.rand(size, channels, 1, 1, generator=gen) * 1.6 - 0.8
+        image = colour + 0.2 * torch.rand(size, channels, SIZE, SIZE, generator=gen) - 0.1
+        target = colour.flatten(1) @ weight
+        if step == nan_at:
+            target[0, 0] = float("nan")
+        return image, target
+
+    def stream(kind: int, make: object) -> object:
+        def open_stream(ctx: StreamContext) -> Iterator[dict[str, torch.Tensor]]:
+            step = ctx.start_step
+            while True:
+                image, target = global_batch(kind, step, ctx.batch_size * ctx.world_size)
+                part = slice(ctx.rank * ctx.batch_size, (ctx.rank + 1) * ctx.batch_size)
+                yield make(image[part], target[part])  # type: ignore[operator]
+                step += 1
+
+        return open_stream
+
+    return TaskData(
+        synthetic=stream(1, lambda x, t: {"image": x, "target": t}),  # type: ignore[arg-type]
+        pairs=stream(2, lambda x, t: {"real": 0.6 * x - 0.3, "syn": x, "target": t}),  # type: ignore[arg-type]
+        unlabeled_real=stream(3, lambda x, t: {"image": 0.6 * x - 0.3}),  # type: ignore[arg-type]
+        labels=("a", "b"),
+        normalisation="test data",
+    )
+
+
+def tiny_config(task: str = "objects", **changes: object) -> TrainConfig:
+    net = NetConfig(task=task, input_size=SIZE, width=4, feature_dim=32, dropout=0.0)
+    base = TrainConfig(
+        net=net,
+        optim=OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant"),
+        batch_size=8,
+        stage1_steps=3,
+        stage2_steps=3,
+        checkpoint_every=2,
+        log_every=1,
+        tensorboard=False,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+# ---- configuration
+
+
+def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(None, task="hands")
+    assert cfg.net.in_channels == 1 and cfg.net.n_outputs == 42
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_a_config_file_with_differences_only_overrides_those(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("net: {width: 16, blocks: [1, 1, 1, 1]}\noptim: {lr: 1}\nmethod: mixed\n")
+    cfg = load_config(tmp_path / "c.yaml", task="hands")
+    assert (cfg.net.width, cfg.net.blocks, cfg.optim.lr, cfg.method) == (16, (1, 1, 1, 1), 1.0, "mixed")
+    assert cfg.stage1_steps == TrainConfig().stage1_steps
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("batch_sise: 3\n", "unknown keys \\['batch_sise'\\]"),
+        ("optim: {lr: 1, momentum: 0.9}\n", "unknown keys \\['momentum'\\]"),
+        ("batch_size: '64'\n", "batch_size: expected int"),
+        ("resume: 1\n", "resume: expected bool"),
+        ("stage1_steps: true\n", "stage1_steps: expected int"),
+        ("net: {blocks: [1, x, 1, 1, 1]}\n", "blocks"),
+        ("method: magic\n", "method"),
+        ("net: {task: hands}\n", "command asks for 'objects'"),
+    ],
+)
+def test_bad_config_files_fail_at_start_up(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(TrainError, match=message):
+        load_config(tmp_path / "c.yaml", task="objects")
+
+
+def test_every_method_gets_the_same_budget() -> None:
+    for method in METHODS:
+        stages = plan_stages(tiny_config(method=method), has_unlabeled=True)
+        assert stages[0].start == 0 and stages[-1].end == 6, method
+
+
+# ---- training runs
+
+
+def test_feature_mapping_lowers_every_loss(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        "hands",
+        method="fm_mmd",
+        stage1_steps=40,
+        stage2_steps=40,
+        batch_size=16,
+        checkpoint_every=1000,
+        loss=LossConfig(lambda_mmd=0.5),
+    )
+    path = train(cfg, fake_data("hands"), tmp_path)
+    rows = history(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 81))
+    assert {r["stage"] for r in rows[:40]} == {"syn"} and {r["stage"] for r in rows[40:]} == {"fm"}
+
+    def first_vs_last(key: str, part: list[dict]) -> tuple[float, float]:
+        values = [r[key] for r in part]
+        return sum(values[:8]) / 8, sum(values[-8:]) / 8
+
+    for key, part in [("pose_syn", rows[:40]), ("pose_real", rows[40:]), ("feat", rows[40:]), ("mmd", rows[40:])]:
+        first, last = first_vs_last(key, part)
+        assert last < first, f"{key}: {first:.4g} -> {last:.4g}"
+    model, meta = ckpt.load(path, expect_task="hands")
+    assert meta["method"] == "fm_mmd" and meta["step"] == 80 and meta["labels"] == ["a", "b"]
+    assert model.g is not None and (tmp_path / "config.yaml").is_file()
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_mapping_stage_freezes_f_S_and_starts_f_R_from_it(tmp_path: Path) -> None:
+    train(tiny_config(method="fm", stage2_steps=0), fake_data(), tmp_path / "s1")
+    stage1 = weights(tmp_path / "s1")
+    train(tiny_config(method="fm"), fake_data(), tmp_path / "fm")
+    after = weights(tmp_path / "fm")
+    for key, value in stage1.items():
+        if key.startswith("f_S."):
+            torch.testing.assert_close(after[key], value, msg=f"{key} changed in stage 2")
+    changed = [k for k in after if k.startswith("f_R.") and not torch.equal(after[k], stage1["f_S." + k[4:]])]
+    assert changed, "f_R did not train in stage 2"
+
+
+@pytest.mark.parametrize("method", ["synthetic", "real", "mixed", "finetune"])
+@pytest.mark.parametrize("task", ["objects", "hands"])
+def test_baselines_train_and_describe_themselves(tmp_path: Path, method: str, task: str) -> None:
+    path = train(tiny_config(task, stage1_steps=1, stage2_steps=1), fake_data(task), tmp_path, method=method)
+    model, meta = ckpt.load(path, expect_task=task)
+    assert meta["method"] == method and meta["step"] == 2 and model.g is None
+    expected = {"synthetic": {"pose_syn"}, "real": {"pose_real"}, "mixed": {"pose_syn", "pose_real"}}
+    keys = {k for r in history(tmp_path) for k in r} - {"step", "stage", "lr", "total"}
+    assert keys == expected.get(method, {"pose_syn", "pose_real"})
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    train(tiny_config(method="fm"), fake_data(), tmp_path / "whole")
+    # "Killed" after step 4 (inside stage 2); the rerun must pick up at step 4, not start over.
+    killed = train(tiny_config(method="fm", max_steps=4), fake_data(), tmp_path / "part")
+    assert json.loads(killed.read_text())["step"] == 4
+    assert (tmp_path / "part" / "model.optim.safetensors").is_file()
+    train(tiny_config(method="fm"), fake_data(), tmp_path / "part")
+    assert [r["step"] for r in history(tmp_path / "part")] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "part" / "model.json").read_text())["step"] == 6
+    whole, part = weights(tmp_path / "whole"), weights(tmp_path / "part")
+    for key in whole:
+        torch.testing.assert_close(part[key], whole[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(tmp_path: Path) -> None:
+    train(tiny_config(method="real", stage1_steps=1, stage2_steps=0), fake_data(), tmp_path)
+    with pytest.raises(TrainError, match="another out_dir"):
+        train(tiny_config(method="mixed", stage1_steps=1, stage2_steps=0), fake_data(), tmp_path)
+
+
+def test_a_non_finite_loss_stops_training_naming_step_and_loss(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match=r"step 1 \(stage syn.*pose_syn"):
+        train(tiny_config(method="synthetic"), fake_data(nan_at=1), tmp_path)
+
+
+def test_a_missing_stream_is_named(tmp_path: Path) -> None:
+    data = dataclasses.replace(fake_data(), pairs=None)
+    with pytest.raises(TrainError, match="pairs"):
+        train(tiny_config(method="fm"), data, tmp_path)
+
+
+def test_exemplar_bank_finds_synthetic_targets(tmp_path: Path) -> None:
+    path = train(tiny_config(method="synthetic", stage1_steps=2, stage2_steps=0), fake_data(), tmp_path)
+    model, _ = ckpt.load(path)
+    data = fake_data()
+    bank = build_exemplar_bank(model, data, n=20, batch_size=8)
+    assert bank.features.shape == (20, 32) and bank.targets.shape == (20, 16)
+    # An exemplar queried with its own image gives back its own target.
+    batch = next(data.synthetic(StreamContext(8, 12345, 0, 1, 0)))  # type: ignore[misc]
+    with torch.no_grad():
+        pred = bank.predict(model.features_real(batch["image"]))
+    torch.testing.assert_close(pred, batch["target"])
+
+
+# ---- data parallelism
+
+
+# Adam divides each gradient by its running RMS: where a gradient is near zero, the 1e-7 rounding
+# difference between one all-reduced sum and one batch sum becomes a full-size update. A larger eps
+# keeps the comparison about how gradients are averaged, not about rounding.
+PARITY_OPTIM = OptimConfig(lr=3e-3, eps=1e-3, warmup_steps=0, schedule="constant")
+
+
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    # fm, not fm_mmd: MMD is not a mean over samples, so its gradient does not split across ranks.
+    train(tiny_config(method="fm", device="cpu", optim=PARITY_OPTIM), fake_data(), tmp_path / "one")
+    mp.spawn(_ddp_worker_fm, args=(2, str(tmp_path / "pg"), str(tmp_path / "two")), nprocs=2, join=True)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+    meta = json.loads((tmp_path / "two" / "model.json").read_text())
+    assert meta["training"]["world_size"] == 2 and meta["step"] == 6
+
+
+def _ddp_worker_fm(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train(tiny_config(method="fm", device="cpu", optim=PARITY_OPTIM), fake_data(), out)
+    finally:
+        dist.destroy_process_group()
