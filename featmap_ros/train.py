@@ -276,21 +276,36 @@ def lr_at(step: int, stage: Stage, optim: OptimConfig) -> float:
 # Losses of one step, by stage.
 
 
+def select_outputs(pred: torch.Tensor, obj_index: torch.Tensor | None, width: int) -> torch.Tensor:
+    """(B, width * n_objects) -> (B, width): each sample's own object's slice of a multi-object head.
+
+    One network serves several objects: the head has `width` outputs per object (16 corners
+    coordinates for BB8) and a sample's loss sees only the slice of its object.
+    """
+    if pred.shape[1] == width:
+        return pred
+    if obj_index is None:
+        raise TrainError(f"head has {pred.shape[1]} outputs for targets of {width}, but the batch has no obj_index")
+    cols = obj_index.long().view(-1, 1) * width + torch.arange(width, device=pred.device).view(1, -1)
+    return pred.gather(1, cols)
+
+
 def stage_losses(
     model: FeatureMappingModel, stage: str, batches: dict[str, Batch], loss: LossConfig, with_mmd: bool
 ) -> dict[str, torch.Tensor]:
     """Named, unweighted losses of one step; batches maps stream name to its batch (on device)."""
 
-    def pose(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return pose_loss(pred.float(), target.float(), loss.pose, loss.smooth_l1_beta)
+    def pose(pred: torch.Tensor, batch: Batch, key: str = "target") -> torch.Tensor:
+        pred = select_outputs(pred, batch.get("obj_index"), batch[key].shape[1])
+        return pose_loss(pred.float(), batch[key].float(), loss.pose, loss.smooth_l1_beta)
 
     out: dict[str, torch.Tensor] = {}
     if stage in ("syn", "mixed"):
         syn = batches["synthetic"]
-        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn["target"])
+        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn)
     if stage in ("real", "mixed"):
         pairs = batches["pairs"]
-        out["pose_real"] = pose(model.predict_real(pairs["real"]).outputs, pairs["target"])
+        out["pose_real"] = pose(model.predict_real(pairs["real"]).outputs, pairs)
     if stage == "fm":
         syn, pairs = batches["synthetic"], batches["pairs"]
         # f_S is frozen (and in eval mode) in this stage: its features are fixed targets for g(f_R).
@@ -298,9 +313,9 @@ def stage_losses(
             f_pair = model.features_syn(pairs["syn"]).float()
             f_stream = model.features_syn(syn["image"]).float()
         mapped = model.features_real(pairs["real"])
-        out["pose_real"] = pose(model.h(mapped), pairs["target"])
+        out["pose_real"] = pose(model.h(mapped), pairs)
         out["feat"] = feature_loss(mapped.float(), f_pair)
-        out["pose_syn"] = pose(model.h(f_stream), syn["target"])
+        out["pose_syn"] = pose(model.h(f_stream), syn)
         if with_mmd:
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
             mapped_unl = mapped if unl is None else model.features_real(unl)

@@ -262,3 +262,14 @@ def _ddp_worker_fm(rank: int, world: int, init_file: str, out: str) -> None:
         train(tiny_config(method="fm", device="cpu", optim=PARITY_OPTIM), fake_data(), out)
     finally:
         dist.destroy_process_group()
+
+
+def test_multi_object_head_is_sliced_per_sample():
+    from featmap_ros.train import TrainError, select_outputs
+
+    pred = torch.arange(2 * 48, dtype=torch.float32).view(2, 48)  # 3 objects x 16 outputs
+    out = select_outputs(pred, torch.tensor([2, 0]), 16)
+    assert torch.equal(out[0], pred[0, 32:48]) and torch.equal(out[1], pred[1, 0:16])
+    assert select_outputs(pred[:, :16], None, 16) is not None
+    with pytest.raises(TrainError, match="obj_index"):
+        select_outputs(pred, None, 16)
