@@ -18,7 +18,11 @@ setup(
     packages=find_packages(include=["featmap_ros", "featmap_ros.*"]),
     # The message definitions travel with the package so off-ROS code can register them into
     # rosbags type stores (featmap_ros.ros.typestore looks here after the source tree).
-    data_files=[("share/featmap_ros/msg", sorted(glob("msg/*.msg")))],
+    data_files=[
+        ("share/featmap_ros/msg", sorted(glob("msg/*.msg"))),
+        ("share/featmap_ros/config", sorted(glob("config/*"))),
+        ("share/featmap_ros/launch", sorted(glob("launch/*.py"))),
+    ],
     install_requires=[
         "numpy>=1.24",
         "scipy>=1.10",

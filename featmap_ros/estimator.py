@@ -242,10 +242,14 @@ class HandEstimator:
         if depth_m.ndim != 2 or not np.issubdtype(depth_m.dtype, np.floating):
             raise EstimatorError(f"hands need an HxW float depth image in metres, got {depth_m.shape} {depth_m.dtype}")
         _check_intrinsics(depth_m.shape, intrinsics, "depth image")
+        if not np.any(np.isfinite(depth_m) & (depth_m > 0)):
+            raise EstimatorError("depth image has no valid pixel (all NaN, zero or negative)")
         try:
             centres = self.locate(depth_m, intrinsics, detections)
         except geo.GeometryError as err:
-            raise EstimatorError(f"no hand found: {err}") from err
+            # An empty scene is not an error: no hand, no output.
+            log.debug("no hand found: %s", err)
+            return []
         if not centres:
             return []
         crops, cubes = [], []

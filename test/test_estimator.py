@@ -124,7 +124,9 @@ def test_hand_estimator_returns_named_joints_in_the_cube(tmp_path):
     assert hand.confidences.shape == (14,) and np.all((hand.confidences >= 0) & (hand.confidences <= 1))
     # a detection box that holds no hand yields nothing; an all-NaN frame is a clear error
     assert est.estimate(sphere_depth(centre), INTR, [Detection2D([0, 0, 50, 50])]) == []
-    with pytest.raises(EstimatorError, match="no hand found"):
+    far_wall = np.full((480, 640), 3.0, np.float32)  # valid depth, but nothing within reach
+    assert est.estimate(far_wall, INTR) == []
+    with pytest.raises(EstimatorError, match="no valid pixel"):
         est.estimate(np.full((480, 640), np.nan, np.float32), INTR)
     with pytest.raises(EstimatorError, match="float depth"):
         est.estimate(np.zeros((480, 640), np.uint16), INTR)
