@@ -13,12 +13,13 @@ RGB_NORMALISATION = "rgb uint8 -> x / 127.5 - 1, channels first (3, S, S), RGB o
 DEPTH_NORMALISATION = "depth metres -> (d - z_centre) / (cube / 2) clipped to [-1, 1]; invalid and behind -> 1"
 
 
-def rgb_to_input(crop: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB crop -> (3, H, W) float32 in [-1, 1]."""
-    crop = np.asarray(crop)
-    if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 RGB crop, got shape {crop.shape} dtype {crop.dtype}")
-    return np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+def rgb_to_input(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) or (N, H, W, 3) uint8 RGB -> float32 (3, H, W) or (N, 3, H, W) in [-1, 1]."""
+    x = np.asarray(rgb)
+    if x.dtype != np.uint8 or x.shape[-1] != 3 or x.ndim not in (3, 4):
+        raise ValueError(f"expected uint8 RGB of shape (H, W, 3) or (N, H, W, 3), got {x.dtype} {x.shape}")
+    x = x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
 def depth_to_input(crop_norm: np.ndarray) -> np.ndarray:

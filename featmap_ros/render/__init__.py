@@ -1,0 +1,1 @@
+"""Headless OpenGL rendering (moderngl + EGL): shared GL helpers, BOP object renderer."""
