@@ -226,6 +226,8 @@ class TaskData:
     unlabeled_real: Callable[[StreamContext], Iterator[Batch]] | None = None
     labels: tuple[str, ...] = ()  # object names or joint names, for the checkpoint
     normalisation: str = ""  # how images and targets were normalised, for the checkpoint
+    meta: dict[str, Any] = field(default_factory=dict)  # what the estimator needs (objects, hands, crop), JSON-able
+    feature_stats_batches: int = 8  # synthetic batches whose f_S features give the out-of-domain statistics
 
 
 @dataclass(frozen=True)
@@ -447,9 +449,12 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
     t0 = time.time()
     current: Stage | None = None
 
-    def save_checkpoint(at: int) -> Path:
+    def save_checkpoint(at: int, final: bool = False) -> Path:
+        # Every rank takes part in drawing the statistics' batches (cheap), only rank 0 writes.
+        stats = feature_statistics(model, data, cfg, rank, world, device) if final else None
         if rank == 0:
             meta = {
+                **data.meta,
                 "method": cfg.method,
                 "step": at,
                 "labels": list(data.labels),
@@ -466,6 +471,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
                 },
                 "config": config_to_dict(cfg),
             }
+            if stats is not None:
+                meta["feature_stats"] = stats
             ckpt.save(stem, model, meta, optimizer)
         if distributed:
             dist.barrier()
@@ -526,13 +533,29 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
             if step % cfg.checkpoint_every == 0 and step != stop:
                 save_checkpoint(step)
 
-        return save_checkpoint(step)
+        return save_checkpoint(step, final=step >= total)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
         if created_group:
             dist.destroy_process_group()
+
+
+@torch.no_grad()
+def feature_statistics(model: FeatureMappingModel, data: TaskData, cfg: TrainConfig, rank: int, world: int,
+                       device: torch.device) -> dict[str, list[float]] | None:
+    """Mean and standard deviation (D,) of f_S over synthetic batches: the estimator's out-of-domain reference."""
+    if data.synthetic is None or data.feature_stats_batches < 1:
+        return None
+    was_training = model.training
+    model.eval()
+    stream = data.synthetic(StreamContext(max(1, cfg.batch_size // world), cfg.seed + 7919, rank, world, 0))
+    feats = [model.features_syn(next(stream)["image"].to(device)).float().cpu()
+             for _ in range(data.feature_stats_batches)]
+    model.train(was_training)
+    f = torch.cat(feats)
+    return {"mean": f.mean(0).tolist(), "std": f.std(0).tolist(), "n": len(f)}
 
 
 def _trim_history(path: Path, step: int) -> None:

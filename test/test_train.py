@@ -68,6 +68,7 @@ def fake_data(task: str = "objects", nan_at: int = -1) -> TaskData:
         unlabeled_real=stream(3, lambda x, t: {"image": 0.6 * x - 0.3}),  # type: ignore[arg-type]
         labels=("a", "b"),
         normalisation="test data",
+        feature_stats_batches=2,
     )
 
 
@@ -185,6 +186,9 @@ def test_baselines_train_and_describe_themselves(tmp_path: Path, method: str, ta
     path = train(tiny_config(task, stage1_steps=1, stage2_steps=1), fake_data(task), tmp_path, method=method)
     model, meta = ckpt.load(path, expect_task=task)
     assert meta["method"] == method and meta["step"] == 2 and model.g is None
+    # the finished checkpoint carries the synthetic feature statistics the estimator's OOD score needs
+    stats = meta["feature_stats"]
+    assert len(stats["mean"]) == len(stats["std"]) == 32 and stats["n"] > 0 and min(stats["std"]) >= 0
     expected = {"synthetic": {"pose_syn"}, "real": {"pose_real"}, "mixed": {"pose_syn", "pose_real"}}
     keys = {k for r in history(tmp_path) for k in r} - {"step", "stage", "lr", "total"}
     assert keys == expected.get(method, {"pose_syn", "pose_real"})
