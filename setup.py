@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "rosbags>=0.11.9",
+        "mcap>=1.1",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",
@@ -39,7 +40,7 @@ setup(
     extras_require={
         "render": ["moderngl>=5.10"],
         "train": ["tensorboard>=2.14"],
-        "test": ["pytest>=7", "mcap>=1.1", "mcap-ros2-support>=0.5", "ruff>=0.5"],
+        "test": ["pytest>=7", "mcap-ros2-support>=0.5", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["featmap = featmap_ros.cli:main"]},
 )

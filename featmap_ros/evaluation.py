@@ -42,6 +42,15 @@ class ObjectRecord:
     time_s: float = -1.0
 
 
+def best_per_object(poses: list[ObjectPose]) -> dict[int, ObjectPose]:
+    """The highest-scoring estimate of each object id (LM-O has one instance per object)."""
+    best: dict[int, ObjectPose] = {}
+    for p in poses:
+        if p.obj_id not in best or p.score > best[p.obj_id].score:
+            best[p.obj_id] = p
+    return best
+
+
 def score_instance(rec: ObjectRecord, info: ObjectInfo, points: np.ndarray) -> dict:
     """The errors of one record: proj_px, add_m (ADD-S when symmetric), re_deg, te_m (inf when missing)."""
     if rec.estimate is None:

@@ -164,6 +164,13 @@ def matrix_from_quat(q_wxyz: np.ndarray) -> np.ndarray:
     return tq.quat2mat(q / n)
 
 
+def nearest_rotation(M: np.ndarray) -> np.ndarray:
+    """The rotation matrix closest to a 3x3 matrix in the Frobenius norm (SVD; det = +1)."""
+    U, _, Vt = np.linalg.svd(np.asarray(M, dtype=np.float64))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    return U @ D @ Vt
+
+
 def rotation_angle(R_a: np.ndarray, R_b: np.ndarray) -> float:
     """Return the angle of the relative rotation R_a^T R_b, in radians in [0, pi]."""
     c = (np.trace(np.asarray(R_a).T @ np.asarray(R_b)) - 1.0) / 2.0

@@ -43,11 +43,11 @@ def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[fl
     return Path(path)
 
 
-def plot_series(path: Path, t: Sequence[float], series: dict[str, Sequence[float]], ylabel: str,
+def plot_series(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], ylabel: str,
                 title: str = "") -> Path:
-    """Values over time (e.g. error per frame of a bag), saved as PNG."""
+    """Values over time, one named (t seconds, values) line each (e.g. error per frame of a bag), as PNG."""
     fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
-    for name, y in series.items():
+    for name, (t, y) in series.items():
         ax.plot(t, y, ".-", ms=3, lw=0.8, label=name)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(ylabel)

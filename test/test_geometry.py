@@ -175,3 +175,12 @@ def test_depth_cube_crop_is_normalised_and_maps_joints():
     assert cube.contains(joints).all() and not cube.contains(centre + [[0.16, 0, 0]]).any()
     with pytest.raises(g.GeometryError):
         g.crop_depth_cube(depth, K, [0, 0, np.nan])
+
+
+def test_nearest_rotation_snaps_a_noisy_matrix_to_a_rotation():
+    R = te.euler2mat(0.3, -0.2, 1.1)
+    noisy = R + np.random.default_rng(6).normal(0, 1e-3, (3, 3))
+    snapped = g.nearest_rotation(noisy)
+    assert np.allclose(snapped @ snapped.T, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(snapped), 1.0)
+    assert np.degrees(g.rotation_angle(snapped, R)) < 0.2
+    assert np.allclose(g.nearest_rotation(R), R, atol=1e-12)

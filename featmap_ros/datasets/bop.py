@@ -14,7 +14,7 @@ import numpy as np
 import transforms3d.axangles as ta
 from plyfile import PlyData, PlyElementParseError, PlyHeaderParseError
 
-from featmap_ros.geometry import Intrinsics, box_corners
+from featmap_ros.geometry import Intrinsics, box_corners, nearest_rotation
 
 MM = 1e-3
 
@@ -192,7 +192,9 @@ class BopScene:
             instances.append(
                 Instance(
                     obj_id=int(g["obj_id"]),
-                    R=np.asarray(g["cam_R_m2c"], dtype=np.float64).reshape(3, 3),
+                    # BOP rotations are stored to 8 digits and are off orthonormal by up to 2e-3: snap them
+                    # to the nearest rotation here, so every consumer (metrics, quaternions in bags) agrees.
+                    R=nearest_rotation(np.asarray(g["cam_R_m2c"], dtype=np.float64).reshape(3, 3)),
                     t=np.asarray(g["cam_t_m2c"], dtype=np.float64).reshape(3) * MM,
                     bbox_obj=np.asarray(info.get("bbox_obj", [-1, -1, -1, -1]), dtype=np.float64),
                     bbox_visib=np.asarray(info.get("bbox_visib", [-1, -1, -1, -1]), dtype=np.float64),

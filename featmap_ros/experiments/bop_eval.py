@@ -88,10 +88,7 @@ def run_bop(estimator: ObjectEstimator, root: Path, scene_id: int, frames: str |
         t0 = time.perf_counter()
         poses = estimator.estimate(rgb, frame.intrinsics, dets)
         dt = time.perf_counter() - t0
-        best: dict[int, ObjectPose] = {}
-        for p in poses:
-            if p.obj_id not in best or p.score > best[p.obj_id].score:
-                best[p.obj_id] = p
+        best = ev.best_per_object(poses)
         for inst in frame.instances:
             if inst.obj_id in known and inst.visib_fract >= min_visib:
                 records.append(ev.ObjectRecord(scene_id, im_id, inst.obj_id, inst.R, inst.t, inst.visib_fract,
