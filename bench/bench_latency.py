@@ -1,0 +1,109 @@
+"""End-to-end latency of one frame through the node's processing path, median and p95.
+
+decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> PnP / joints ->
+TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
+
+Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
+'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
+'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
+Weights are random: latency does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import torch
+
+from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
+from featmap_ros.estimator import load_estimator
+from featmap_ros.geometry import Intrinsics, box_corners
+from featmap_ros.model import checkpoint
+from featmap_ros.model.nets import FeatureMappingModel, NetConfig
+from featmap_ros.results import Detection2D
+from featmap_ros.ros.messages import MessageFactory
+from featmap_ros.ros.processor import FrameProcessor, NodeConfig
+from featmap_ros.ros.typestore import typestore
+
+PRESETS = {"deploy": {"input_size": 64, "width": 16, "feature_dim": 256}, "paper": {"input_size": 128}}
+LMO = Intrinsics(572.4114, 573.57043, 325.2611, 242.04899, 640, 480)
+
+
+def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8) -> Path:
+    """A random-weight checkpoint of the given size (latency does not depend on the weights)."""
+    kw = PRESETS[preset]
+    if task == "objects":
+        cfg = NetConfig(task="objects", n_outputs=16 * n_objects, mapping=True, **kw)
+        corners = box_corners([-0.05] * 3, [0.1] * 3).tolist()
+        meta = {"objects": [{"obj_id": i + 1, "name": f"obj{i + 1}", "corners_m": corners, "extent_m": [0.1] * 3,
+                             "symmetric": False} for i in range(n_objects)],
+                "crop": {"size": cfg.input_size, "window_scale": 1.2}}
+    else:
+        cfg = NetConfig(task="hands", mapping=True, **kw)
+        meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": cfg.input_size}}
+    checkpoint.save(folder / f"{task}_{preset}", FeatureMappingModel(cfg), {"method": "fm", **meta})
+    return folder / f"{task}_{preset}"
+
+
+def object_frame(f: MessageFactory, n: int, rng: np.random.Generator) -> tuple:
+    """Image, CameraInfo and n detections of a 640x480 frame."""
+    rgb = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    dets = [Detection2D([40 + 70 * i, 100 + 20 * (i % 3), 60, 70], obj_id=i + 1) for i in range(n)]
+    return f.image_rgb(rgb, 0, "cam"), f.camera_info(LMO, 0, "cam"), f.detection2d_array(dets, 0, "cam")
+
+
+def hand_frame(f: MessageFactory) -> tuple:
+    """A 16UC1 depth frame with a hand-sized blob at 0.6 m in front of a wall at 1.2 m."""
+    depth = np.full((480, 640), 1.2, np.float32)
+    v, u = np.mgrid[0:480, 0:640]
+    blob = (u - 320) ** 2 / 60**2 + (v - 240) ** 2 / 90**2 < 1
+    depth[blob] = 0.6
+    return f.image_depth(depth, 0, "cam", "16UC1"), f.camera_info(NYU_INTRINSICS, 0, "cam"), None
+
+
+def measure(proc: FrameProcessor, msgs: tuple, frames: int) -> tuple[float, float]:
+    """Median and p95 of process() wall time in ms, after 3 warm-up frames."""
+    times = []
+    for i in range(frames + 3):
+        t0 = time.perf_counter()
+        out = proc.process(*msgs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    assert out is not None
+    return float(np.median(times) * 1e3), float(np.percentile(times, 95) * 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--presets", nargs="+", default=["deploy", "paper"], choices=sorted(PRESETS))
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    args = parser.parse_args()
+    f = MessageFactory.for_rosbags(typestore("humble"))
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print("| device | preset | case | median (ms) | p95 (ms) |\n|---|---|---|---|---|")
+    with TemporaryDirectory() as tmp:
+        for device in args.devices:
+            for preset in args.presets:
+                ckpt = make_checkpoint(Path(tmp), "objects", preset)
+                est = load_estimator(ckpt, device=device)
+                proc = FrameProcessor(est, f, NodeConfig(task="objects", publish_overlay=False))
+                for n in (1, 8):
+                    med, p95 = measure(proc, object_frame(f, n, rng), args.frames)
+                    print(f"| {device} | {preset} | objects x{n} | {med:.1f} | {p95:.1f} |", flush=True)
+                est = load_estimator(make_checkpoint(Path(tmp), "hands", preset), device=device)
+                proc = FrameProcessor(est, f, NodeConfig(task="hands", use_detections=False, publish_overlay=False))
+                med, p95 = measure(proc, hand_frame(f), args.frames)
+                print(f"| {device} | {preset} | hand | {med:.1f} | {p95:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
