@@ -173,3 +173,32 @@ class SensorHandSet(Dataset):
         item["fallback"] = torch.tensor(failed)
         self._cache[index] = item
         return item
+
+
+def write_hand_sheet(path: str, n: int = 8, seed: int = 0, config: HandStreamConfig = HandStreamConfig()) -> str:
+    """Write a PNG of n (sensor-domain "real" crop | clean nominal render) pairs with the joints drawn."""
+    import cv2
+
+    from featmap_ros.geometry import denormalise_uv
+
+    pairs = SensorHandSet(n, HandShape.sample(np.random.default_rng(seed)), seed=seed, config=config)
+    tiles = []
+    for i in range(n):
+        item = pairs[i]
+        joints = item["target"].numpy().reshape(-1, 3)
+        for key in ("real", "syn"):
+            grey = ((1.0 - item[key][0].numpy()) * 127.5).clip(0, 255).astype(np.uint8)
+            tile = cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS)
+            # joints (x, y) over half the cube map linearly onto the crop (an orthographic view of the cube)
+            for u, v in denormalise_uv(joints[:, :2], config.crop_px):
+                cv2.circle(tile, (int(round(u)), int(round(v))), 2, (0, 0, 255), -1)
+            tiles.append(tile)
+    size = config.crop_px
+    cols = 4
+    rows = -(-len(tiles) // cols)
+    sheet = np.full((rows * (size + 2), cols * (size + 2), 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * (size + 2): r * (size + 2) + size, c * (size + 2): c * (size + 2) + size] = tile
+    cv2.imwrite(str(path), sheet)
+    return str(path)
