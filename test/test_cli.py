@@ -1,0 +1,53 @@
+"""The `featmap` command end to end on tiny inputs (the same functions as the library; here the wiring)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bag import hand_model, object_model
+
+from featmap_ros.cli import build_parser, main
+
+
+def test_every_command_has_help():
+    out = subprocess.run([sys.executable, "-m", "featmap_ros.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("main", "render", "train", "evaluate", "experiment", "bag"):
+        assert cmd in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "cars"])
+
+
+def test_evaluate_objects_writes_the_report(lmo_root, tmp_path, capsys):
+    model = object_model(tmp_path / "model", lmo_root)
+    assert main(["evaluate", "objects", "--model", str(model), "--bop", str(lmo_root), "--scene", "2",
+                 "--frames", "3,8", "--out", str(tmp_path / "eval"), "--overlays", "1", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "2D proj@5px" in printed and "visib>=0.5" in printed
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["all"]["per_object"]) == {"1", "5"}
+    assert (tmp_path / "eval" / "results.csv").read_text().startswith("scene_id,im_id,obj_id,score,R,t,time")
+    assert len(list((tmp_path / "eval").glob("overlay_*.png"))) == 1
+
+
+def test_bag_make_and_eval_for_hands(tmp_path, capsys):
+    bag_dir = tmp_path / "bag"
+    assert main(["bag", "make", "hands", "--n-frames", "3", "--out", str(bag_dir), "--storage", "sqlite3"]) == 0
+    model = hand_model(tmp_path / "model")
+    assert main(["bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu", "--config", str(Path(__file__).resolve().parents[1] / "config" / "hands.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "# Bag replay: hands" in printed and "annotated bag" in printed
+
+
+def test_bag_eval_names_the_topics_it_found(lmo_root, tmp_path):
+    bag_dir = tmp_path / "bag"
+    main(["bag", "make", "objects", "--bop", str(lmo_root), "--frames", "3", "--out", str(bag_dir)])
+    model = object_model(tmp_path / "model", lmo_root)
+    with pytest.raises(Exception, match="topics found"):
+        main(["bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "e"),
+              "--models", str(lmo_root / "models"), "--image-topic", "/nope"])
