@@ -90,7 +90,8 @@ def test_output_bag_decodes_with_rosbags_and_mcap(lmo_bag, lmo_root):
         assert tr.header.frame_id == "camera_color_optical_frame"
     mcap_file = next(Path(res.output_bag).glob("*.mcap"))
     with open(mcap_file, "rb") as fh:
-        decoded = {ch.topic for _, ch, _, _ in make_reader(fh, decoder_factories=[DecoderFactory()]).iter_decoded_messages()}
+        reader = make_reader(fh, decoder_factories=[DecoderFactory()])
+        decoded = {ch.topic for _, ch, _, _ in reader.iter_decoded_messages()}
     assert {"/featmap/objects", "/featmap/markers", "/ground_truth/objects", "/camera/color/detections"} <= decoded
 
 

@@ -38,8 +38,9 @@ def test_bag_make_and_eval_for_hands(tmp_path, capsys):
     bag_dir = tmp_path / "bag"
     assert main(["bag", "make", "hands", "--n-frames", "3", "--out", str(bag_dir), "--storage", "sqlite3"]) == 0
     model = hand_model(tmp_path / "model")
+    params = Path(__file__).resolve().parents[1] / "config" / "hands.yaml"
     assert main(["bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "eval"),
-                 "--device", "cpu", "--config", str(Path(__file__).resolve().parents[1] / "config" / "hands.yaml")]) == 0
+                 "--device", "cpu", "--config", str(params)]) == 0
     printed = capsys.readouterr().out
     assert "# Bag replay: hands" in printed and "annotated bag" in printed
 
