@@ -323,8 +323,18 @@ def locate_hand(
                 break
     if blob is None:
         raise GeometryError(f"no blob of >= {min_pixels} pixels closer than {max_depth_m} m")
-    points = depth_to_points(np.where(valid, depth, np.nan), K)
     centre = depth_to_points(np.where(blob, depth, np.nan), K).mean(axis=0)
+    # Only pixels that can fall inside the cube while the centre moves matter: a window of twice the
+    # cube's projection and a depth band of one cube around the blob (not the whole image).
+    reach = cube_m * max(K[0, 0], K[1, 1]) / max(float(centre[2]) - cube_m, 1e-3)
+    cu, cv = project(centre[None], K)[0]
+    h, w = depth.shape
+    u0, u1 = int(max(0, cu - reach)), int(min(w, cu + reach + 1))
+    v0, v1 = int(max(0, cv - reach)), int(min(h, cv + reach + 1))
+    window = np.zeros_like(valid)
+    window[v0:v1, u0:u1] = True
+    near_band = valid & window & (np.abs(depth - centre[2]) <= cube_m)
+    points = depth_to_points(np.where(near_band, depth, np.nan), K)
     for _ in range(iterations):
         inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)
         if not inside.any():
