@@ -23,6 +23,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines) + "\n"
 
 
+def tile_grid(tiles: Sequence[np.ndarray], cols: int = 8, pad: int = 2) -> np.ndarray:
+    """Lay equal-size HxWx3 uint8 tiles out in rows of `cols` on a white sheet (contact sheets)."""
+    if not tiles:
+        raise ValueError("tile_grid needs at least one tile")
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // cols)
+    sheet = np.full((rows * (h + pad), min(cols, len(tiles)) * (w + pad), 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = tile
+    return sheet
+
+
 def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
                 ylabel: str = "accuracy", title: str = "", vline: float | None = None) -> Path:
     """One plot of several named (x, y) curves, saved as PNG."""

@@ -24,25 +24,18 @@ from featmap_ros.datasets.streams import (
 )
 from featmap_ros.geometry import normalise_uv, project_model
 
-LMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"
 IDS = (1, 10, 11)  # ape plus the two symmetric objects keeps model loading short
 
 
-def lmo_or_skip() -> Path:
-    """The LM-O data in ../shared/data, or skip the test saying where it was looked for."""
-    if not (LMO / "test" / "000002" / "scene_gt.json").is_file():
-        pytest.skip(f"real LM-O data not found at {LMO} (it lives in ../shared/data beside the project)")
-    return LMO
+
+@pytest.fixture(scope="module")
+def stream(lmo_root: Path) -> SyntheticObjectStream:
+    return SyntheticObjectStream.from_bop(lmo_root, ObjectStreamConfig(obj_ids=IDS, chunk=4, seed=5))
 
 
 @pytest.fixture(scope="module")
-def stream() -> SyntheticObjectStream:
-    return SyntheticObjectStream.from_bop(lmo_or_skip(), ObjectStreamConfig(obj_ids=IDS, chunk=4, seed=5))
-
-
-@pytest.fixture(scope="module")
-def infos() -> dict[int, ObjectInfo]:
-    return load_models_info(lmo_or_skip() / "models" / "models_info.json")
+def infos(lmo_root: Path) -> dict[int, ObjectInfo]:
+    return load_models_info(lmo_root / "models" / "models_info.json")
 
 
 def take(it: object, n: int) -> list[dict]:
@@ -122,8 +115,8 @@ def test_canonical_pose_is_idempotent_and_equal_for_symmetric_twins(infos: dict[
     assert Ra is not None and np.array_equal(Ra, R) and np.array_equal(ta, t)  # ape is not symmetric
 
 
-def test_pairs_render_the_object_where_the_real_one_is() -> None:
-    root = lmo_or_skip()
+def test_pairs_render_the_object_where_the_real_one_is(lmo_root: Path) -> None:
+    root = lmo_root
     pairs = RealSyntheticPairs.from_bop(root, 2, im_ids=[3, 58], obj_ids=IDS, cfg=PairConfig(min_visib=0.1))
     assert len(pairs) >= 3
     for i in range(len(pairs)):

@@ -12,20 +12,13 @@ from featmap_ros.geometry import CropWindow
 from featmap_ros.render.gl import RenderError, projection_from_K
 from featmap_ros.render.objects import Lighting, ObjectRenderer
 
-LMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"
 LMO_IDS = (1, 5, 6, 8, 9, 10, 11, 12)
 
 
-def lmo_or_skip() -> Path:
-    """The LM-O data in ../shared/data, or skip the test saying where it was looked for."""
-    if not (LMO / "test" / "000002" / "scene_gt.json").is_file():
-        pytest.skip(f"real LM-O data not found at {LMO} (it lives in ../shared/data beside the project)")
-    return LMO
-
 
 @pytest.fixture(scope="module")
-def lmo_renderer() -> ObjectRenderer:
-    root = lmo_or_skip()
+def lmo_renderer(lmo_root: Path) -> ObjectRenderer:
+    root = lmo_root
     return ObjectRenderer({i: load_ply(model_path(root, i)) for i in LMO_IDS})
 
 
@@ -81,8 +74,8 @@ def test_lighting_sample_is_reproducible_and_lights_the_front() -> None:
     assert a == b and a.light_dir[2] < 0
 
 
-def test_gt_renders_reproduce_lmo_boxes(lmo_renderer: ObjectRenderer) -> None:
-    scene = BopScene(lmo_or_skip(), 2)
+def test_gt_renders_reproduce_lmo_boxes(lmo_root: Path, lmo_renderer: ObjectRenderer) -> None:
+    scene = BopScene(lmo_root, 2)
     seen = set()
     checked = 0
     for frame in scene.frames(scene.image_ids[::5]):
@@ -104,8 +97,10 @@ def test_gt_renders_reproduce_lmo_boxes(lmo_renderer: ObjectRenderer) -> None:
     assert seen == set(LMO_IDS) and checked > 50
 
 
-def test_rendering_into_a_crop_window_equals_cropping_the_full_render(lmo_renderer: ObjectRenderer) -> None:
-    scene = BopScene(lmo_or_skip(), 2)
+def test_rendering_into_a_crop_window_equals_cropping_the_full_render(
+    lmo_root: Path, lmo_renderer: ObjectRenderer
+) -> None:
+    scene = BopScene(lmo_root, 2)
     frame = scene.frame(scene.image_ids[0])
     K = frame.intrinsics.K
     for inst in frame.instances[:4]:

@@ -193,12 +193,7 @@ def write_hand_sheet(path: str, n: int = 8, seed: int = 0, config: HandStreamCon
             for u, v in denormalise_uv(joints[:, :2], config.crop_px):
                 cv2.circle(tile, (int(round(u)), int(round(v))), 2, (0, 0, 255), -1)
             tiles.append(tile)
-    size = config.crop_px
-    cols = 4
-    rows = -(-len(tiles) // cols)
-    sheet = np.full((rows * (size + 2), cols * (size + 2), 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        sheet[r * (size + 2): r * (size + 2) + size, c * (size + 2): c * (size + 2) + size] = tile
-    cv2.imwrite(str(path), sheet)
+    from featmap_ros.report import tile_grid
+
+    cv2.imwrite(str(path), tile_grid(tiles, cols=4))
     return str(path)

@@ -546,13 +546,9 @@ def write_contact_sheet(
             tiles += [real, syn]
     if not tiles:
         raise StreamError("write_contact_sheet needs a stream or non-empty pairs")
-    size = tiles[0].shape[0]
-    cols = 8
-    rows = -(-len(tiles) // cols)
-    sheet = np.full((rows * (size + 2), cols * (size + 2), 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        sheet[r * (size + 2):r * (size + 2) + size, c * (size + 2):c * (size + 2) + size] = tile
+    from featmap_ros.report import tile_grid
+
+    sheet = tile_grid(tiles, cols=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
