@@ -147,3 +147,20 @@ def test_hand_bag_round_trip(tmp_path):
     assert res.metrics["frames_scored"] + sum(res.skipped.values()) <= 6
     assert res.metrics["frames_scored"] >= 4 and res.metrics["mean_error_mm"] > 0
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Bag replay: hands")
+
+
+def test_nyu_frames_become_a_bag_with_their_ground_truth(nyu_root, tmp_path):
+    from featmap_ros.datasets import nyu
+
+    frames, n = bag.nyu_frames(nyu_root, "test")
+    assert n == 1
+    path = bag.write_hand_frames(tmp_path / "nyu", frames, nyu.NYU_INTRINSICS, total=n)
+    (frame,) = bag.read_bag(path, bag.TOPICS["hands"]).frames
+    joints = nyu.joints_uvd_to_xyz(nyu.read_joints_uvd_txt(nyu_root / "test" / "depth_1_0000001_joints_uvd.txt"))
+    assert abs(bag.gt_hand(frame.ground_truth) - joints).max() < 1e-9
+    from featmap_ros.ros.messages import image_to_depth
+
+    depth = image_to_depth(frame.image)
+    original = nyu.read_depth(nyu_root / "test" / "depth_1_0000001.png")
+    assert np.array_equal(np.isnan(depth), np.isnan(original))
+    assert np.nanmax(np.abs(depth - original)) < 1e-6  # 16UC1 millimetres carry NYU's millimetres exactly
