@@ -297,12 +297,18 @@ def joint_confidence(joints_xyz: np.ndarray, depth_m: np.ndarray, K: np.ndarray,
     return conf
 
 
-def load_estimator(model_path: str | Path, device: str = "auto") -> ObjectEstimator | HandEstimator:
+def load_estimator(model_path: str | Path, device: str = "auto",
+                   cpu_threads: int = 0) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint alone (its JSON says the task).
+
+    cpu_threads > 0 caps torch's intra-op threads: with other busy processes on the same cores,
+    torch's default thread pool can stall for many times the work (seen here: 10-40x slower).
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
     """
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
     model, meta = checkpoint.load(model_path, device="cpu")
     cls = ObjectEstimator if meta["task"] == "objects" else HandEstimator
     return cls(model, meta, device=device)

@@ -149,3 +149,14 @@ def test_a_foreign_or_tampered_checkpoint_fails_cleanly(tmp_path):
     (tmp_path / "obj.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     with pytest.raises(checkpoint.CheckpointError):
         load_estimator(tmp_path / "obj", device="cpu")
+
+
+def test_cpu_threads_cap_torchs_thread_pool(tmp_path):
+    meta = {k: v for k, v in hand_meta().items() if k != "task"}
+    checkpoint.save(tmp_path / "hand", tiny_model("hands", 42), {"method": "fm", **meta})
+    before = torch.get_num_threads()
+    try:
+        load_estimator(tmp_path / "hand", device="cpu", cpu_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -92,6 +92,9 @@ class NodeConfig:
     task: str = _param("objects", "what to estimate: 'objects' (6-DoF poses from colour) or 'hands' (depth joints)")
     model_path: str = _param("", "checkpoint of the estimator; its task must match 'task'")
     device: str = _param("auto", "where the network runs: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    cpu_threads: int = _param(
+        0, "CPU threads for the network (0 = torch's default); on a busy robot CPU fewer threads avoid stalls"
+    )
     image_topic: str = _param("image", "input image: colour for objects, depth (16UC1 mm or 32FC1 m) for hands")
     camera_info_topic: str = _param("camera_info", "sensor_msgs/CameraInfo of the image (rectified pinhole)")
     detections_topic: str = _param("detections", "vision_msgs/Detection2DArray of 2D boxes to estimate in")
@@ -137,6 +140,8 @@ class NodeConfig:
             raise ProcessorError("config", f"min_score {self.min_score} is outside [0, 1]")
         if not self.sync_slop_s > 0.0:
             raise ProcessorError("config", f"sync_slop_s {self.sync_slop_s} must be > 0 seconds")
+        if self.cpu_threads < 0:
+            raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = torch's default)")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
@@ -298,7 +303,7 @@ def load_estimator_for(config: NodeConfig) -> Estimator:
     # torch lives behind this import: only a node that runs a model pays for it.
     from featmap_ros.estimator import load_estimator
 
-    estimator = load_estimator(config.model_path, config.device)
+    estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads)
     if estimator.task != config.task:
         raise ProcessorError("config", f"{config.model_path} is a {estimator.task!r} model but task is {config.task!r}")
     return estimator
