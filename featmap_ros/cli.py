@@ -85,7 +85,7 @@ def cmd_render_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from featmap_ros.experiments.task_data import train_from_cli
+    from featmap_ros.experiments.data import train_from_cli
 
     path = train_from_cli(args.task, config=args.config, method=args.method, out=Path(args.out),
                           bop_root=args.bop, scene_id=args.scene, train_frames=args.train_frames)

@@ -56,7 +56,7 @@ def _train_config(task: str, size: MainJobSize, device: str):
 
 def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Path:
     from featmap_ros.datasets.streams import ObjectStreamConfig, PairConfig
-    from featmap_ros.experiments.task_data import objects_task_data
+    from featmap_ros.experiments.data import objects_task_data
     from featmap_ros.train import train
 
     cfg = _train_config("objects", size, device)
@@ -74,7 +74,7 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     import numpy as np
 
     from featmap_ros.datasets.hand_streams import HandStreamConfig
-    from featmap_ros.experiments.task_data import hands_task_data
+    from featmap_ros.experiments.data import hands_task_data
     from featmap_ros.render.hand import HandShape
     from featmap_ros.render.sensor import SensorConfig
     from featmap_ros.train import train

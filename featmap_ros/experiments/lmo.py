@@ -1,0 +1,277 @@
+"""`featmap experiment lmo`: every method on one budget on Linemod-Occluded, then one table.
+
+Split (the frames are a video, so contiguous blocks, never interleaved): real training frames are
+image ids 0-300 (51 frames, 47-51 instances per object), test frames 301-611 (49 frames, 42-49
+instances per object). Nothing is tuned on the test frames: all settings below were fixed before
+the first test evaluation.
+
+Budget (default full run, about an hour on an otherwise idle 2-core CPU): one multi-object net for
+the 8 objects, input 64x64, VGG width 16 (stages 16/32/64/128/128), feature 256, batch 32,
+stage 1 1500 + stage 2 1000 = 2500 steps for every method. Stage 1 (synthetic) is trained once and shared by
+synthetic, finetune, fm (and fm_mmd) via data.train_all. Test crops come from the ground-truth
+boxes (detections "gt"), as in BB8's evaluation with known 2D locations.
+
+Baselines: synthetic, real, mixed, finetune; the exemplar baseline (Massa et al. 2016): a bank of
+synthetic exemplars' f_S features per object, the nearest exemplar's corners, then PnP, once with
+the synthetic model's features (exemplar) and once querying with fm's mapped features g(f_R(x))
+(exemplar_fm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featmap_ros.datasets import bop
+from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, PairConfig
+from featmap_ros.estimator import ObjectEstimator, load_estimator
+from featmap_ros.experiments import data as xdata
+from featmap_ros.experiments.bop_eval import run_bop, write_object_report, write_overlays
+from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
+from featmap_ros.report import markdown_table, plot_bars, plot_curves
+from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
+
+DEFAULT_TRAIN_FRAMES = "0-300"
+DEFAULT_TEST_FRAMES = "301-611"
+TRAINED_METHODS = ("synthetic", "real", "mixed", "finetune", "fm")
+EXEMPLAR_METHODS = ("exemplar", "exemplar_fm")
+QUICK_OBJECTS = (1, 5)
+METRICS = (("proj_5px", "2D-proj@5px"), ("add_10", "ADD(-S)@10%"), ("cm5_deg5", "5cm5deg"))
+SPLITS = ("all", "visib>=0.5")
+
+
+@dataclass(frozen=True)
+class LmoBudget:
+    """Sizes of one LM-O experiment: net, steps, batch, exemplars, data loading."""
+
+    input_size: int = 64
+    width: int = 16
+    feature_dim: int = 256
+    dropout: float = 0.3
+    batch_size: int = 32
+    stage1_steps: int = 1500
+    stage2_steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    exemplars_per_object: int = 2000
+    num_workers: int = 1  # rendering worker per stream, overlapping the training step
+    overlays: int = 3
+
+
+QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dropout=0.1, batch_size=4, stage1_steps=4, stage2_steps=3,
+                  warmup_steps=2, exemplars_per_object=16, num_workers=0, overlays=1)
+
+
+def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu") -> TrainConfig:
+    """The TrainConfig every method of the experiment shares (method is set per run)."""
+    net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width,
+                    feature_dim=budget.feature_dim, n_outputs=16 * n_objects, dropout=budget.dropout)
+    return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
+                       batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
+                       stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
+                       tensorboard=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The exemplar baseline through the estimator's own path
+
+
+class ExemplarNetwork:
+    """Stands in for the estimator's network: nearest synthetic exemplar's corners for every object slice."""
+
+    def __init__(self, model: FeatureMappingModel, banks: Sequence[ExemplarBank], device: torch.device) -> None:
+        self.model = model.to(device).float().eval()
+        self.banks = list(banks)
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) crops -> outputs (B, 16 * n_objects) and NaN out-of-domain scores (B,)."""
+        feats = self.model.features_real(torch.from_numpy(batch).to(self.device))
+        # Every object's bank answers; the estimator reads the slice of the detection's object.
+        out = torch.cat([bank.predict(feats) for bank in self.banks], dim=1)
+        return out.cpu().numpy().astype(np.float64), np.full(len(batch), np.nan)
+
+
+def exemplar_estimator(model_json: Path, banks: Sequence[ExemplarBank], device: str = "cpu") -> ObjectEstimator:
+    """An ObjectEstimator (same crops, PnP and estimate() signature) whose network is an exemplar lookup."""
+    est = load_estimator(model_json, device=device)
+    if not isinstance(est, ObjectEstimator):
+        raise ValueError(f"{model_json} is not an object model")
+    model = est.net.model
+    est.net = ExemplarNetwork(model, banks, torch.device(est.device))  # type: ignore[assignment]
+    return est
+
+
+def build_object_banks(model_json: Path, bop_root: Path, obj_ids: Sequence[int], stream_cfg: ObjectStreamConfig,
+                       n_per_object: int) -> list[ExemplarBank]:
+    """One bank of n_per_object synthetic exemplars' f_S features per object, in head order."""
+    from featmap_ros.model import checkpoint
+
+    model, _ = checkpoint.load(model_json)
+    banks = []
+    for k, oid in enumerate(obj_ids):
+        data = xdata.single_object_synthetic(bop_root, oid, stream_cfg)
+        banks.append(build_exemplar_bank(model, data, n_per_object, batch_size=64, seed=4242 + k))
+    return banks
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and plots
+
+
+def _table_rows(results: dict[str, dict], names: dict[int, str], obj_ids: Sequence[int]) -> dict[str, Any]:
+    """Per method and split: mean and per-object percentages of the three metrics."""
+    table: dict[str, Any] = {}
+    for method, res in results.items():
+        m = res["metrics"]
+        table[method] = {
+            split: {"mean": {k: 100.0 * m[split]["mean_over_objects"][k] for k, _ in METRICS},
+                    "n_instances": m[split]["n_instances"],
+                    "per_object": {names[o]: {k: 100.0 * float(m[split]["per_object"][str(o)][k] or 0.0)
+                                              if m[split]["per_object"].get(str(o), {}).get("n") else float("nan")
+                                              for k, _ in METRICS}
+                                   for o in obj_ids}}
+            for split in SPLITS}
+        table[method]["train_s"] = res.get("train_s", 0.0)
+        table[method]["eval_s"] = res["eval_s"]
+    return table
+
+
+def write_lmo_table(out: Path, table: dict[str, Any], names: list[str], header: dict[str, Any]) -> str:
+    """table.md: methods side by side (means, both splits), then one per-object table per metric."""
+    cols = ["method"] + [f"{label} {split}" for split in SPLITS for _, label in METRICS] + ["train s"]
+    rows = [[m] + [t[split]["mean"][k] for split in SPLITS for k, _ in METRICS] + [f"{t['train_s']:.0f}"]
+            for m, t in table.items()]
+    text = [f"# LM-O scene {header['scene_id']}: every method on one budget\n",
+            f"Train frames {header['train_frames']} ({header['n_train_frames']} frames), test frames "
+            f"{header['test_frames']} ({header['n_test_frames']} frames, {header['n_test_instances']} instances), "
+            f"detections: ground-truth boxes. Accuracies in %; mean over objects.\n",
+            f"Budget: {header['budget']}\n", markdown_table(cols, rows)]
+    for split in SPLITS:
+        for k, label in METRICS:
+            per = [[n] + [table[m][split]["per_object"][n][k] for m in table] for n in names]
+            per.append(["mean"] + [table[m][split]["mean"][k] for m in table])
+            text += [f"\n## {label}, {split}\n", markdown_table(["object", *table], per)]
+    md = "\n".join(text)
+    (out / "table.md").write_text(md)
+    return md
+
+
+def write_lmo_plots(out: Path, results: dict[str, dict], table: dict[str, Any], names: list[str]) -> list[Path]:
+    """Bars per object (each metric, all instances) and accuracy curves per method."""
+    paths = []
+    for k, label in METRICS:
+        groups = {m: [table[m]["all"]["per_object"][n][k] for n in names] for m in table}
+        paths.append(plot_bars(out / f"bars_{k}.png", names, groups, f"{label} (%)", title=f"LM-O {label} per object"))
+    curves = {m: r["metrics"]["curves"] for m, r in results.items()}
+    paths.append(plot_curves(out / "curves_proj2d.png", {m: (c["proj_px"], c["proj_acc"]) for m, c in curves.items()},
+                             "2D projection threshold (px)", title="2D projection accuracy", vline=5.0))
+    paths.append(plot_curves(out / "curves_add.png", {m: (c["add_fraction"], c["add_acc"]) for m, c in curves.items()},
+                             "ADD(-S) threshold (fraction of diameter)", title="ADD(-S) accuracy", vline=0.1))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+
+
+def run_lmo_experiment(
+    bop_root: Path,
+    scene_id: int = 2,
+    train_frames: str = DEFAULT_TRAIN_FRAMES,
+    test_frames: str = DEFAULT_TEST_FRAMES,
+    out: Path = Path("out/lmo"),
+    quick: bool = False,
+    obj_ids: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    budget: LmoBudget | None = None,
+    exemplars: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Train every method with the same budget, evaluate each on the test frames, write table.md/json and plots.
+
+    quick: objects 1 and 5, two training and two test frames, a tiny net and a few steps (a check
+    of the pipeline and the table's shape, not of accuracy). Returns the table dict (also table.json).
+    """
+    t_start = time.perf_counter()
+    bop_root, out = Path(bop_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = budget or (QUICK if quick else LmoBudget())
+    methods = tuple(methods or TRAINED_METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    scene = bop.BopScene(bop_root, scene_id)
+    train_ids = bop.select_ids(train_frames, scene.image_ids)
+    test_ids = bop.select_ids(test_frames, scene.image_ids)
+    if set(train_ids) & set(test_ids):
+        raise ValueError(f"train frames {train_frames} and test frames {test_frames} overlap")
+    if quick:
+        train_ids, test_ids = train_ids[:2], test_ids[:2]
+    present = {i.obj_id for f in scene.frames(train_ids) for i in f.instances}
+    obj_ids = tuple(obj_ids or (QUICK_OBJECTS if quick else tuple(i for i in LMO_OBJ_IDS if i in present)))
+    names = {**xdata.LMO_NAMES}
+    test_spec = ",".join(str(i) for i in test_ids)
+
+    stream_cfg = ObjectStreamConfig(obj_ids=obj_ids, crop=budget.input_size)
+    pair_cfg = PairConfig(crop=budget.input_size, window_margin=stream_cfg.window_margin, jitter=True)
+    data = xdata.objects_task_data(bop_root, scene_id, train_ids, obj_ids, stream_cfg, pair_cfg,
+                                   num_workers=budget.num_workers, names=names)
+    cfg = lmo_train_config(budget, len(obj_ids), device)
+    paths, wall = xdata.train_all(cfg, data, out, methods)
+
+    infos, meshes = _eval_models(bop_root)
+    results: dict[str, dict] = {}
+
+    def evaluate(name: str, est: ObjectEstimator, train_s: float) -> None:
+        t0 = time.perf_counter()
+        records, _ = run_bop(est, bop_root, scene_id, test_spec, detections="gt")
+        folder = out / name / "eval"
+        metrics = write_object_report(folder, records, infos, meshes, names,
+                                      extra={"method": name, "test_frames": test_spec, "scene": scene_id})
+        write_overlays(folder, bop_root, scene_id, records, infos, names, n=budget.overlays)
+        results[name] = {"metrics": metrics, "train_s": train_s, "eval_s": time.perf_counter() - t0}
+
+    for method in methods:
+        evaluate(method, load_estimator(paths[method], device=device), wall.get(method, 0.0))
+    if exemplars:
+        for name, source in (("exemplar", "synthetic"), ("exemplar_fm", "fm")):
+            if source not in paths:
+                continue
+            t0 = time.perf_counter()
+            banks = build_object_banks(paths[source], bop_root, obj_ids, stream_cfg, budget.exemplars_per_object)
+            evaluate(name, exemplar_estimator(paths[source], banks, device), time.perf_counter() - t0)
+
+    object_names = [names[o] for o in obj_ids]
+    table = _table_rows(results, names, obj_ids)
+    n_test = results[next(iter(results))]["metrics"]["all"]["n_instances"] if results else 0
+    header = {"scene_id": scene_id, "train_frames": train_frames if not quick else ",".join(map(str, train_ids)),
+              "test_frames": test_frames if not quick else test_spec, "n_train_frames": len(train_ids),
+              "n_test_frames": len(test_ids), "n_test_instances": n_test,
+              "budget": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(budget).items()),
+              "objects": dict(zip(obj_ids, object_names)), "stage1_s": wall.get("stage1", 0.0)}
+    write_lmo_table(out, table, object_names, header)
+    write_lmo_plots(out, results, table, object_names)
+    doc = {"header": header, "methods": table, "quick": quick, "budget": dataclasses.asdict(budget),
+           "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=list)),
+           "wall_s": time.perf_counter() - t_start}
+    from featmap_ros.evaluation import write_json
+
+    write_json(out / "table.json", doc)
+    return doc
+
+
+def _eval_models(bop_root: Path) -> tuple[dict[int, bop.ObjectInfo], dict[int, bop.Mesh]]:
+    """models_info and the meshes the metrics use (models_eval/ when present)."""
+    from featmap_ros.bag import load_object_models
+
+    return load_object_models(bop_root / "models")

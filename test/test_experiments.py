@@ -1,0 +1,154 @@
+"""Experiments: data builders feed the trainer, every method lands in one table, NYU runs on a fixture."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import NYU
+
+from featmap_ros.datasets import nyu
+from featmap_ros.experiments import data as xdata
+from featmap_ros.train import StreamContext
+
+
+def test_endless_indices_resume_where_they_stopped_and_differ_per_rank():
+    ctx = StreamContext(batch_size=4, seed=3, rank=0, world_size=2, start_step=0)
+    it = xdata.endless_indices(10, 0, ctx)
+    first = [next(it) for _ in range(4 * 7)]
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))  # reshuffled epochs
+    resumed = xdata.endless_indices(10, 0, StreamContext(4, 3, 0, 2, start_step=3))
+    assert [next(resumed) for _ in range(16)] == first[12:]
+    other = xdata.endless_indices(10, 0, StreamContext(4, 3, 1, 2, 0))
+    assert [next(other) for _ in range(10)] != first[:10]
+
+
+def test_objects_task_data_batches_and_estimator_meta(lmo_root):
+    from featmap_ros.datasets.streams import ObjectStreamConfig, PairConfig
+
+    data = xdata.objects_task_data(lmo_root, 2, [3, 8], (1, 5), ObjectStreamConfig(crop=32),
+                                   PairConfig(crop=32, window_margin=1.3), num_workers=0)
+    ctx = StreamContext(3, 0, 0, 1, 0)
+    syn, pairs = next(data.synthetic(ctx)), next(data.pairs(ctx))
+    assert set(syn) == {"image", "target", "obj_index"} and syn["image"].shape == (3, 3, 32, 32)
+    assert set(pairs) == {"real", "syn", "target", "obj_index"} and pairs["target"].shape == (3, 16)
+    assert [o["name"] for o in data.meta["objects"]] == ["ape", "can"]
+    assert data.meta["crop"] == {"size": 32, "window_scale": 1.3}
+    assert len(data.meta["objects"][0]["corners_m"]) == 8
+
+
+def test_hand_test_set_is_another_person_and_sensor():
+    from featmap_ros.render.sensor import SensorConfig
+
+    test = xdata.hand_test_set(2)
+    assert test.shape != xdata.hand_train_shape() and test.sensor_config == SensorConfig.test_time()
+    data = xdata.hands_task_data(3, xdata.hand_train_shape(), synthetic_pool=4,
+                                 stream_cfg=xdata.HandStreamConfig(crop_px=32))
+    batch = next(data.pairs(StreamContext(2, 0, 0, 1, 0)))
+    assert set(batch) == {"real", "syn", "target"} and batch["real"].shape == (2, 1, 32, 32)
+    assert data.meta["hands"]["joint_names"] == list(nyu.JOINT_NAMES) and data.meta["crop"] == {"size": 32}
+
+
+@pytest.mark.slow
+def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
+    from featmap_ros.experiments.lmo import EXEMPLAR_METHODS, TRAINED_METHODS, run_lmo_experiment
+
+    doc = run_lmo_experiment(lmo_root, 2, "0-300", "301-611", tmp_path, quick=True)
+    methods = (*TRAINED_METHODS, *EXEMPLAR_METHODS)
+    assert tuple(doc["methods"]) == methods
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert tuple(saved["methods"]) == methods
+    for m in methods:
+        t = saved["methods"][m]
+        for split in ("all", "visib>=0.5"):
+            assert set(t[split]["per_object"]) == {"ape", "can"}
+            for k in ("proj_5px", "add_10", "cm5_deg5"):
+                assert 0.0 <= t[split]["mean"][k] <= 100.0
+        assert t["all"]["n_instances"] > 0
+        metrics = json.loads((tmp_path / m / "eval" / "metrics.json").read_text())
+        assert 0.0 <= metrics["all"]["mean_over_objects"]["proj_5px"] <= 1.0
+        assert (tmp_path / m / "eval" / "results.csv").is_file()
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in methods) and "2D-proj@5px" in table and "visib>=0.5" in table
+    for png in ("bars_proj_5px.png", "bars_add_10.png", "curves_proj2d.png", "curves_add.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    # Every trained method spent the same number of steps.
+    steps = {m: json.loads((tmp_path / m / "model.json").read_text())["step"] for m in TRAINED_METHODS}
+    assert len(set(steps.values())) == 1
+
+
+@pytest.mark.slow
+def test_hands_quick_run_writes_one_table_of_every_method(tmp_path):
+    from featmap_ros.experiments.hands import HAND_METHODS, run_hands_experiment
+
+    doc = run_hands_experiment(tmp_path, quick=True, nyu_dir=NYU)
+    assert tuple(doc["methods"]) == HAND_METHODS
+    for m, t in doc["methods"].items():
+        assert t["mean_error_mm"] > 0 and math.isfinite(t["mean_error_mm"])
+        assert len(t["per_joint_mm"]) == 14
+        assert all(0.0 <= v <= 1.0 for v in t["max_error_fraction"].values())
+        assert (tmp_path / m / "eval" / "metrics.json").is_file()
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in HAND_METHODS) and "Per-joint" in table
+    assert (tmp_path / "curves_max_error.png").is_file() and (tmp_path / "bars_per_joint.png").is_file()
+    frame = doc["header"]["nyu_frame"]
+    if (NYU / "test" / "depth_1_0000001.png").is_file():
+        assert frame["available"] and ("mean_error_mm" in frame or frame["found"] is False)
+
+
+# --------------------------------------------------------------------------------------------
+# NYU, on a fixture in the dataset's own format
+
+
+def _write_nyu_split(folder: Path, n: int, seed: int) -> np.ndarray:
+    """Render n hands into NYU depth PNGs and a joint_data.mat (mm, y up, 36 joints); return joints (n, 14, 3) m."""
+    import scipy.io
+
+    from featmap_ros.render.hand import HandRenderer, HandShape, sample_poses
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    shape = HandShape.sample(rng)
+    out = HandRenderer(nyu.NYU_INTRINSICS).render(shape, sample_poses(rng, n, shape, nyu.NYU_INTRINSICS))
+    joints = out.geometry.nyu_joints
+    xyz36 = np.zeros((1, n, 36, 3))
+    uvd36 = np.zeros((1, n, 36, 3))
+    K = nyu.NYU_INTRINSICS.K
+    for i in range(n):
+        depth = out.depth[i].copy()
+        depth[~np.isfinite(depth)] = 2.001  # NYU's background value
+        nyu.write_depth(folder / f"depth_1_{i + 1:07d}.png", depth)
+        uv = (K @ joints[i].T).T
+        uvd36[0, i, nyu.EVAL_JOINT_IDS] = np.c_[uv[:, :2] / uv[:, 2:], joints[i][:, 2] * 1000.0]
+        xyz36[0, i, nyu.EVAL_JOINT_IDS] = joints[i] * 1000.0 * np.array([1.0, -1.0, 1.0])
+    scipy.io.savemat(str(folder / "joint_data.mat"), {"joint_uvd": uvd36, "joint_xyz": xyz36})
+    return joints
+
+
+def test_fit_hand_pose_recovers_the_nominal_hands_own_joints():
+    from featmap_ros.experiments.nyu import fit_hand_pose
+    from featmap_ros.render.hand import HandShape, forward_kinematics, sample_poses
+
+    pose = sample_poses(np.random.default_rng(5), 1, HandShape.nominal(), nyu.NYU_INTRINSICS)
+    joints = forward_kinematics(HandShape.nominal(), pose).nyu_joints[0]
+    fitted, rms = fit_hand_pose(joints)
+    assert rms < 0.005
+    assert np.abs(forward_kinematics(HandShape.nominal(), fitted).nyu_joints[0] - joints).max() < 0.015
+
+
+@pytest.mark.slow
+def test_nyu_experiment_runs_on_a_fixture_in_the_nyu_format(tmp_path):
+    from featmap_ros.experiments.nyu import NYU_METHODS, run_nyu_experiment
+
+    root = tmp_path / "nyu"
+    joints = _write_nyu_split(root / "train", 4, seed=0)
+    _write_nyu_split(root / "test", 3, seed=1)
+    assert np.allclose(nyu.read_split(root / "train").joints_xyz, joints, atol=1e-6)
+    doc = run_nyu_experiment(root, tmp_path / "out", quick=True, device="cpu")
+    assert tuple(doc["methods"]) == NYU_METHODS and doc["n_train"] == 4 and doc["n_test"] == 3
+    for t in doc["methods"].values():
+        assert math.isfinite(t["mean_error_mm"]) and len(t["per_joint_mm"]) == 14
+    assert (tmp_path / "out" / "table.md").is_file() and (tmp_path / "out" / "nyu_fits.npz").is_file()
