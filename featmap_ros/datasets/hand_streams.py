@@ -19,7 +19,14 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from featmap_ros.datasets.nyu import NYU_INTRINSICS, PALM
 from featmap_ros.geometry import GeometryError, Intrinsics, crop_depth_cube, locate_hand
 from featmap_ros.render import sensor
-from featmap_ros.render.hand import HandPose, HandRenderer, HandShape, PoseSamplerConfig, sample_poses
+from featmap_ros.render.hand import (
+    HandPose,
+    HandRenderer,
+    HandShape,
+    PoseSamplerConfig,
+    pin_malloc_mmap_threshold,
+    sample_poses,
+)
 
 
 class HandStreamError(ValueError):
@@ -120,6 +127,8 @@ class SensorHandSet(Dataset):
         self.config = config
         self.intrinsics = intrinsics
         self._renderer = HandRenderer(intrinsics, config.device)
+        # Every frame is cached: without this the kept crops fragment the heap (see the function).
+        pin_malloc_mmap_threshold()
         self._cache: dict[int, dict[str, Any]] = {}
         self._fallback: dict[int, bool] = {}
 

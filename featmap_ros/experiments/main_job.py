@@ -28,6 +28,7 @@ class MainJobSize:
     real_frames: int = 160  # the built-in real scene: the first 100 train, the rest test
     train_frames: int = 100
     hand_pairs: int = 400
+    hand_pool: int = 1200  # clean synthetic hand crops rendered once (online rendering is ~1 s per batch here)
     hand_bag_frames: int = 60
     stage1_steps: int = 500
     stage2_steps: int = 300
@@ -37,8 +38,8 @@ class MainJobSize:
     feature_dim: int = 256
 
 
-TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_bag_frames=4, stage1_steps=3, stage2_steps=2,
-                   batch_size=4, input_size=32, width=4, feature_dim=32)
+TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4, stage1_steps=3,
+                   stage2_steps=2, batch_size=4, input_size=32, width=4, feature_dim=32)
 
 
 def _train_config(task: str, size: MainJobSize, device: str):
@@ -81,7 +82,7 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
 
     cfg = _train_config("hands", size, device)
     data = hands_task_data(size.hand_pairs, HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal(),
-                           seed=1, stream_cfg=HandStreamConfig(crop_px=size.input_size))
+                           seed=1, stream_cfg=HandStreamConfig(crop_px=size.input_size), synthetic_pool=size.hand_pool)
     return train(cfg, data, out)
 
 

@@ -481,13 +481,14 @@ def render_capsules(
 
 
 @functools.cache
-def _pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+def pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     """Keep glibc serving large blocks (our frames) by mmap, so they never fragment the heap.
 
     glibc raises its mmap threshold after the first large block is freed; from then on every
-    19 MB frame batch comes from the heap, and the small crops kept between them (a pool of
-    training samples) pin it: the process grew by ~0.8 MB per kept crop (13 GB for 16,000).
-    Fixing the threshold stops that. A no-op where the C library is not glibc.
+    19 MB frame batch comes from the heap, and small crops *kept* between them (a cached set of
+    samples) pin it: the process grew by ~0.8 MB per kept crop (13 GB for 16,000). Fixing the
+    threshold stops that, at a price: fresh mmaps make rendering ~2.7x slower (99 -> 36 frames/s
+    here). So only code that keeps many rendered samples calls it. A no-op off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -504,7 +505,6 @@ class HandRenderer:
     ) -> None:
         self.intrinsics = intrinsics
         self.device = torch.device(device)
-        _pin_malloc_mmap_threshold()
         # The ray casts are many small element-wise ops: on a shared CPU, torch's thread pool waits
         # on busy cores and runs 10-100x slower than one thread, so the CPU path uses one by default.
         self.cpu_threads = int(cpu_threads)
