@@ -296,13 +296,13 @@ def train_from_cli(task: str, config: str | None = None, method: str | None = No
     data: TaskData
     if task == "objects":
         from featmap_ros.datasets.bop import BopScene, select_ids
-        from featmap_ros.datasets.streams import LMO_OBJ_IDS
 
         if bop_root is None:
             raise DataError("featmap train objects needs --bop (a BOP dataset root with the real training frames)")
         scene = BopScene(Path(bop_root), scene_id)
         ids = select_ids(train_frames or "0-300", scene.image_ids)
-        obj_ids = tuple(i for i in LMO_OBJ_IDS if i in {n.obj_id for f in scene.frames(ids) for n in f.instances})
+        # Every object annotated in the training frames, so any BOP dataset trains, not only LM-O.
+        obj_ids = tuple(sorted({n.obj_id for f in scene.frames(ids) for n in f.instances}))
         if cfg.net.n_outputs != 16 * len(obj_ids):
             cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=16 * len(obj_ids)))
         data = objects_task_data(bop_root, scene_id, ids, obj_ids, ObjectStreamConfig(crop=size),
