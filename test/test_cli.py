@@ -52,3 +52,19 @@ def test_bag_eval_names_the_topics_it_found(lmo_root, tmp_path):
     with pytest.raises(Exception, match="topics found"):
         main(["bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "e"),
               "--models", str(lmo_root / "models"), "--image-topic", "/nope"])
+
+
+def test_train_objects_from_a_config_of_differences(tmp_path):
+    from featmap_ros import assets
+    from featmap_ros.model.checkpoint import read_meta
+
+    root = assets.write_object_models(tmp_path / "toy")
+    assets.write_real_scene(root, 4)
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("net: {input_size: 32, width: 4, feature_dim: 32}\nbatch_size: 4\nstage1_steps: 2\n"
+                    "stage2_steps: 1\ncheckpoint_every: 10\ntensorboard: false\ndevice: cpu\n")
+    assert main(["train", "objects", "--config", str(tiny), "--method", "fm", "--bop", str(root), "--scene", "1",
+                 "--train-frames", "0-3", "--out", str(tmp_path / "obj")]) == 0
+    meta = read_meta(tmp_path / "obj" / "model.json", expect_task="objects")
+    assert [o["obj_id"] for o in meta["objects"]] == [assets.OBJ_ID]
+    assert meta["step"] == 3 and meta["net"]["n_outputs"] == 16
