@@ -430,6 +430,7 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     import cv2
 
     from featmap_ros.estimator import load_estimator
+    from featmap_ros.experiments.bop_eval import write_object_report
     from featmap_ros.model.checkpoint import read_meta
     from featmap_ros.report import plot_curves, plot_series
 
@@ -462,7 +463,7 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     if task == "objects":
         names = {o.obj_id: o.name for o in estimator.objects}
         records = object_records(outputs, estimator)
-        metrics = write_object_report_for_bag(out, records, infos, meshes, names, summary)
+        metrics = write_object_report(out, records, infos, meshes, names, extra=summary)
         series = {}
         for oid in sorted({r.obj_id for r in records}):
             recs = [r for r in records if r.obj_id == oid]
@@ -533,14 +534,6 @@ def object_records(outputs: list[tuple[SyncedFrame, ProcessorOutput | None]], es
                 records.append(ev.ObjectRecord(0, k, obj_id, R, t, visib, K, best.get(obj_id),
                                                o.result.timings.get("total", -1.0) if o else -1.0))
     return records
-
-
-def write_object_report_for_bag(out: Path, records: list[ev.ObjectRecord], infos: dict, meshes: dict,
-                                names: dict[int, str], summary: dict) -> dict:
-    """The same report as `featmap evaluate objects` (one implementation), plus the replay summary."""
-    from featmap_ros.experiments.bop_eval import write_object_report
-
-    return write_object_report(out, records, infos, meshes, names, extra=summary)
 
 
 def hand_arrays(outputs: list[tuple[SyncedFrame, ProcessorOutput | None]]) -> tuple[np.ndarray, np.ndarray, list[int]]:

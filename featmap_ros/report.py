@@ -36,6 +36,18 @@ def tile_grid(tiles: Sequence[np.ndarray], cols: int = 8, pad: int = 2) -> np.nd
     return sheet
 
 
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, legend: bool, grid_axis: str = "both") -> Path:
+    """Grid, title, optional legend, tight layout, PNG, close: the ending every plot here shares."""
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
                 ylabel: str = "accuracy", title: str = "", vline: float | None = None) -> Path:
     """One plot of several named (x, y) curves, saved as PNG."""
@@ -47,13 +59,7 @@ def plot_curves(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[fl
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title, legend=True)
 
 
 def plot_series(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], ylabel: str,
@@ -64,14 +70,7 @@ def plot_series(path: Path, series: dict[str, tuple[Sequence[float], Sequence[fl
         ax.plot(t, y, ".-", ms=3, lw=0.8, label=name)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title, legend=len(series) > 1)
 
 
 def plot_bars(path: Path, labels: Sequence[str], groups: dict[str, Sequence[float]], ylabel: str,
@@ -84,10 +83,4 @@ def plot_bars(path: Path, labels: Sequence[str], groups: dict[str, Sequence[floa
         ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title, legend=True, grid_axis="y")
