@@ -144,7 +144,7 @@ def test_feature_mapping_lowers_every_loss(tmp_path: Path) -> None:
     cfg = tiny_config(
         "hands",
         method="fm_mmd",
-        stage1_steps=40,
+        stage1_steps=80,
         stage2_steps=40,
         batch_size=16,
         checkpoint_every=1000,
@@ -152,18 +152,20 @@ def test_feature_mapping_lowers_every_loss(tmp_path: Path) -> None:
     )
     path = train(cfg, fake_data("hands"), tmp_path)
     rows = history(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 81))
-    assert {r["stage"] for r in rows[:40]} == {"syn"} and {r["stage"] for r in rows[40:]} == {"fm"}
+    assert [r["step"] for r in rows] == list(range(1, 121))
+    assert {r["stage"] for r in rows[:80]} == {"syn"} and {r["stage"] for r in rows[80:]} == {"fm"}
 
     def first_vs_last(key: str, part: list[dict]) -> tuple[float, float]:
+        # Mean of the first and the last quarter: single batches are noisy (BLAS kernels differ by CPU).
         values = [r[key] for r in part]
-        return sum(values[:8]) / 8, sum(values[-8:]) / 8
+        q = len(values) // 4
+        return sum(values[:q]) / q, sum(values[-q:]) / q
 
-    for key, part in [("pose_syn", rows[:40]), ("pose_real", rows[40:]), ("feat", rows[40:]), ("mmd", rows[40:])]:
+    for key, part in [("pose_syn", rows[:80]), ("pose_real", rows[80:]), ("feat", rows[80:]), ("mmd", rows[80:])]:
         first, last = first_vs_last(key, part)
         assert last < first, f"{key}: {first:.4g} -> {last:.4g}"
     model, meta = ckpt.load(path, expect_task="hands")
-    assert meta["method"] == "fm_mmd" and meta["step"] == 80 and meta["labels"] == ["a", "b"]
+    assert meta["method"] == "fm_mmd" and meta["step"] == 120 and meta["labels"] == ["a", "b"]
     assert model.g is not None and (tmp_path / "config.yaml").is_file()
     assert load_config(tmp_path / "config.yaml") == cfg
 
