@@ -53,6 +53,10 @@ class ObjectStreamConfig:
     azimuth_deg: tuple[float, float] = (0.0, 360.0)
     elevation_deg: tuple[float, float] = (-14.0, 89.0)
     inplane_deg: tuple[float, float] = (-180.0, 180.0)
+    # Viewpoints to sample around instead of the ranges above: (obj_id, R_m2c row-major 9, t_m2c metres 3)
+    # of annotated training instances; each draw takes one at random and turns it by up to anchor_spread_deg.
+    pose_anchors: tuple[tuple[float, ...], ...] = ()
+    anchor_spread_deg: float = 25.0
     window_margin: float = 1.2  # window side = margin * max(w, h) of the object's projected box
     window_shift: float = 0.08  # max centre shift, fraction of the window side (about 10 px of 128)
     window_scale: tuple[float, float] = (0.8, 1.2)
@@ -61,6 +65,8 @@ class ObjectStreamConfig:
     min_visible: float = 0.4  # an occluder hiding more than 1 - this of the object is dropped
     backgrounds: tuple[str, ...] = BACKGROUND_MODES
     photo_dir: str | None = None  # real photos for the "photo" background mode (ignored when None)
+    photo_paths: tuple[str, ...] = ()  # or an explicit list of photos (e.g. only a dataset's training frames)
+    photo_prob: float | None = None  # chance of a photo background when photos are given; None: one mode of many
     random_lighting: bool = True
     noise_std: float = 0.0  # Gaussian pixel noise, 0-255 units
     blur_prob: float = 0.0  # chance of a Gaussian blur (sigma 0.5-1.2 px)
@@ -155,18 +161,45 @@ def look_at_rotation(azimuth: float, elevation: float, inplane: float) -> np.nda
     return ta.axangle2mat([0.0, 0.0, 1.0], inplane) @ np.stack([x, y, z])
 
 
-def sample_pose(rng: np.random.Generator, cfg: ObjectStreamConfig, info: ObjectInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Draw a model-to-camera pose in the configured range, with the box centre on a random image ray."""
-    az, el, ip = (math.radians(rng.uniform(*r)) for r in (cfg.azimuth_deg, cfg.elevation_deg, cfg.inplane_deg))
+def _ray_rotation(ray: np.ndarray) -> np.ndarray:
+    """The rotation taking the optical axis onto a unit ray (camera frame)."""
+    axis = np.cross([0.0, 0.0, 1.0], ray)
+    angle = math.asin(min(1.0, float(np.linalg.norm(axis))))
+    return ta.axangle2mat(axis, angle) if angle > 1e-9 else np.eye(3)
+
+
+def anchors_by_object(anchors: Sequence[Sequence[float]]) -> dict[int, list[np.ndarray]]:
+    """ObjectStreamConfig.pose_anchors -> per object the anchors' viewpoints (R relative to their line of sight)."""
+    out: dict[int, list[np.ndarray]] = {}
+    for a in anchors:
+        if len(a) != 13:
+            raise StreamError(f"a pose anchor is (obj_id, R row-major 9, t 3): 13 numbers, got {len(a)}")
+        R, t = np.asarray(a[1:10], dtype=np.float64).reshape(3, 3), np.asarray(a[10:13], dtype=np.float64)
+        out.setdefault(int(a[0]), []).append(_ray_rotation(t / np.linalg.norm(t)).T @ R)
+    return out
+
+
+def sample_pose(rng: np.random.Generator, cfg: ObjectStreamConfig, info: ObjectInfo,
+                anchors: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a model-to-camera pose in the configured range, with the box centre on a random image ray.
+
+    anchors: viewpoints (rotations relative to the line of sight) to draw around instead of the
+    azimuth/elevation/in-plane ranges: a random one, turned about a random axis by up to
+    cfg.anchor_spread_deg.
+    """
+    if len(anchors):
+        axis = rng.normal(size=3)
+        turn = ta.axangle2mat(axis / np.linalg.norm(axis), math.radians(rng.uniform(0.0, cfg.anchor_spread_deg)))
+        R_view = turn @ anchors[int(rng.integers(len(anchors)))]
+    else:
+        az, el, ip = (math.radians(rng.uniform(*r)) for r in (cfg.azimuth_deg, cfg.elevation_deg, cfg.inplane_deg))
+        R_view = look_at_rotation(az, el, ip)
     w, h = cfg.image_size
     uv = np.array([rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h), 1.0])
     ray = np.linalg.solve(np.asarray(cfg.camera_K), uv)
     ray /= np.linalg.norm(ray)
     # Rotate the optical axis onto the ray so the viewpoint relative to the line of sight is kept.
-    axis = np.cross([0.0, 0.0, 1.0], ray)
-    angle = math.asin(min(1.0, float(np.linalg.norm(axis))))
-    R_ray = ta.axangle2mat(axis, angle) if angle > 1e-9 else np.eye(3)
-    R = R_ray @ look_at_rotation(az, el, ip)
+    R = _ray_rotation(ray) @ R_view
     centre = info.min_xyz + info.size_xyz / 2.0
     t = rng.uniform(*cfg.distance_m) * ray - R @ centre
     return R, t
@@ -221,12 +254,18 @@ def random_texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 class PhotoBackgrounds:
-    """Random square crops of the photos in a folder (jpg/png, searched recursively); decoded images are cached."""
+    """Random square crops of photos (a folder searched recursively for jpg/png, or a list); decodes are cached."""
 
-    def __init__(self, folder: str | Path, cache: int = 64) -> None:
-        self.paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    def __init__(self, folder: str | Path | None = None, cache: int = 64, paths: Sequence[str | Path] = ()) -> None:
+        found = [] if folder is None else [p for p in Path(folder).rglob("*")
+                                           if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        self.paths = sorted(found) + [Path(p) for p in paths]
         if not self.paths:
-            raise StreamError(f"no .jpg/.png photos under {folder} for the 'photo' background mode")
+            raise StreamError(f"no .jpg/.png photos under {folder} or in the {len(paths)} paths given "
+                              "for the 'photo' background mode")
+        absent = [str(p) for p in self.paths if not p.is_file()]
+        if absent:
+            raise StreamError(f"{len(absent)} background photos do not exist, e.g. {absent[0]}")
         self.cache = cache
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -245,11 +284,20 @@ class PhotoBackgrounds:
 
 
 def random_background(
-    rng: np.random.Generator, modes: Sequence[str], size: int, photos: PhotoBackgrounds | None = None
+    rng: np.random.Generator, modes: Sequence[str], size: int, photos: PhotoBackgrounds | None = None,
+    photo_prob: float | None = None,
 ) -> np.ndarray:
-    """A (size, size, 3) uint8 background in one of the modes: colour, noise, texture, photo."""
+    """A (size, size, 3) uint8 background in one of the modes: colour, noise, texture, photo.
+
+    photo_prob: with photos, the chance of a photo (the other modes share the rest); None draws
+    every usable mode with equal chance.
+    """
     usable = [m for m in modes if m != "photo" or photos is not None]
-    mode = usable[int(rng.integers(len(usable)))]
+    others = [m for m in usable if m != "photo"]
+    if photo_prob is not None and photos is not None and "photo" in usable:
+        mode = "photo" if rng.random() < photo_prob or not others else others[int(rng.integers(len(others)))]
+    else:
+        mode = usable[int(rng.integers(len(usable)))]
     if mode == "colour":
         return np.broadcast_to(rng.integers(0, 256, size=3, dtype=np.uint8), (size, size, 3)).copy()
     if mode == "noise":
@@ -319,7 +367,11 @@ class SyntheticObjectStream(IterableDataset):
         self.infos = {i: infos[i] for i in self.cfg.obj_ids}
         self.renderer = ObjectRenderer({i: meshes[i] for i in self.cfg.obj_ids}, max_faces=self.cfg.max_faces)
         self.hull = {i: extreme_vertices(meshes[i]) for i in self.cfg.obj_ids}
-        self.photos = PhotoBackgrounds(self.cfg.photo_dir) if self.cfg.photo_dir else None
+        self.anchors = anchors_by_object(self.cfg.pose_anchors)
+        has_photos = self.cfg.photo_dir or self.cfg.photo_paths
+        self.photos = PhotoBackgrounds(self.cfg.photo_dir, paths=self.cfg.photo_paths) if has_photos else None
+        if self.cfg.photo_prob is not None and not 0.0 <= self.cfg.photo_prob <= 1.0:
+            raise StreamError(f"photo_prob is {self.cfg.photo_prob}; expected a probability in [0, 1]")
         self.rank = int(rank)
 
     @classmethod
@@ -352,7 +404,7 @@ class SyntheticObjectStream(IterableDataset):
         for _ in range(n):
             k = int(rng.integers(len(cfg.obj_ids)))
             obj_id = cfg.obj_ids[k]
-            R, t = sample_pose(rng, cfg, self.infos[obj_id])
+            R, t = sample_pose(rng, cfg, self.infos[obj_id], self.anchors.get(obj_id, ()))
             uv = project_model(self.hull[obj_id], R, t, K)
             lo, hi = uv.min(0), uv.max(0)
             win = jittered_window(np.r_[lo, hi - lo], S, cfg.window_margin, rng, cfg.window_shift, cfg.window_scale)
@@ -384,7 +436,7 @@ class SyntheticObjectStream(IterableDataset):
         rgb, depth, mask = self.renderer.render_batch(ids, Rs, ts, Ks, S, S, lights)
         out, j = [], 0
         for plan in plans:
-            img = random_background(rng, cfg.backgrounds, S, self.photos)
+            img = random_background(rng, cfg.backgrounds, S, self.photos, cfg.photo_prob)
             m = mask[j]
             img[m] = rgb[j][m]
             occ = plan["occ"]

@@ -50,7 +50,7 @@ SPLITS = ("all", "visib>=0.5")
 
 @dataclass(frozen=True)
 class LmoBudget:
-    """Sizes of one LM-O experiment: net, steps, batch, exemplars, data loading."""
+    """Sizes and settings of one LM-O experiment: net, steps, batch, synthetic images, exemplars, loading."""
 
     input_size: int = 64
     width: int = 16
@@ -62,6 +62,14 @@ class LmoBudget:
     lr: float = 1e-3
     warmup_steps: int = 100
     exemplars_per_object: int = 2000
+    # Synthetic images: backgrounds cut from the real *training* frames (this share; the rest are
+    # random colours, noise and textures), camera noise and blur like the real crops'.
+    train_frame_backgrounds: float = 0.5
+    noise_std: float = 3.0
+    blur_prob: float = 0.3
+    # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
+    # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
+    anchor_spread_deg: float = 25.0
     num_workers: int = 1  # rendering worker per stream, overlapping the training step
     overlays: int = 3
 
@@ -222,7 +230,15 @@ def run_lmo_experiment(
     names = {**xdata.LMO_NAMES}
     test_spec = ",".join(str(i) for i in test_ids)
 
-    stream_cfg = ObjectStreamConfig(obj_ids=obj_ids, crop=budget.input_size)
+    stream_cfg = ObjectStreamConfig(obj_ids=obj_ids, crop=budget.input_size, noise_std=budget.noise_std,
+                                    blur_prob=budget.blur_prob)
+    if budget.anchor_spread_deg > 0:
+        anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
+                        for f in scene.frames(train_ids) for i in f.instances if i.obj_id in obj_ids)
+        stream_cfg = dataclasses.replace(stream_cfg, pose_anchors=anchors, anchor_spread_deg=budget.anchor_spread_deg)
+    if budget.train_frame_backgrounds > 0:
+        photos = tuple(str(f.rgb_path) for f in scene.frames(train_ids))
+        stream_cfg = dataclasses.replace(stream_cfg, photo_paths=photos, photo_prob=budget.train_frame_backgrounds)
     pair_cfg = PairConfig(crop=budget.input_size, window_margin=stream_cfg.window_margin, jitter=True)
     data = xdata.objects_task_data(bop_root, scene_id, train_ids, obj_ids, stream_cfg, pair_cfg,
                                    num_workers=budget.num_workers, names=names)

@@ -429,53 +429,53 @@ def render_capsules(
 
     # One (capsule, pixel) pair per pixel of each box, built without a Python loop.
     prim = torch.repeat_interleave(torch.arange(B * P, device=dev), counts)
-    n_pairs = prim.numel()
-    depth = torch.full((B * height * width,), float("inf"), device=dev, dtype=torch.float32)
-    labels = None
-    if n_pairs > 0:
+    # Background stays NaN: only hits are scattered (include_self=False), so no pass over whole frames.
+    depth = torch.full((B * height * width,), float("nan"), device=dev, dtype=torch.float32)
+    labels = None if part is None else torch.zeros(B * height * width, dtype=torch.uint8, device=dev)
+    if prim.numel() > 0:
         start = torch.cumsum(counts, 0) - counts
-        local = torch.arange(n_pairs, device=dev) - start[prim]
+        local = torch.arange(prim.numel(), device=dev) - start[prim]
         wp = w[prim]
-        u = u0[prim] + local % wp
-        v = v0[prim] + torch.div(local, wp, rounding_mode="floor")
+        row = torch.div(local, wp, rounding_mode="floor")
+        u = u0[prim] + (local - row * wp)
+        v = v0[prim] + row
         rx = (u.to(torch.float32) - cx) / fx
         ry = (v.to(torch.float32) - cy) / fy
 
         # Ray o = 0, direction d = (rx, ry, 1): the hit parameter t is the depth z itself.
+        # Per-capsule terms are gathered once per pair, as one (pairs, 13) table.
         ba = b - a
         oa = -a
         baba = (ba * ba).sum(1)
         baoa = (ba * oa).sum(1)
-        oaoa = (oa * oa).sum(1)
         r2 = r * r
-        ba_p, oa_p = ba[prim], oa[prim]
-        baba_p, baoa_p = baba[prim], baoa[prim]
+        per_cap = torch.cat([ba, oa, -b, torch.stack([baba, baoa, (oa * oa).sum(1) - r2, r2], 1)], 1)
+        ba0, ba1, ba2, oa0, oa1, oa2, nb0, nb1, nb2, baba_p, baoa_p, oaoa_r2, r2_p = per_cap[prim].unbind(1)
         dd = rx * rx + ry * ry + 1.0
-        bard = ba_p[:, 0] * rx + ba_p[:, 1] * ry + ba_p[:, 2]
-        rdoa = oa_p[:, 0] * rx + oa_p[:, 1] * ry + oa_p[:, 2]
+        bard = ba0 * rx + ba1 * ry + ba2
+        rdoa = oa0 * rx + oa1 * ry + oa2
         qa = baba_p * dd - bard * bard
         qb = baba_p * rdoa - baoa_p * bard
-        qc = baba_p * oaoa[prim] - baoa_p * baoa_p - r2[prim] * baba_p
+        qc = baba_p * oaoa_r2 - baoa_p * baoa_p  # (|oa|^2 - r^2) |ba|^2 - (ba.oa)^2
         disc = qb * qb - qa * qc
         t_cyl = (-qb - torch.sqrt(disc.clamp_min(0.0))) / qa.clamp_min(1e-12)
         y = baoa_p + t_cyl * bard
         hit_cyl = (disc >= 0.0) & (qa > 1e-12) & (y > 0.0) & (y < baba_p)
         # Otherwise the hit, if any, is on the end sphere on the side the cylinder hit lay.
-        oc = torch.where((y <= 0.0)[:, None], oa_p, -b[prim])
-        sb = oc[:, 0] * rx + oc[:, 1] * ry + oc[:, 2]
-        sc = (oc * oc).sum(1) - r2[prim]
+        at_a = y <= 0.0
+        oc0, oc1, oc2 = torch.where(at_a, oa0, nb0), torch.where(at_a, oa1, nb1), torch.where(at_a, oa2, nb2)
+        sb = oc0 * rx + oc1 * ry + oc2
+        sc = oc0 * oc0 + oc1 * oc1 + oc2 * oc2 - r2_p
         sdisc = sb * sb - dd * sc
         t_cap = (-sb - torch.sqrt(sdisc.clamp_min(0.0))) / dd
-        t = torch.where(hit_cyl, t_cyl, torch.where(sdisc >= 0.0, t_cap, torch.full_like(t_cap, float("inf"))))
-        pix = torch.div(prim, P, rounding_mode="floor") * (height * width) + v * width + u
-        depth.scatter_reduce_(0, pix, t, reduce="amin")
-        if part is not None:
-            labels = torch.zeros(B * height * width, dtype=torch.uint8, device=dev)
-            won = torch.isfinite(t) & (t == depth[pix])
+        t = torch.where(hit_cyl, t_cyl, t_cap)
+        hit = hit_cyl | (sdisc >= 0.0)
+        prim, t = prim[hit], t[hit]
+        pix = torch.div(prim, P, rounding_mode="floor") * (height * width) + v[hit] * width + u[hit]
+        depth.scatter_reduce_(0, pix, t, reduce="amin", include_self=False)
+        if labels is not None:
+            won = t == depth[pix]
             labels[pix[won]] = part.to(dev, torch.uint8)[prim[won] % P]
-    elif part is not None:
-        labels = torch.zeros(B * height * width, dtype=torch.uint8, device=dev)
-    depth = torch.where(torch.isfinite(depth), depth, torch.full_like(depth, float("nan")))
     depth = depth.reshape(B, height, width)
     return depth, (labels.reshape(B, height, width) if labels is not None else None)
 
