@@ -1,6 +1,7 @@
-"""Print hand frames/s at 640x480: clean render, render + scene + sensor, full stream sample with crop.
+"""Print hand frames/s at 640x480: clean render (OpenGL and torch), + scene + sensor, stream sample with crop.
 
-Each row runs for `--seconds` in one process, then in `--workers` processes at once (summed).
+Each row runs for `--seconds` in one process, then in `--workers` processes at once (summed);
+workers are started by forkserver, so each opens its own OpenGL context.
 Usage: python3 bench/bench_hands.py [--seconds 3] [--workers 2] [--batch 16]
 """
 
@@ -23,8 +24,8 @@ from featmap_ros.render.hand import HandRenderer, HandShape, sample_poses
 K = NYU_INTRINSICS.K
 
 
-def clean(batch: int) -> Callable[[], int]:
-    rng, shape, renderer = np.random.default_rng(0), HandShape.nominal(), HandRenderer()
+def clean(batch: int, backend: str = "auto") -> Callable[[], int]:
+    rng, shape, renderer = np.random.default_rng(0), HandShape.nominal(), HandRenderer(backend=backend)
     return lambda: (renderer.render(shape, sample_poses(rng, batch, shape)), batch)[1]
 
 
@@ -46,7 +47,9 @@ def stream(batch: int) -> Callable[[], int]:
     return lambda: (list(itertools.islice(it, batch)), batch)[1]
 
 
-CASES = {"clean render": clean, "render + scene + sensor": with_sensor, "stream sample (render + crop)": stream}
+CASES = {"clean render (OpenGL)": lambda batch: clean(batch, "gl"),
+         "clean render (torch)": lambda batch: clean(batch, "torch"),
+         "render + scene + sensor": with_sensor, "stream sample (render + crop)": stream}
 
 
 def run(case: str, batch: int, seconds: float) -> float:
@@ -69,7 +72,7 @@ def main() -> None:
     print(f"{'case':32s} {'1 process':>12s} {f'{args.workers} processes':>14s}   (frames/s, 640x480)")
     for case in CASES:
         one = run(case, args.batch, args.seconds)
-        with mp.get_context("fork").Pool(args.workers) as pool:
+        with mp.get_context("forkserver").Pool(args.workers) as pool:
             many = sum(pool.starmap(run, [(case, args.batch, args.seconds)] * args.workers))
         print(f"{case:32s} {one:12.1f} {many:14.1f}")
 

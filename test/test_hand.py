@@ -8,6 +8,7 @@ import torch
 
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
 from featmap_ros.geometry import project
+from featmap_ros.render.capsules_gl import GLCapsuleRenderer
 from featmap_ros.render.hand import (
     ARTICULATION_NAMES,
     HAND_JOINTS,
@@ -27,12 +28,21 @@ from featmap_ros.render.hand import (
 K = NYU_INTRINSICS.K
 
 
-@pytest.fixture(scope="module")
-def rendered():
+@pytest.fixture(scope="module", params=["gl", "torch"])
+def rendered(request):
     rng = np.random.default_rng(7)
     shape = HandShape.nominal()
     pose = sample_poses(rng, 24, shape)
-    return shape, pose, HandRenderer().render(shape, pose, labels=True)
+    return shape, pose, HandRenderer(backend=request.param).render(shape, pose, labels=True)
+
+
+def cast(backend: str, a: np.ndarray, b: np.ndarray, r: np.ndarray, part: np.ndarray | None = None):
+    """(B, P, 3) ends and (B, P) radii through one backend -> numpy depth (B, 480, 640) and labels."""
+    if backend == "gl":
+        return GLCapsuleRenderer().render(a, b, r, K, 640, 480, part=part)
+    depth, labels = render_capsules(*(torch.as_tensor(x, dtype=torch.float32) for x in (a, b, r)), K, 640, 480,
+                                    part=None if part is None else torch.as_tensor(part))
+    return depth.numpy(), None if labels is None else labels.numpy()
 
 
 def test_nyu_joints_are_named_model_joints() -> None:
@@ -98,18 +108,75 @@ def test_render_gives_float_metres_with_nan_background_and_part_labels(rendered)
     assert set(np.unique(out.labels)) >= {0, 1, 4}
 
 
-def test_ray_cast_matches_a_sphere_analytically() -> None:
-    centre = torch.tensor([[[0.05, -0.02, 0.6]]])
-    depth, _ = render_capsules(centre, centre.clone(), torch.tensor([[0.04]]), K, 640, 480)
-    u, v = project(centre[0].numpy(), K)[0]
+@pytest.mark.parametrize("backend", ["gl", "torch"])
+def test_ray_cast_matches_a_sphere_analytically(backend: str) -> None:
+    centre = np.array([[[0.05, -0.02, 0.6]]])
+    depth, _ = cast(backend, centre, centre.copy(), np.array([[0.04]]))
+    u, v = project(centre[0], K)[0]
     for du in (0, 20):
         x, y = (round(u) + du - K[0, 2]) / K[0, 0], (round(v) - K[1, 2]) / K[1, 1]
         d = np.array([x, y, 1.0])
-        c = centre[0, 0].numpy().astype(np.float64)
+        c = centre[0, 0]
         b, cc = d @ c, c @ c - 0.04**2
         t = (b - np.sqrt(b * b - (d @ d) * cc)) / (d @ d)
         assert depth[0, round(v), round(u) + du].item() == pytest.approx(t, abs=1e-5)
-    assert torch.isnan(depth[0, 0, 0])
+    assert np.isnan(depth[0, 0, 0])
+    # The sphere's image is a disc of the right size: pixels 35 px beyond its rim are background.
+    radius_px = K[0, 0] * 0.04 / 0.6
+    assert np.isnan(depth[0, round(v), round(u + radius_px) + 35]) and np.isfinite(depth[0, round(v), round(u)])
+
+
+@pytest.mark.parametrize("backend", ["gl", "torch"])
+def test_ray_cast_matches_a_cylinder_side_on(backend: str) -> None:
+    # A horizontal capsule across the optical axis: along the row through its axis the depth is the
+    # cylinder's front, whatever the column.
+    a, b = np.array([[[-0.1, 0.0, 0.5]]]), np.array([[[0.1, 0.0, 0.5]]])
+    depth, _ = cast(backend, a, b, np.array([[0.02]]))
+    row = round(K[1, 2])
+    y = (row - K[1, 2]) / K[1, 1]  # the ray's slope below the axis
+    for u in (250, 320, 400):  # hits on the cylinder part (|x| < 0.1 m at z 0.48)
+        # Ray (x, y, 1) t meets the cylinder y'^2 + (z - 0.5)^2 = r^2 (axis along x).
+        dd, bb, cc = y * y + 1.0, 0.5, 0.25 - 0.02**2
+        t = (bb - np.sqrt(bb * bb - dd * cc)) / dd
+        assert depth[0, row, u] == pytest.approx(t, abs=1e-5)
+
+
+def test_gl_and_torch_backends_agree_on_sampled_hands() -> None:
+    shape = HandShape.nominal()
+    geo = forward_kinematics(shape, sample_poses(np.random.default_rng(11), 16, shape))
+    d_gl, l_gl = cast("gl", geo.cap_a, geo.cap_b, geo.radius, geo.part)
+    d_t, l_t = cast("torch", geo.cap_a, geo.cap_b, geo.radius, geo.part)
+    hit_gl, hit_t = np.isfinite(d_gl), np.isfinite(d_t)
+    assert hit_t.sum() > 100_000
+    # Coverage differs only on a few silhouette pixels where a grazing ray rounds either way.
+    assert (hit_gl ^ hit_t).sum() < 1e-3 * hit_t.sum()
+    both = hit_gl & hit_t
+    err = np.abs(d_gl - d_t)[both]
+    assert np.quantile(err, 0.999) < 1e-4 and np.median(err) < 1e-5
+    assert (l_gl[both] == l_t[both]).mean() > 0.999
+    assert ((l_gl > 0) == hit_gl).all()
+
+
+def test_backend_choice() -> None:
+    assert HandRenderer(backend="torch").render(HandShape(), sample_poses(np.random.default_rng(0), 1)).depth.shape \
+        == (1, 480, 640)
+    assert HandRenderer().resolved_backend() == "gl"  # auto on a CPU with EGL
+    assert HandRenderer(device="cuda").resolved_backend() == "torch"  # auto on CUDA (nothing is built here)
+    with pytest.raises(HandModelError):
+        HandRenderer(backend="vulkan")
+    with pytest.raises(HandModelError):
+        HandRenderer(device="cuda", backend="gl")
+
+
+def test_auto_backend_falls_back_to_torch_in_a_forked_gl_process(monkeypatch) -> None:
+    from featmap_ros.render import gl
+
+    monkeypatch.setattr(gl, "_CONTEXT", (-1, object()))  # as if a parent process had opened OpenGL
+    renderer = HandRenderer()
+    out = renderer.render(HandShape(), sample_poses(np.random.default_rng(0), 1))
+    assert renderer.resolved_backend() == "torch" and np.isfinite(out.depth).any()
+    with pytest.raises(gl.RenderError):
+        HandRenderer(backend="gl").render(HandShape(), sample_poses(np.random.default_rng(0), 1))
 
 
 def test_rotation_about_the_ray_keeps_the_centre_and_rotates_in_plane() -> None:

@@ -50,11 +50,12 @@ def render_throughput(seconds: float = 3.0, lmo_root: Path | None = None, batch:
         results = {"object crops/s (renderer)": _rate(crops, seconds),
                    "object crops/s (full stream)": _rate(lambda: len(stream.sample_chunk(rng, batch)), seconds)}
     hands = HandRenderer(NYU_INTRINSICS)
+    hands_torch = HandRenderer(NYU_INTRINSICS, backend="torch")
     shape = HandShape.nominal()
     K = NYU_INTRINSICS.K
 
-    def hand_frames() -> int:
-        hands.render(shape, sample_poses(rng, batch, shape, NYU_INTRINSICS))
+    def hand_frames(renderer: HandRenderer = hands) -> int:
+        renderer.render(shape, sample_poses(rng, batch, shape, NYU_INTRINSICS))
         return batch
 
     def hand_sensor() -> int:
@@ -62,7 +63,9 @@ def render_throughput(seconds: float = 3.0, lmo_root: Path | None = None, batch:
         sensor.apply(sensor.compose_scene(out.depth[0], K, rng), K, rng)
         return 1
 
-    results["hand frames/s (clean, 640x480)"] = _rate(hand_frames, seconds)
+    results[f"hand frames/s (clean, 640x480, {hands.resolved_backend()})"] = _rate(
+        hand_frames, seconds)
+    results["hand frames/s (clean, 640x480, torch)"] = _rate(lambda: hand_frames(hands_torch), seconds)
     results["hand frames/s (scene + sensor)"] = _rate(hand_sensor, seconds)
     print("| what | per second |\n|---|---|")
     for k, v in results.items():
