@@ -12,14 +12,19 @@ from featmap_ros.datasets.bop import ObjectInfo, load_models_info
 from featmap_ros.datasets.streams import (
     ObjectStreamConfig,
     PairConfig,
+    PhotoBackgrounds,
     RealSyntheticPairs,
+    StreamError,
     SyntheticObjectStream,
+    anchors_by_object,
     canonicalise_pose,
     corner_targets,
     exact_symmetry,
     object_loader,
+    random_background,
     random_rotation,
     rgb_to_input,
+    sample_pose,
     targets_to_uv,
 )
 from featmap_ros.geometry import normalise_uv, project_model
@@ -133,3 +138,62 @@ def test_pairs_render_the_object_where_the_real_one_is(lmo_root: Path) -> None:
     assert item["target"].shape == (16,) and int(item["im_id"]) in (3, 58)
     jittered = RealSyntheticPairs(pairs.scene, pairs.infos, pairs.renderer, [3], IDS, PairConfig(jitter=True))
     assert not np.array_equal(jittered.sample(0)["K_crop"], pairs.sample(0)["K_crop"])
+
+
+def rotation_angle_deg(Ra: np.ndarray, Rb: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(Ra.T @ Rb) - 1) / 2, -1.0, 1.0))))
+
+
+def test_poses_drawn_around_anchors_keep_the_view_within_the_spread(infos: dict[int, ObjectInfo]) -> None:
+    rng = np.random.default_rng(3)
+    # An anchor seen off-centre (its line of sight is not the optical axis) at 1 m.
+    R_anchor, t_anchor = random_rotation(rng), np.array([0.2, -0.1, 1.0])
+    anchors = anchors_by_object([(1.0, *R_anchor.ravel(), *t_anchor)])[1]
+    for spread in (0.0, 25.0):
+        cfg = ObjectStreamConfig(anchor_spread_deg=spread)
+        for _ in range(50):
+            R, t = sample_pose(rng, cfg, infos[1], anchors)
+            centre = R @ (infos[1].min_xyz + infos[1].size_xyz / 2) + t
+            # The view relative to the line of sight: undo the rotation of the optical axis onto each ray.
+            view = anchors_by_object([(1.0, *R.ravel(), *centre)])[1][0]
+            assert rotation_angle_deg(view, anchors[0]) <= spread + 1e-4
+            assert cfg.distance_m[0] - 1e-9 <= np.linalg.norm(centre) <= cfg.distance_m[1] + 1e-9
+    with pytest.raises(StreamError):
+        anchors_by_object([(1.0, 0.0, 0.0)])
+
+
+def test_stream_draws_only_around_its_anchors(lmo_root: Path) -> None:
+    R0 = np.eye(3)
+    cfg = ObjectStreamConfig(obj_ids=(1,), chunk=4, pose_anchors=((1.0, *R0.ravel(), 0.0, 0.0, 1.0),),
+                             anchor_spread_deg=10.0)
+    stream = SyntheticObjectStream.from_bop(lmo_root, cfg)
+    for s in take(stream, 8):
+        R = s["R"].double().numpy()
+        # At most 10 degrees from the anchor's view, plus the turn onto the sample's ray (< 25 deg in the window).
+        assert rotation_angle_deg(R, R0) < 10.0 + 25.0
+
+
+def test_photo_backgrounds_from_a_list_with_a_share(tmp_path: Path) -> None:
+    import cv2
+
+    photo = tmp_path / "frame.png"
+    cv2.imwrite(str(photo), np.full((60, 80, 3), (10, 20, 30), np.uint8))  # BGR: RGB (30, 20, 10)
+    photos = PhotoBackgrounds(paths=[photo])
+    rng = np.random.default_rng(0)
+    always = [random_background(rng, ("colour", "photo"), 16, photos, photo_prob=1.0) for _ in range(20)]
+    assert all((b == (30, 20, 10)).all() for b in always)
+    never = [random_background(rng, ("colour", "photo"), 16, photos, photo_prob=0.0) for _ in range(20)]
+    assert not any((b == (30, 20, 10)).all() for b in never)
+    with pytest.raises(StreamError, match="do not exist"):
+        PhotoBackgrounds(paths=[tmp_path / "missing.png"])
+    with pytest.raises(StreamError):
+        PhotoBackgrounds()
+
+
+def test_stream_rejects_a_photo_share_outside_zero_one(lmo_root: Path, tmp_path: Path) -> None:
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(StreamError, match="photo_prob"):
+        cfg = ObjectStreamConfig(obj_ids=(1,), photo_paths=(str(tmp_path / "a.png"),), photo_prob=1.5)
+        SyntheticObjectStream.from_bop(lmo_root, cfg)

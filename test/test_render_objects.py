@@ -126,3 +126,42 @@ def test_simplified_meshes_keep_the_silhouette(lmo_renderer: ObjectRenderer) -> 
     _, _, a = lmo_renderer.render(5, R, t, K, 128, 128)
     _, _, b = small.render(5, R, t, K, 128, 128)
     assert (a & b).sum() / (a | b).sum() > 0.97
+
+
+def write_textured_quad(folder: Path, half: float = 0.1) -> tuple[Path, np.ndarray]:
+    """A BOP-style ASCII PLY (mm) square with texture_u/v and a TextureFile comment; its 4-colour PNG texture."""
+    import cv2
+
+    colours = np.array([[[220, 30, 30], [30, 200, 40]], [[30, 40, 210], [230, 220, 30]]], np.uint8)  # RGB
+    texture = np.repeat(np.repeat(colours, 32, axis=0), 32, axis=1)  # (64, 64, 3): 2x2 quadrants
+    cv2.imwrite(str(folder / "quad_tex.png"), cv2.cvtColor(texture, cv2.COLOR_RGB2BGR))
+    h = half * 1000.0
+    corners = [(-h, -h, 0, 0), (h, -h, 1, 0), (h, h, 1, 1), (-h, h, 0, 1)]  # x, y (mm), u, v
+    lines = ["ply", "format ascii 1.0", "comment TextureFile quad_tex.png", "element vertex 4",
+             "property float x", "property float y", "property float z",
+             "property float texture_u", "property float texture_v", "element face 2",
+             "property list uchar int vertex_indices", "end_header"]
+    lines += [f"{x} {y} 0 {u} {v}" for x, y, u, v in corners] + ["3 0 2 1", "3 0 3 2"]
+    path = folder / "quad.ply"
+    path.write_text("\n".join(lines) + "\n")
+    return path, texture
+
+
+def test_uv_textured_mesh_renders_its_texture_the_right_way_up(tmp_path: Path) -> None:
+    path, texture = write_textured_quad(tmp_path, half=0.05)
+    mesh = load_ply(path)
+    assert mesh.uv is not None and mesh.texture_path == tmp_path / "quad_tex.png"
+    renderer = ObjectRenderer({0: mesh})
+    K = np.array([[400.0, 0, 63.5], [0, 400.0, 63.5], [0, 0, 1]])
+    flat = Lighting(ambient=1.0, diffuse=0.0, specular=0.0)
+    rgb, depth, mask = renderer.render(0, np.eye(3), np.array([0.0, 0.0, 0.5]), K, 128, 128, flat)
+    assert mask[32:96, 32:96].all() and not mask[:10].any()  # the square spans pixels 24..103
+    assert np.nanmax(np.abs(depth[mask] - 0.5)) < 1e-4
+    # Model y points down the image (OpenCV camera); PLY texture v runs bottom-up, so the image's
+    # top-left quarter (model -x, -y: uv near (0, 0)) shows the texture's bottom-left quadrant.
+    quarters = {(40, 40): texture[63, 0], (40, 88): texture[63, 63], (88, 40): texture[0, 0], (88, 88): texture[0, 63]}
+    for (v, u), expected in quarters.items():
+        assert np.abs(rgb[v, u].astype(int) - expected.astype(int)).max() <= 3, ((v, u), rgb[v, u], expected)
+    # Vertex-cluster simplification leaves textured meshes alone (UVs do not average).
+    assert ObjectRenderer({0: mesh}, max_faces=1).render(0, np.eye(3), np.array([0.0, 0.0, 0.5]), K, 128, 128,
+                                                         flat)[2].sum() == mask.sum()
