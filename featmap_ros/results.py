@@ -10,19 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featmap_ros.datasets.nyu import JOINT_NAMES
-
-# The NYU 14-joint skeleton as (parent, child) joint names: each finger runs tip - mid - palm, the
-# thumb tip - mid - base - palm, and both wrist points hang off the palm. Names, not indices, so a
-# hand model with another joint order or subset still draws (see bone_indices).
-HAND_BONES: tuple[tuple[str, str], ...] = (
-    ("palm", "pinky_mid"), ("pinky_mid", "pinky_tip"),
-    ("palm", "ring_mid"), ("ring_mid", "ring_tip"),
-    ("palm", "middle_mid"), ("middle_mid", "middle_tip"),
-    ("palm", "index_mid"), ("index_mid", "index_tip"),
-    ("palm", "thumb_base"), ("thumb_base", "thumb_mid"), ("thumb_mid", "thumb_tip"),
-    ("palm", "wrist_1"), ("palm", "wrist_2"),
-)
+# HAND_BONES lives beside the joint names; importing it here keeps results.HAND_BONES for the message layer.
+from featmap_ros.datasets.nyu import HAND_BONES, JOINT_NAMES
 
 
 def bone_indices(joint_names: tuple[str, ...] | list[str]) -> np.ndarray:

@@ -26,6 +26,19 @@ JOINT_NAMES = (
     "pinky_tip", "pinky_mid", "ring_tip", "ring_mid", "middle_tip", "middle_mid", "index_tip",
     "index_mid", "thumb_tip", "thumb_mid", "thumb_base", "wrist_1", "wrist_2", "palm",
 )
+
+# The NYU 14-joint skeleton as (parent, child) joint names: each finger runs tip - mid - palm, the
+# thumb tip - mid - base - palm, and both wrist points hang off the palm. Names, not indices, so a
+# hand model with another joint order or subset still draws (see bone_indices).
+HAND_BONES: tuple[tuple[str, str], ...] = (
+    ("palm", "pinky_mid"), ("pinky_mid", "pinky_tip"),
+    ("palm", "ring_mid"), ("ring_mid", "ring_tip"),
+    ("palm", "middle_mid"), ("middle_mid", "middle_tip"),
+    ("palm", "index_mid"), ("index_mid", "index_tip"),
+    ("palm", "thumb_base"), ("thumb_base", "thumb_mid"), ("thumb_mid", "thumb_tip"),
+    ("palm", "wrist_1"), ("palm", "wrist_2"),
+)
+
 PALM = JOINT_NAMES.index("palm")
 
 # Depth value that marks background in the shipped NYU frames (segmented-out pixels).
