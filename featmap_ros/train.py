@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
     amp: bool = True  # bf16 autocast, CUDA only
+    # torch's CPU threads for this process (0: torch's default, one per core). On a CPU shared with
+    # other jobs (rendering workers, a second run) fewer threads stall less.
+    cpu_threads: int = 0
     resume: bool = True
     tensorboard: bool = True
 
@@ -113,6 +116,8 @@ class TrainConfig:
             raise TrainError(f"batch_size must be >= 1 and step counts >= 0: {self}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise TrainError("checkpoint_every and log_every must be >= 1")
+        if self.cpu_threads < 0:
+            raise TrainError(f"cpu_threads must be >= 0 (0 = torch's default), got {self.cpu_threads}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -387,6 +392,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
         device = torch.device("cuda", local)
     else:
         device = torch.device("cuda" if use_cuda else "cpu")
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / CHECKPOINT_STEM

@@ -123,6 +123,7 @@ def test_a_config_file_with_differences_only_overrides_those(tmp_path: Path) -> 
         ("net: {blocks: [1, x, 1, 1, 1]}\n", "blocks"),
         ("method: magic\n", "method"),
         ("net: {task: hands}\n", "command asks for 'objects'"),
+        ("cpu_threads: -1\n", "cpu_threads"),
     ],
 )
 def test_bad_config_files_fail_at_start_up(tmp_path: Path, text: str, message: str) -> None:
@@ -279,3 +280,12 @@ def test_multi_object_head_is_sliced_per_sample():
     assert select_outputs(pred[:, :16], None, 16) is not None
     with pytest.raises(TrainError, match="obj_index"):
         select_outputs(pred, None, 16)
+
+
+def test_cpu_threads_caps_torch_threads_for_the_run(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        train(tiny_config(stage1_steps=1, stage2_steps=0, method="synthetic", cpu_threads=1), fake_data(), tmp_path)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
