@@ -68,11 +68,15 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
             for k in ("proj_5px", "add_10", "cm5_deg5"):
                 assert 0.0 <= t[split]["mean"][k] <= 100.0
         assert t["all"]["n_instances"] > 0
+        if m in TRAINED_METHODS:  # how well each learnt the synthetic images themselves
+            assert t["synthetic_crops"]["n"] == 16 and 0.0 <= t["synthetic_crops"]["proj_5px"] <= 1.0
+            assert t["synthetic_crops"]["median_px"] > 0
         metrics = json.loads((tmp_path / m / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["all"]["mean_over_objects"]["proj_5px"] <= 1.0
         assert (tmp_path / m / "eval" / "results.csv").is_file()
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "2D-proj@5px" in table and "visib>=0.5" in table
+    assert "synthetic crops" in table
     for png in ("bars_proj_5px.png", "bars_add_10.png", "curves_proj2d.png", "curves_add.png"):
         assert (tmp_path / png).stat().st_size > 0
     # Every trained method spent the same number of steps.
