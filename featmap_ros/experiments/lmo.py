@@ -88,6 +88,22 @@ def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu") -> 
                        tensorboard=False)
 
 
+def lmo_stream_config(budget: LmoBudget, scene: bop.BopScene, train_ids: Sequence[int],
+                      obj_ids: Sequence[int]) -> ObjectStreamConfig:
+    """The synthetic stream of the experiment: viewpoints and backgrounds from the training frames only."""
+    cfg = ObjectStreamConfig(obj_ids=tuple(obj_ids), crop=budget.input_size, noise_std=budget.noise_std,
+                             blur_prob=budget.blur_prob)
+    frames = scene.frames(list(train_ids))
+    if budget.anchor_spread_deg > 0:
+        anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
+                        for f in frames for i in f.instances if i.obj_id in obj_ids)
+        cfg = dataclasses.replace(cfg, pose_anchors=anchors, anchor_spread_deg=budget.anchor_spread_deg)
+    if budget.train_frame_backgrounds > 0:
+        cfg = dataclasses.replace(cfg, photo_paths=tuple(str(f.rgb_path) for f in frames),
+                                  photo_prob=budget.train_frame_backgrounds)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------
 # The exemplar baseline through the estimator's own path
 
@@ -281,15 +297,7 @@ def run_lmo_experiment(
     names = {**xdata.LMO_NAMES}
     test_spec = ",".join(str(i) for i in test_ids)
 
-    stream_cfg = ObjectStreamConfig(obj_ids=obj_ids, crop=budget.input_size, noise_std=budget.noise_std,
-                                    blur_prob=budget.blur_prob)
-    if budget.anchor_spread_deg > 0:
-        anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
-                        for f in scene.frames(train_ids) for i in f.instances if i.obj_id in obj_ids)
-        stream_cfg = dataclasses.replace(stream_cfg, pose_anchors=anchors, anchor_spread_deg=budget.anchor_spread_deg)
-    if budget.train_frame_backgrounds > 0:
-        photos = tuple(str(f.rgb_path) for f in scene.frames(train_ids))
-        stream_cfg = dataclasses.replace(stream_cfg, photo_paths=photos, photo_prob=budget.train_frame_backgrounds)
+    stream_cfg = lmo_stream_config(budget, scene, train_ids, obj_ids)
     pair_cfg = PairConfig(crop=budget.input_size, window_margin=stream_cfg.window_margin, jitter=True)
     data = xdata.objects_task_data(bop_root, scene_id, train_ids, obj_ids, stream_cfg, pair_cfg,
                                    num_workers=budget.num_workers, names=names)
