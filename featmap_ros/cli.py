@@ -117,10 +117,12 @@ def cmd_evaluate_objects(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     if args.which == "lmo":
-        from featmap_ros.experiments.lmo import run_lmo_experiment
+        from featmap_ros.experiments.lmo import LmoBudget, run_lmo_experiment
+        from featmap_ros.train import load_dataclass_yaml
 
+        budget = load_dataclass_yaml(LmoBudget, args.budget) if args.budget else None
         result = run_lmo_experiment(Path(args.bop), args.scene, args.train_frames, args.test_frames, Path(args.out),
-                                    quick=args.quick)
+                                    quick=args.quick, budget=budget, device=args.device)
     elif args.which == "hands":
         from featmap_ros.experiments.hands import run_hands_experiment
 
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--nyu", default=None)
     x.add_argument("--out", required=True)
     x.add_argument("--quick", action="store_true")
+    x.add_argument("--budget", default=None, help="lmo: YAML of LmoBudget fields to change (net size, steps, ...)")
+    x.add_argument("--device", default="auto", help="lmo: cpu, cuda or auto")
     x.set_defaults(func=cmd_experiment)
 
     b = sub.add_parser("bag", help="make replay bags, replay and score them").add_subparsers(dest="what", required=True)

@@ -163,18 +163,28 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise TrainError(f"{where}: {err}") from err
 
 
+def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise TrainError(f"cannot read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise TrainError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_dataclass_yaml(cls: type, path: str | os.PathLike[str]) -> Any:
+    """Build config dataclass cls from a YAML of differences from its defaults (unknown keys, wrong types fail)."""
+    return _build(cls, _read_mapping(path), str(path))
+
+
 def load_config(path: str | os.PathLike[str] | None = None, task: str | None = None) -> TrainConfig:
     """Read a YAML of differences from the defaults; task (objects|hands) sets net.task and its defaults."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
         where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise TrainError(f"cannot read config {path}: {err}") from err
-        if not isinstance(data, dict):
-            raise TrainError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data = _read_mapping(path)
     if task is not None:
         net = dict(data.get("net") or {})
         if net.get("task", task) != task:

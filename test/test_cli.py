@@ -68,3 +68,21 @@ def test_train_objects_from_a_config_of_differences(tmp_path):
     meta = read_meta(tmp_path / "obj" / "model.json", expect_task="objects")
     assert [o["obj_id"] for o in meta["objects"]] == [assets.OBJ_ID]
     assert meta["step"] == 3 and meta["net"]["n_outputs"] == 16
+
+
+def test_experiment_lmo_budget_file_of_differences(lmo_root, tmp_path, monkeypatch):
+    from featmap_ros.experiments import lmo
+    from featmap_ros.train import TrainError
+
+    seen = {}
+    monkeypatch.setattr(lmo, "run_lmo_experiment", lambda *a, **kw: seen.update(kw) or {})
+    (tmp_path / "gpu.yaml").write_text("input_size: 128\nwidth: 64\nstage1_steps: 20000\n")
+    assert main(["experiment", "lmo", "--bop", str(lmo_root), "--out", str(tmp_path / "x"),
+                 "--budget", str(tmp_path / "gpu.yaml"), "--device", "cuda"]) == 0
+    b = seen["budget"]
+    assert (b.input_size, b.width, b.stage1_steps, b.stage2_steps) == (128, 64, 20000, lmo.LmoBudget().stage2_steps)
+    assert seen["device"] == "cuda"
+    (tmp_path / "bad.yaml").write_text("stage1_step: 3\n")
+    with pytest.raises(TrainError, match="unknown keys \\['stage1_step'\\]"):
+        main(["experiment", "lmo", "--bop", str(lmo_root), "--out", str(tmp_path / "y"), "--budget",
+              str(tmp_path / "bad.yaml")])
