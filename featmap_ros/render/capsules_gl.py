@@ -9,8 +9,13 @@ is one draw call and one read. Depth is z along the optical axis in metres, NaN 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import moderngl
 
 from featmap_ros.render.gl import RenderError, get_context
 
@@ -102,15 +107,15 @@ class GLCapsuleRenderer:
         self.instances = self.ctx.buffer(reserve=4096 * 13 * 4, dynamic=True)
         self.vao = self._vertex_array()
         self.max_rows = int(self.ctx.info.get("GL_MAX_RENDERBUFFER_SIZE", 8192))
-        self._fbo: tuple[tuple[int, int], object] | None = None
+        self._fbo: tuple[tuple[int, int], moderngl.Framebuffer] | None = None
 
-    def _vertex_array(self):  # noqa: ANN202 - moderngl.VertexArray
+    def _vertex_array(self) -> moderngl.VertexArray:
         return self.ctx.vertex_array(self.prog, [
             (self.quad, "2f", "corner"),
             (self.instances, "4f 4f 4f 1f /i", "box", "cap_a_row0", "cap_b_radius", "part"),
         ])
 
-    def _framebuffer(self, width: int, rows: int):  # noqa: ANN202 - moderngl.Framebuffer
+    def _framebuffer(self, width: int, rows: int) -> moderngl.Framebuffer:
         if self._fbo is None or self._fbo[0] != (width, rows):
             if self._fbo is not None:
                 self._fbo[1].release()

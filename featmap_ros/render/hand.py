@@ -16,6 +16,7 @@ import ctypes
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from featmap_ros.datasets.nyu import JOINT_NAMES as NYU_JOINT_NAMES
 from featmap_ros.datasets.nyu import NYU_INTRINSICS
 from featmap_ros.geometry import Intrinsics
+
+if TYPE_CHECKING:
+    from featmap_ros.render.capsules_gl import GLCapsuleRenderer
 
 
 class HandModelError(ValueError):
@@ -539,7 +543,7 @@ class HandRenderer:
         self.backend = backend
         self._gl = None
 
-    def _gl_renderer(self):  # noqa: ANN202 - GLCapsuleRenderer or None
+    def _gl_renderer(self) -> GLCapsuleRenderer | None:
         """The OpenGL caster, made on first use; None where backend 'auto' cannot use OpenGL here."""
         if self.backend == "torch" or self.device.type != "cpu":
             return None
