@@ -139,8 +139,8 @@ class GLCapsuleRenderer:
             raise HandModelError(f"capsules must be (B, P, 3) x2 and (B, P); got {cap_a.shape}, {cap_b.shape}, "
                                  f"{radius.shape}")
         B, P = radius.shape
-        if height > self.max_rows:
-            raise RenderError(f"a {height}-row frame exceeds this OpenGL's {self.max_rows}-row framebuffers")
+        if max(width, height) > self.max_rows:
+            raise RenderError(f"a {width}x{height} frame exceeds this OpenGL's {self.max_rows}-pixel framebuffers")
         a, b, r = cap_a.reshape(-1, 3), cap_b.reshape(-1, 3), radius.reshape(-1)
         u0, v0, w, h = (x.numpy() for x in capsule_screen_boxes(torch.from_numpy(a), torch.from_numpy(b),
                                                                   torch.from_numpy(r), K, width, height))
