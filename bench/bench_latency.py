@@ -25,8 +25,9 @@ from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig
 from featmap_ros.results import Detection2D
+from featmap_ros.ros.config import NodeConfig
 from featmap_ros.ros.messages import MessageFactory
-from featmap_ros.ros.processor import FrameProcessor, NodeConfig
+from featmap_ros.ros.processor import FrameProcessor
 from featmap_ros.ros.typestore import typestore
 
 PRESETS = {"deploy": {"input_size": 64, "width": 16, "feature_dim": 256}, "paper": {"input_size": 128}}

@@ -28,8 +28,9 @@ from featmap_ros import evaluation as ev
 from featmap_ros.datasets import bop
 from featmap_ros.geometry import Intrinsics, matrix_from_quat
 from featmap_ros.results import Detection2D, FrameResult, HandPose
+from featmap_ros.ros.config import NodeConfig
 from featmap_ros.ros.messages import MessageFactory, stamp_ns_of
-from featmap_ros.ros.processor import FrameProcessor, NodeConfig, ProcessorOutput
+from featmap_ros.ros.processor import FrameProcessor, ProcessorOutput
 from featmap_ros.ros.typestore import typestore
 
 log = logging.getLogger(__name__)

@@ -171,7 +171,7 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
 
     from featmap_ros import bag
     from featmap_ros.model.checkpoint import read_meta
-    from featmap_ros.ros.processor import load_node_config
+    from featmap_ros.ros.config import load_node_config
 
     meta = read_meta(args.model)
     config = load_node_config(args.config) if args.config else None

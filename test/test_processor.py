@@ -21,18 +21,9 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from featmap_ros.datasets.nyu import JOINT_NAMES
 from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.results import Detection2D, HandPose, ObjectPose
+from featmap_ros.ros.config import NodeConfig, ProcessorError, load_node_config, parameter_specs, unknown_parameters
 from featmap_ros.ros.messages import MessageFactory
-from featmap_ros.ros.processor import (
-    FrameProcessor,
-    LatestFrameBuffer,
-    NodeConfig,
-    ProcessorError,
-    ProcessorStats,
-    load_estimator_for,
-    load_node_config,
-    parameter_specs,
-    unknown_parameters,
-)
+from featmap_ros.ros.processor import FrameProcessor, LatestFrameBuffer, ProcessorStats, load_estimator_for
 from featmap_ros.ros.typestore import typestore
 
 ROOT = Path(__file__).resolve().parents[1]

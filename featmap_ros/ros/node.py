@@ -29,16 +29,9 @@ from vision_msgs.msg import Detection2DArray, Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from featmap_ros.msg import HandJointsArray
+from featmap_ros.ros.config import NodeConfig, ProcessorError, parameter_specs
 from featmap_ros.ros.messages import MessageFactory, stamp_ns_of
-from featmap_ros.ros.processor import (
-    FrameProcessor,
-    LatestFrameBuffer,
-    NodeConfig,
-    ProcessorError,
-    ProcessorOutput,
-    load_estimator_for,
-    parameter_specs,
-)
+from featmap_ros.ros.processor import FrameProcessor, LatestFrameBuffer, ProcessorOutput, load_estimator_for
 
 NODE_NAME = "featmap"
 OUTPUT_DEPTH = 10  # reliable outputs: RViz and recorders subscribe reliable by default
