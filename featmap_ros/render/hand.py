@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,6 +28,9 @@ from featmap_ros.geometry import Intrinsics
 
 if TYPE_CHECKING:
     from featmap_ros.render.capsules_gl import GLCapsuleRenderer
+
+
+log = logging.getLogger(__name__)
 
 
 class HandModelError(ValueError):
@@ -553,9 +557,10 @@ class HandRenderer:
 
             try:
                 self._gl = GLCapsuleRenderer()
-            except RenderError:
+            except RenderError as err:
                 if self.backend == "gl":
                     raise
+                log.info("hand rendering falls back to the torch caster: %s", err)
                 self.backend = "torch"  # auto: no EGL in this process (or a forked GL parent)
                 return None
         return self._gl
