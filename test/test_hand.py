@@ -193,3 +193,27 @@ def test_malformed_input_raises() -> None:
         forward_kinematics(HandShape(), bad)
     with pytest.raises(HandModelError):
         forward_kinematics([HandShape()], sample_poses(np.random.default_rng(0), 2))
+
+
+def test_gl_batches_of_several_passes_equal_smaller_batches_and_reuse_the_framebuffer() -> None:
+    shape = HandShape.nominal()
+    geo = forward_kinematics(shape, sample_poses(np.random.default_rng(12), 40, shape))
+    renderer = GLCapsuleRenderer()
+    whole, _ = renderer.render(geo.cap_a, geo.cap_b, geo.radius, K, 640, 480)  # 16 + 16 + 8 frames
+    fbo = renderer._fbo[2]
+    halves = [renderer.render(geo.cap_a[s], geo.cap_b[s], geo.radius[s], K, 640, 480)[0]
+              for s in (slice(0, 20), slice(20, 40))]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    assert renderer._fbo[2] is fbo  # shorter passes draw into the same framebuffer, nothing is reallocated
+
+
+def test_a_renderer_inherited_by_a_forked_process_does_not_touch_the_parents_context(monkeypatch) -> None:
+    from featmap_ros.render import gl
+
+    renderer = HandRenderer()
+    assert renderer.resolved_backend() == "gl"
+    # As in a forked child: another process id, and the context belongs to the parent.
+    monkeypatch.setattr(renderer, "_gl_pid", -1)
+    monkeypatch.setattr(gl, "_CONTEXT", (-1, object()))
+    out = renderer.render(HandShape(), sample_poses(np.random.default_rng(0), 1))
+    assert renderer.resolved_backend() == "torch" and np.isfinite(out.depth).any()

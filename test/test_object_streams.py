@@ -146,18 +146,28 @@ def rotation_angle_deg(Ra: np.ndarray, Rb: np.ndarray) -> float:
 
 def test_poses_drawn_around_anchors_keep_the_view_within_the_spread(infos: dict[int, ObjectInfo]) -> None:
     rng = np.random.default_rng(3)
-    # An anchor seen off-centre (its line of sight is not the optical axis) at 1 m.
+    info = infos[1]
+    c = info.min_xyz + info.size_xyz / 2
+    # An anchor seen off-centre (its line of sight is not the optical axis) at about 1 m.
     R_anchor, t_anchor = random_rotation(rng), np.array([0.2, -0.1, 1.0])
-    anchors = anchors_by_object([(1.0, *R_anchor.ravel(), *t_anchor)])[1]
+    anchors = anchors_by_object([(1.0, *R_anchor.ravel(), *t_anchor)], {1: c})[1]
+
+    def sight_in_model(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The direction from the box centre to the camera, in the model frame (what the view shows)."""
+        d = -(R @ c + t)
+        return R.T @ d / np.linalg.norm(d)
+
     for spread in (0.0, 25.0):
         cfg = ObjectStreamConfig(anchor_spread_deg=spread)
         for _ in range(50):
-            R, t = sample_pose(rng, cfg, infos[1], anchors)
-            centre = R @ (infos[1].min_xyz + infos[1].size_xyz / 2) + t
-            # The view relative to the line of sight: undo the rotation of the optical axis onto each ray.
-            view = anchors_by_object([(1.0, *R.ravel(), *centre)])[1][0]
-            assert rotation_angle_deg(view, anchors[0]) <= spread + 1e-4
-            assert cfg.distance_m[0] - 1e-9 <= np.linalg.norm(centre) <= cfg.distance_m[1] + 1e-9
+            R, t = sample_pose(rng, cfg, info, anchors)
+            # Independent of anchors_by_object: the object is seen from the anchor's direction, turned by <= spread.
+            cos = float(sight_in_model(R, t) @ sight_in_model(R_anchor, t_anchor))
+            assert np.degrees(np.arccos(np.clip(cos, -1, 1))) <= spread + 1e-4
+            assert cfg.distance_m[0] - 1e-9 <= np.linalg.norm(R @ c + t) <= cfg.distance_m[1] + 1e-9
+            if spread == 0.0:  # and rolled about the line of sight as in the anchor: same view, another ray
+                view = anchors_by_object([(1.0, *R.ravel(), *t)], {1: c})[1][0]
+                assert rotation_angle_deg(view, anchors[0]) < 1e-4
     with pytest.raises(StreamError):
         anchors_by_object([(1.0, 0.0, 0.0)])
 

@@ -285,6 +285,7 @@ def test_multi_object_head_is_sliced_per_sample():
 def test_cpu_threads_caps_torch_threads_for_the_run(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)  # so the cap shows even where torch defaults to one thread
         train(tiny_config(stage1_steps=1, stage2_steps=0, method="synthetic", cpu_threads=1), fake_data(), tmp_path)
         assert torch.get_num_threads() == 1
     finally:

@@ -168,14 +168,22 @@ def _ray_rotation(ray: np.ndarray) -> np.ndarray:
     return ta.axangle2mat(axis, angle) if angle > 1e-9 else np.eye(3)
 
 
-def anchors_by_object(anchors: Sequence[Sequence[float]]) -> dict[int, list[np.ndarray]]:
-    """ObjectStreamConfig.pose_anchors -> per object the anchors' viewpoints (R relative to their line of sight)."""
+def anchors_by_object(
+    anchors: Sequence[Sequence[float]], centres: Mapping[int, np.ndarray] | None = None
+) -> dict[int, list[np.ndarray]]:
+    """ObjectStreamConfig.pose_anchors -> per object the anchors' viewpoints (R relative to their line of sight).
+
+    centres: each object's box centre in its model frame (metres); the line of sight runs through
+    it, as sample_pose puts it on the drawn ray. Without it, through the model origin.
+    """
     out: dict[int, list[np.ndarray]] = {}
     for a in anchors:
         if len(a) != 13:
             raise StreamError(f"a pose anchor is (obj_id, R row-major 9, t 3): 13 numbers, got {len(a)}")
+        obj_id = int(a[0])
         R, t = np.asarray(a[1:10], dtype=np.float64).reshape(3, 3), np.asarray(a[10:13], dtype=np.float64)
-        out.setdefault(int(a[0]), []).append(_ray_rotation(t / np.linalg.norm(t)).T @ R)
+        sight = R @ np.asarray(centres[obj_id] if centres and obj_id in centres else np.zeros(3)) + t
+        out.setdefault(obj_id, []).append(_ray_rotation(sight / np.linalg.norm(sight)).T @ R)
     return out
 
 
@@ -367,7 +375,8 @@ class SyntheticObjectStream(IterableDataset):
         self.infos = {i: infos[i] for i in self.cfg.obj_ids}
         self.renderer = ObjectRenderer({i: meshes[i] for i in self.cfg.obj_ids}, max_faces=self.cfg.max_faces)
         self.hull = {i: extreme_vertices(meshes[i]) for i in self.cfg.obj_ids}
-        self.anchors = anchors_by_object(self.cfg.pose_anchors)
+        self.anchors = anchors_by_object(self.cfg.pose_anchors,
+                                         {i: info.min_xyz + info.size_xyz / 2.0 for i, info in self.infos.items()})
         has_photos = self.cfg.photo_dir or self.cfg.photo_paths
         self.photos = PhotoBackgrounds(self.cfg.photo_dir, paths=self.cfg.photo_paths) if has_photos else None
         if self.cfg.photo_prob is not None and not 0.0 <= self.cfg.photo_prob <= 1.0:

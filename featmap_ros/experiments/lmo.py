@@ -161,6 +161,8 @@ def synthetic_crop_accuracy(model_json: Path, bop_root: Path, stream_cfg: Object
     The crops' own camera (K_crop) gives the pose by PnP; errors are scaled back to image pixels
     (window side / crop side), so they compare with the real test frames' 2D-proj@5px. Separates
     "did not learn the synthetic images" from "learnt them but does not transfer to real ones".
+    Symmetric objects are scored against the canonical pose the net is trained on (the real test
+    frames compare with the raw ground truth, which is stricter for eggbox and glue).
     Returns proj_5px (fraction), median_px, n.
     """
     from featmap_ros import geometry as geo

@@ -21,6 +21,7 @@ from featmap_ros.render.gl import RenderError, get_context
 
 # Depth-buffer range: hits farther than this (metres) are dropped; a hand is within 2 m of a sensor.
 Z_FAR_M = 20.0
+FRAMES_PER_PASS = 16
 
 _VERTEX_SHADER = """
 #version 330
@@ -107,7 +108,7 @@ class GLCapsuleRenderer:
         self.instances = self.ctx.buffer(reserve=4096 * 13 * 4, dynamic=True)
         self.vao = self._vertex_array()
         self.max_rows = int(self.ctx.info.get("GL_MAX_RENDERBUFFER_SIZE", 8192))
-        self._fbo: tuple[tuple[int, int], moderngl.Framebuffer] | None = None
+        self._fbo: tuple | None = None  # (width, rows, framebuffer, colour, depth buffer)
 
     def _vertex_array(self) -> moderngl.VertexArray:
         return self.ctx.vertex_array(self.prog, [
@@ -116,12 +117,15 @@ class GLCapsuleRenderer:
         ])
 
     def _framebuffer(self, width: int, rows: int) -> moderngl.Framebuffer:
-        if self._fbo is None or self._fbo[0] != (width, rows):
+        """A framebuffer of this width and at least `rows` rows: reused, and grown (freeing the old one) when short."""
+        if self._fbo is None or self._fbo[0] != width or self._fbo[1] < rows:
             if self._fbo is not None:
-                self._fbo[1].release()
+                for obj in self._fbo[2:]:
+                    obj.release()  # the renderbuffers too: moderngl frees nothing on garbage collection
             colour = self.ctx.renderbuffer((width, rows), 2, dtype="f4")
-            self._fbo = ((width, rows), self.ctx.framebuffer([colour], self.ctx.depth_renderbuffer((width, rows))))
-        return self._fbo[1]
+            zbuf = self.ctx.depth_renderbuffer((width, rows))
+            self._fbo = (width, rows, self.ctx.framebuffer([colour], zbuf), colour, zbuf)
+        return self._fbo[2]
 
     def render(
         self, cap_a: np.ndarray, cap_b: np.ndarray, radius: np.ndarray, K: np.ndarray, width: int, height: int,
@@ -147,7 +151,8 @@ class GLCapsuleRenderer:
         labels_of = np.zeros(P, np.float32) if part is None else np.asarray(part, np.float32).reshape(P)
         depth = np.empty((B, height, width), np.float32)
         labels = None if part is None else np.empty((B, height, width), np.uint8)
-        per_pass = max(1, self.max_rows // height)
+        # At most 16 frames a pass keeps the framebuffer near 60 MB at 640x480.
+        per_pass = max(1, min(FRAMES_PER_PASS, self.max_rows // height))
         self.prog["intrinsics"].value = (float(K[0][0]), float(K[1][1]), float(K[0][2]), float(K[1][2]))
         self.prog["z_far"].value = Z_FAR_M
         for first in range(0, B, per_pass):
@@ -171,8 +176,9 @@ class GLCapsuleRenderer:
         """One draw call of len(table) capsule quads into a width x rows framebuffer; (rows, width, 2) float32."""
         fbo = self._framebuffer(width, rows)
         fbo.use()
-        fbo.viewport = (0, 0, width, rows)
-        fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
+        area = (0, 0, width, rows)  # a reused framebuffer may be taller than this pass
+        fbo.viewport = area
+        fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0, viewport=area)
         if len(table):
             if table.nbytes > self.instances.size:
                 self.instances.orphan(table.nbytes)
@@ -184,4 +190,4 @@ class GLCapsuleRenderer:
             self.ctx.depth_func = "<"
             self.ctx.disable(self.ctx.CULL_FACE | self.ctx.BLEND)
             self.vao.render(mode=self.ctx.TRIANGLE_STRIP, vertices=4, instances=len(table))
-        return np.frombuffer(fbo.read(components=2, dtype="f4"), np.float32).reshape(rows, width, 2)
+        return np.frombuffer(fbo.read(viewport=area, components=2, dtype="f4"), np.float32).reshape(rows, width, 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -545,18 +546,21 @@ class HandRenderer:
         if backend == "gl" and self.device.type != "cpu":
             raise HandModelError(f"the OpenGL backend returns numpy frames; use backend='torch' on {self.device}")
         self.backend = backend
-        self._gl = None
+        self._gl: GLCapsuleRenderer | None = None
+        self._gl_pid = -1
 
     def _gl_renderer(self) -> GLCapsuleRenderer | None:
         """The OpenGL caster, made on first use; None where backend 'auto' cannot use OpenGL here."""
         if self.backend == "torch" or self.device.type != "cpu":
             return None
+        if self._gl is not None and self._gl_pid != os.getpid():
+            self._gl = None  # inherited through fork: the parent's context must not be touched here
         if self._gl is None:
             from featmap_ros.render.capsules_gl import GLCapsuleRenderer
             from featmap_ros.render.gl import RenderError
 
             try:
-                self._gl = GLCapsuleRenderer()
+                self._gl, self._gl_pid = GLCapsuleRenderer(), os.getpid()
             except RenderError as err:
                 if self.backend == "gl":
                     raise
