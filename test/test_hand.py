@@ -200,11 +200,11 @@ def test_gl_batches_of_several_passes_equal_smaller_batches_and_reuse_the_frameb
     geo = forward_kinematics(shape, sample_poses(np.random.default_rng(12), 40, shape))
     renderer = GLCapsuleRenderer()
     whole, _ = renderer.render(geo.cap_a, geo.cap_b, geo.radius, K, 640, 480)  # 16 + 16 + 8 frames
-    fbo = renderer._fbo[2]
+    fbo = renderer._fbo
     halves = [renderer.render(geo.cap_a[s], geo.cap_b[s], geo.radius[s], K, 640, 480)[0]
               for s in (slice(0, 20), slice(20, 40))]
     np.testing.assert_array_equal(whole, np.concatenate(halves))
-    assert renderer._fbo[2] is fbo  # shorter passes draw into the same framebuffer, nothing is reallocated
+    assert renderer._fbo is fbo  # shorter passes draw into the same framebuffer, nothing is reallocated
 
 
 def test_a_renderer_inherited_by_a_forked_process_does_not_touch_the_parents_context(monkeypatch) -> None:

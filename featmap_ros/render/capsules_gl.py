@@ -106,26 +106,25 @@ class GLCapsuleRenderer:
         corners = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
         self.quad = self.ctx.buffer(corners.tobytes())
         self.instances = self.ctx.buffer(reserve=4096 * 13 * 4, dynamic=True)
-        self.vao = self._vertex_array()
-        self.max_rows = int(self.ctx.info.get("GL_MAX_RENDERBUFFER_SIZE", 8192))
-        self._fbo: tuple | None = None  # (width, rows, framebuffer, colour, depth buffer)
-
-    def _vertex_array(self) -> moderngl.VertexArray:
-        return self.ctx.vertex_array(self.prog, [
+        # The VAO names the buffer object, which keeps its name when orphaned to a larger size.
+        self.vao = self.ctx.vertex_array(self.prog, [
             (self.quad, "2f", "corner"),
             (self.instances, "4f 4f 4f 1f /i", "box", "cap_a_row0", "cap_b_radius", "part"),
         ])
+        self.max_rows = int(self.ctx.info.get("GL_MAX_RENDERBUFFER_SIZE", 8192))
+        self._fbo: moderngl.Framebuffer | None = None
 
     def _framebuffer(self, width: int, rows: int) -> moderngl.Framebuffer:
         """A framebuffer of this width and at least `rows` rows: reused, and grown (freeing the old one) when short."""
-        if self._fbo is None or self._fbo[0] != width or self._fbo[1] < rows:
-            if self._fbo is not None:
-                for obj in self._fbo[2:]:
-                    obj.release()  # the renderbuffers too: moderngl frees nothing on garbage collection
+        fbo = self._fbo
+        if fbo is None or fbo.width != width or fbo.height < rows:
+            if fbo is not None:
+                for buffer in (*fbo.color_attachments, fbo.depth_attachment):
+                    buffer.release()  # the renderbuffers too: moderngl frees nothing on garbage collection
+                fbo.release()
             colour = self.ctx.renderbuffer((width, rows), 2, dtype="f4")
-            zbuf = self.ctx.depth_renderbuffer((width, rows))
-            self._fbo = (width, rows, self.ctx.framebuffer([colour], zbuf), colour, zbuf)
-        return self._fbo[2]
+            self._fbo = fbo = self.ctx.framebuffer([colour], self.ctx.depth_renderbuffer((width, rows)))
+        return fbo
 
     def render(
         self, cap_a: np.ndarray, cap_b: np.ndarray, radius: np.ndarray, K: np.ndarray, width: int, height: int,
@@ -135,13 +134,11 @@ class GLCapsuleRenderer:
 
         part: (P,) label of each capsule (>= 1) for a (B, H, W) uint8 label image (0 = background), or None.
         """
-        from featmap_ros.render.hand import HandModelError, capsule_screen_boxes
+        from featmap_ros.render.hand import capsule_screen_boxes, check_capsules
 
         cap_a, cap_b = np.asarray(cap_a, np.float32), np.asarray(cap_b, np.float32)
         radius = np.asarray(radius, np.float32)
-        if cap_a.shape != cap_b.shape or cap_a.ndim != 3 or cap_a.shape[2] != 3 or radius.shape != cap_a.shape[:2]:
-            raise HandModelError(f"capsules must be (B, P, 3) x2 and (B, P); got {cap_a.shape}, {cap_b.shape}, "
-                                 f"{radius.shape}")
+        check_capsules(cap_a, cap_b, radius)
         B, P = radius.shape
         if max(width, height) > self.max_rows:
             raise RenderError(f"a {width}x{height} frame exceeds this OpenGL's {self.max_rows}-pixel framebuffers")
@@ -182,8 +179,6 @@ class GLCapsuleRenderer:
         if len(table):
             if table.nbytes > self.instances.size:
                 self.instances.orphan(table.nbytes)
-                self.vao.release()
-                self.vao = self._vertex_array()
             self.instances.write(table.tobytes())
             self.prog["fb_size"].value = (float(width), float(rows))
             self.ctx.enable(self.ctx.DEPTH_TEST)

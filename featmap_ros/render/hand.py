@@ -391,6 +391,14 @@ class HandRender:
     geometry: HandGeometry = field(repr=False)
 
 
+def check_capsules(cap_a: np.ndarray | torch.Tensor, cap_b: np.ndarray | torch.Tensor,
+                   radius: np.ndarray | torch.Tensor) -> None:
+    """Raise HandModelError unless the ends are (B, P, 3) each and the radii (B, P)."""
+    if cap_a.shape != cap_b.shape or cap_a.ndim != 3 or cap_a.shape[2] != 3 or radius.shape != cap_a.shape[:2]:
+        raise HandModelError(f"capsules must be (B, P, 3) x2 and (B, P); got {tuple(cap_a.shape)}, "
+                             f"{tuple(cap_b.shape)}, {tuple(radius.shape)}")
+
+
 def capsule_screen_boxes(
     a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, K: np.ndarray, width: int, height: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -440,9 +448,7 @@ def render_capsules(
         depth (B, H, W) float32, z in metres, NaN where no capsule is hit; labels (B, H, W) uint8
         (0 = background) or None.
     """
-    if cap_a.shape != cap_b.shape or cap_a.ndim != 3 or cap_a.shape[2] != 3 or radius.shape != cap_a.shape[:2]:
-        raise HandModelError(f"capsules must be (B, P, 3) x2 and (B, P); got {cap_a.shape}, {cap_b.shape}, "
-                             f"{radius.shape}")
+    check_capsules(cap_a, cap_b, radius)
     dev, B, P = cap_a.device, cap_a.shape[0], cap_a.shape[1]
     fx, fy, cx, cy = float(K[0][0]), float(K[1][1]), float(K[0][2]), float(K[1][2])
     a, b, r = cap_a.reshape(-1, 3), cap_b.reshape(-1, 3), radius.reshape(-1)
