@@ -153,10 +153,23 @@ def build_object_banks(model_json: Path, bop_root: Path, obj_ids: Sequence[int],
 # How well a model learnt the synthetic domain
 
 
+def synthetic_validation_crops(bop_root: Path, stream_cfg: ObjectStreamConfig, n: int = 512,
+                               seed: int = 90_001) -> list[dict[str, Any]]:
+    """n fresh crops of the training stream drawn with another seed: the same held-out set for every method."""
+    from featmap_ros.datasets.streams import SyntheticObjectStream
+
+    stream = SyntheticObjectStream.from_bop(bop_root, dataclasses.replace(stream_cfg, seed=seed))
+    rng = np.random.default_rng(seed)
+    crops: list[dict[str, Any]] = []
+    while len(crops) < n:
+        crops += stream.sample_chunk(rng, min(32, n - len(crops)))
+    return crops
+
+
 @torch.inference_mode()
-def synthetic_crop_accuracy(model_json: Path, bop_root: Path, stream_cfg: ObjectStreamConfig, n: int = 512,
-                            seed: int = 90_001) -> dict[str, float]:
-    """2D projection error of h(f_S(x)) on n fresh synthetic crops of the training stream (another seed).
+def synthetic_crop_accuracy(model_json: Path, crops: Sequence[dict[str, Any]], infos: dict[int, bop.ObjectInfo],
+                            meshes: dict[int, bop.Mesh]) -> dict[str, float]:
+    """2D projection error of h(f_S(x)) on synthetic crops (synthetic_validation_crops), in image pixels.
 
     The crops' own camera (K_crop) gives the pose by PnP; errors are scaled back to image pixels
     (window side / crop side), so they compare with the real test frames' 2D-proj@5px. Separates
@@ -166,32 +179,25 @@ def synthetic_crop_accuracy(model_json: Path, bop_root: Path, stream_cfg: Object
     Returns proj_5px (fraction), median_px, n.
     """
     from featmap_ros import geometry as geo
-    from featmap_ros.datasets.bop import load_models_info
-    from featmap_ros.datasets.streams import SyntheticObjectStream
     from featmap_ros.metrics import proj_2d
     from featmap_ros.model import checkpoint
     from featmap_ros.preprocess import rgb_to_input
 
     model, _ = checkpoint.load(model_json)
-    cfg = dataclasses.replace(stream_cfg, seed=seed)
-    infos = load_models_info(Path(bop_root) / "models" / "models_info.json")
-    _, meshes = _eval_models(bop_root)
-    stream = SyntheticObjectStream.from_bop(bop_root, cfg)
-    rng = np.random.default_rng(seed)
     errors: list[float] = []
-    while len(errors) < n:
-        chunk = stream.sample_chunk(rng, min(32, n - len(errors)))
+    for first in range(0, len(crops), 32):
+        chunk = crops[first:first + 32]
         out = model.predict_syn(torch.from_numpy(np.stack([rgb_to_input(c["rgb"]) for c in chunk]))).outputs.numpy()
         for row, c in zip(out, chunk, strict=True):
-            k, info = c["obj_index"], infos[c["obj_id"]]
-            uv = geo.denormalise_uv(row[16 * k: 16 * (k + 1)].reshape(8, 2).astype(np.float64), cfg.crop)
+            k, info, side = c["obj_index"], infos[c["obj_id"]], c["rgb"].shape[0]
+            uv = geo.denormalise_uv(row[16 * k: 16 * (k + 1)].reshape(8, 2).astype(np.float64), side)
             try:
                 R, t = geo.solve_pnp(info.corners, uv, c["K_crop"])
             except geo.GeometryError:
                 errors.append(float("inf"))
                 continue
             err = proj_2d(R, t, c["R"], c["t"], c["K_crop"], meshes[c["obj_id"]].vertices)
-            errors.append(err * c["window"].size_px / cfg.crop)
+            errors.append(err * c["window"].size_px / side)
     e = np.asarray(errors)
     return {"proj_5px": float((e < 5.0).mean()), "median_px": float(np.median(e)), "n": len(e)}
 
@@ -319,10 +325,10 @@ def run_lmo_experiment(
         write_overlays(folder, bop_root, scene_id, records, infos, names, n=budget.overlays)
         results[name] = {"metrics": metrics, "train_s": train_s, "eval_s": time.perf_counter() - t0}
 
-    n_syn = 16 if quick else 512
+    held_out = synthetic_validation_crops(bop_root, stream_cfg, 16 if quick else 512)
     for method in methods:
         evaluate(method, load_estimator(paths[method], device=device), wall.get(method, 0.0))
-        results[method]["synthetic_crops"] = synthetic_crop_accuracy(paths[method], bop_root, stream_cfg, n_syn)
+        results[method]["synthetic_crops"] = synthetic_crop_accuracy(paths[method], held_out, infos, meshes)
     if exemplars:
         for name, source in (("exemplar", "synthetic"), ("exemplar_fm", "fm")):
             if source not in paths:
