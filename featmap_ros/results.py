@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# HAND_BONES lives beside the joint names; importing it here keeps results.HAND_BONES for the message layer.
 from featmap_ros.datasets.nyu import HAND_BONES, JOINT_NAMES
 
 

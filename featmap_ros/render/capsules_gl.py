@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import moderngl
 
 from featmap_ros.render.gl import RenderError, get_context
+from featmap_ros.render.hand import capsule_screen_boxes, check_capsules
 
 # Depth-buffer range: hits farther than this (metres) are dropped; a hand is within 2 m of a sensor.
 Z_FAR_M = 20.0
@@ -134,8 +135,6 @@ class GLCapsuleRenderer:
 
         part: (P,) label of each capsule (>= 1) for a (B, H, W) uint8 label image (0 = background), or None.
         """
-        from featmap_ros.render.hand import capsule_screen_boxes, check_capsules
-
         cap_a, cap_b = np.asarray(cap_a, np.float32), np.asarray(cap_b, np.float32)
         radius = np.asarray(radius, np.float32)
         check_capsules(cap_a, cap_b, radius)

@@ -20,8 +20,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from featmap_ros.datasets.nyu import HAND_BONES
 from featmap_ros.geometry import BOX_EDGES, GeometryError, Intrinsics, quat_from_matrix
-from featmap_ros.results import HAND_BONES, Detection2D, FrameResult, HandPose, bone_indices
+from featmap_ros.results import Detection2D, FrameResult, HandPose, bone_indices
 
 __all__ = [
     "HAND_BONES", "MSGTYPES", "MessageError", "MessageFactory", "camera_info_to_intrinsics",
