@@ -94,24 +94,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_objects(args: argparse.Namespace) -> int:
-    from featmap_ros.bag import load_object_models
+    from featmap_ros.bop_scoring import load_object_models, run_bop, write_object_report, write_overlays
     from featmap_ros.estimator import load_estimator
-    from featmap_ros.experiments.bop_eval import run_bop, write_object_report, write_overlays
+    from featmap_ros.model.checkpoint import read_meta
 
     root, out = Path(args.bop), Path(args.out)
     est = load_estimator(args.model, device=args.device)
-    records, ctx = run_bop(est, root, args.scene, args.frames, args.detections)
+    records, ctx = run_bop(est, root, args.scene, args.frames, args.detections, targets=args.targets)
     infos, meshes = load_object_models(root / "models")
     names = {o.obj_id: o.name for o in est.objects}
     metrics = write_object_report(out, records, infos, meshes, names,
                                   extra={"model": str(args.model), "bop": str(root), "scene": args.scene,
-                                         "frames": args.frames, "detections": args.detections})
+                                         "frames": args.frames, "detections": args.detections,
+                                         "method": read_meta(args.model).get("method", "featmap")},
+                                  targets=args.targets, dataset=ctx["dataset"], split=ctx["split"])
+    print(f"scored: {metrics['targets']['scored']}")
     write_overlays(out, root, args.scene, records, infos, names, n=args.overlays)
     for split in ("all", "visib>=0.5"):
         mean = metrics[split]["mean_over_objects"]
         print(f"{split:>10}: {metrics[split]['n_instances']} instances, 2D proj@5px {100 * mean['proj_5px']:.1f}%, "
               f"ADD(-S)@10% {100 * mean['add_10']:.1f}%, 5cm5deg {100 * mean['cm5_deg5']:.1f}%")
-    print(f"metrics: {out / 'metrics.json'}  BOP results: {out / 'results.csv'}")
+    print(f"metrics: {out / 'metrics.json'}  BOP results: {out / metrics['bop_csv']}")
     return 0
 
 
@@ -145,7 +148,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_bag_make(args: argparse.Namespace) -> int:
-    from featmap_ros import bag
+    from featmap_ros.bag import make as bag
 
     out = Path(args.out)
     if args.source == "objects":
@@ -169,7 +172,8 @@ def cmd_bag_make(args: argparse.Namespace) -> int:
 def cmd_bag_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from featmap_ros import bag
+    from featmap_ros.bag.io import TOPICS
+    from featmap_ros.bag.replay import eval_bag
     from featmap_ros.model.checkpoint import read_meta
     from featmap_ros.ros.config import load_node_config
 
@@ -177,13 +181,13 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
     config = load_node_config(args.config) if args.config else None
     if config is not None:
         config = replace(config, model_path=str(args.model), max_age_s=0.0)
-    topics = bag.TOPICS[meta["task"]]
+    topics = TOPICS[meta["task"]]
     topics = replace(topics, **{k: v for k, v in (("image", args.image_topic), ("camera_info", args.camera_info_topic),
                                                   ("detections", args.detections_topic),
                                                   ("ground_truth", args.ground_truth_topic)) if v})
-    res = bag.eval_bag(Path(args.bag), Path(args.model), Path(args.out), models_dir=args.models, config=config,
-                       topics=topics, device=args.device, write_output_bag=not args.no_output_bag,
-                       storage=args.storage)
+    res = eval_bag(Path(args.bag), Path(args.model), Path(args.out), models_dir=args.models, config=config,
+                   topics=topics, device=args.device, write_output_bag=not args.no_output_bag,
+                   storage=args.storage, targets=args.targets)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.md'}  metrics: {Path(args.out) / 'metrics.json'}")
     if res.output_bag:
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--scene", type=int, required=True)
     eo.add_argument("--frames", default=None)
     eo.add_argument("--detections", default="gt", help="gt, gt-jitter, or a JSON file of 2D detections")
+    eo.add_argument("--targets", default="all", choices=["all", "bop19"],
+                    help="instances to score: every annotated one, or the BOP19 test targets (test_targets_bop19.json)")
     eo.add_argument("--out", required=True)
     eo.add_argument("--overlays", type=int, default=6)
     eo.add_argument("--device", default="auto")
@@ -293,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--ground-truth-topic", default=None)
     be.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
     be.add_argument("--no-output-bag", action="store_true")
+    be.add_argument("--targets", default="all", choices=["all", "bop19"],
+                    help="objects: score every instance in the bag, or the BOP19 test targets (needs the BOP ids)")
     be.add_argument("--device", default="auto")
     be.set_defaults(func=cmd_bag_eval)
     return p

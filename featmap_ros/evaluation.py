@@ -29,7 +29,11 @@ HAND_THRESHOLDS_M = (0.02, 0.03, 0.04, 0.05, 0.08)
 
 @dataclass
 class ObjectRecord:
-    """One annotated instance and what the estimator made of it (None: no estimate = failure)."""
+    """One annotated instance and what the estimator made of it (None: no estimate = failure).
+
+    R_gt is the rotation as annotated (BOP: cam_R_m2c, not snapped to a rotation), as the BOP toolkit
+    scores; scene_id and im_id are the dataset's ids, so the results CSV lines up with its ground truth.
+    """
 
     scene_id: int
     im_id: int
@@ -109,6 +113,18 @@ def object_curves(rows: list[dict], infos: dict[int, ObjectInfo]) -> dict:
     add = [r["add_m"] / infos[r["obj_id"]].diameter for r in rows]
     return {"proj_px": PROJ_CURVE_PX.tolist(), "proj_acc": m.success_curve(proj, PROJ_CURVE_PX).tolist(),
             "add_fraction": ADD_CURVE_FRACTION.tolist(), "add_acc": m.success_curve(add, ADD_CURVE_FRACTION).tolist()}
+
+
+def bop_csv_name(method: str, dataset: str, split: str = "test") -> str:
+    """The results file name the BOP toolkit's scripts parse: METHOD_DATASET-SPLIT.csv.
+
+    The toolkit splits the name at "_" (method, then dataset-split), so an underscore in the method
+    becomes "-"; dataset and split must not hold one.
+    """
+    for what, v in (("dataset", dataset), ("split", split)):
+        if not v or "_" in v or "." in v:
+            raise ValueError(f"BOP {what} name {v!r} must be non-empty without '_' or '.' (the toolkit splits on them)")
+    return f"{(method or 'featmap').replace('_', '-').replace('.', '-')}_{dataset}-{split}.csv"
 
 
 def write_bop_csv(path: Path, records: list[ObjectRecord]) -> None:

@@ -11,11 +11,14 @@ from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
 from rosbags.highlevel import AnyReader
 
-from featmap_ros import bag
+from featmap_ros import bop_scoring
 from featmap_ros import evaluation as ev
+from featmap_ros.bag import io as bag
+from featmap_ros.bag import report
+from featmap_ros.bag.make import hand_sequence, make_bop_bag, nyu_frames, write_hand_frames
+from featmap_ros.bag.replay import eval_bag
 from featmap_ros.datasets import bop
 from featmap_ros.estimator import load_estimator
-from featmap_ros.experiments import bop_eval
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig
 
@@ -46,15 +49,15 @@ def hand_model(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def lmo_bag(lmo_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lmo")
-    return bag.make_bop_bag(lmo_root, 2, tmp / "bag", frames="3-62"), object_model(tmp / "model", lmo_root), tmp
+    return make_bop_bag(lmo_root, 2, tmp / "bag", frames="3-62"), object_model(tmp / "model", lmo_root), tmp
 
 
 def test_bag_eval_scores_exactly_like_featmap_evaluate(lmo_bag, lmo_root):
     bag_path, model, tmp = lmo_bag
-    res = bag.eval_bag(bag_path, model, tmp / "eval", models_dir=lmo_root / "models", device="cpu")
+    res = eval_bag(bag_path, model, tmp / "eval", models_dir=lmo_root / "models", device="cpu")
     assert res.processed == 12 and res.skipped == {} and res.warnings == []
-    records, _ = bop_eval.run_bop(load_estimator(model, device="cpu"), lmo_root, 2, "3-62")
-    infos, meshes = bag.load_object_models(lmo_root / "models")
+    records, _ = bop_scoring.run_bop(load_estimator(model, device="cpu"), lmo_root, 2, "3-62")
+    infos, meshes = bop_scoring.load_object_models(lmo_root / "models")
     direct, direct_rows = ev.score_objects(records, infos, meshes)
     replay_rows = [r for r in (tmp / "eval" / "instances.csv").read_text().splitlines()[1:]]
     assert len(replay_rows) == len(direct_rows) > 15
@@ -66,13 +69,21 @@ def test_bag_eval_scores_exactly_like_featmap_evaluate(lmo_bag, lmo_root):
     for split in ("all", "visib>=0.5"):
         for k, v in direct[split]["mean_over_objects"].items():
             assert abs(res.metrics[split]["mean_over_objects"][k] - v) < 1e-6
-    for name in ("report.md", "metrics.json", "results.csv", "proj2d_curve.png", "error_over_time.png"):
+    for name in ("report.md", "metrics.json", "fm_lmo-test.csv", "proj2d_curve.png", "error_over_time.png"):
         assert (tmp / "eval" / name).is_file()
+    # the BOP CSV carries the scene's true ids (scene 2, image ids 3..62), not scene 0 and the frame index
+    csv_rows = [r.split(",") for r in (tmp / "eval" / "fm_lmo-test.csv").read_text().splitlines()[1:]]
+    assert {int(r[0]) for r in csv_rows} == {2}
+    assert sorted({int(r[1]) for r in csv_rows}) == bop.select_ids("3-62", bop.BopScene(lmo_root, 2).image_ids)
+    # scored against the annotated rotations, as the BOP toolkit and `featmap evaluate` do
+    assert res.metrics["gt_rotation"] == [report.GT_ROTATION["annotated"]]
+    assert res.metrics["targets"]["set"] == "all"
+    assert "scored: every annotated instance" in (tmp / "eval" / "report.md").read_text()
 
 
 def test_output_bag_decodes_with_rosbags_and_mcap(lmo_bag, lmo_root):
     bag_path, model, tmp = lmo_bag
-    res = bag.eval_bag(bag_path, model, tmp / "eval2", models_dir=lmo_root / "models", device="cpu")
+    res = eval_bag(bag_path, model, tmp / "eval2", models_dir=lmo_root / "models", device="cpu")
     with AnyReader([res.output_bag]) as reader:
         topics = {c.topic for c in reader.connections}
         assert {"/camera/color/image_raw", "/tf", "/featmap/markers", "/featmap/objects", "/featmap/overlay"} <= topics
@@ -96,8 +107,8 @@ def test_output_bag_decodes_with_rosbags_and_mcap(lmo_bag, lmo_root):
 
 
 def test_sqlite3_bags_read_the_same(lmo_root, tmp_path):
-    a = bag.read_bag(bag.make_bop_bag(lmo_root, 2, tmp_path / "m", frames="3-20"), bag.TOPICS["objects"])
-    b = bag.read_bag(bag.make_bop_bag(lmo_root, 2, tmp_path / "s", frames="3-20", storage="sqlite3"),
+    a = bag.read_bag(make_bop_bag(lmo_root, 2, tmp_path / "m", frames="3-20"), bag.TOPICS["objects"])
+    b = bag.read_bag(make_bop_bag(lmo_root, 2, tmp_path / "s", frames="3-20", storage="sqlite3"),
                      bag.TOPICS["objects"])
     assert len(a.frames) == len(b.frames) == 3
     assert bytes(a.frames[1].image.data) == bytes(b.frames[1].image.data)
@@ -106,7 +117,7 @@ def test_sqlite3_bags_read_the_same(lmo_root, tmp_path):
 
 
 def test_missing_topic_is_named_and_extra_topics_are_ignored(lmo_root, tmp_path):
-    path = bag.make_bop_bag(lmo_root, 2, tmp_path / "bag", frames="3-20")
+    path = make_bop_bag(lmo_root, 2, tmp_path / "bag", frames="3-20")
     renamed = bag.BagTopics("/other/image", "/camera/color/camera_info", None, "/ground_truth/objects", "cam")
     with pytest.raises(bag.BagError, match=r"no topic \['/other/image'\].*topics found.*/camera/color/image_raw"):
         bag.read_bag(path, renamed)
@@ -127,23 +138,23 @@ def test_a_truncated_bag_is_scored_up_to_the_damage(lmo_bag, lmo_root, tmp_path)
     for f in Path(bag_path).iterdir():
         data = f.read_bytes()
         (damaged / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".mcap" else data)
-    res = bag.eval_bag(damaged, model, tmp_path / "eval", models_dir=lmo_root / "models", device="cpu",
+    res = eval_bag(damaged, model, tmp_path / "eval", models_dir=lmo_root / "models", device="cpu",
                        write_output_bag=False)
     assert any("damaged" in w for w in res.warnings)
     assert 0 < res.processed < 12
 
 
 def test_hand_bag_round_trip(tmp_path):
-    frames = bag.hand_sequence(6, seed=1, keyframe_every=15)
+    frames = hand_sequence(6, seed=1, keyframe_every=15)
     from featmap_ros.datasets.nyu import NYU_INTRINSICS
 
-    path = bag.write_hand_frames(tmp_path / "hand", frames, NYU_INTRINSICS, storage="sqlite3")
+    path = write_hand_frames(tmp_path / "hand", frames, NYU_INTRINSICS, storage="sqlite3")
     contents = bag.read_bag(path, bag.TOPICS["hands"])
     assert len(contents.frames) == 6
     joints = [bag.gt_hand(f.ground_truth) for f in contents.frames]
     # a smooth sequence: consecutive palms move by less than 5 cm
     assert max(np.linalg.norm(a[13] - b[13]) for a, b in zip(joints, joints[1:])) < 0.05
-    res = bag.eval_bag(path, hand_model(tmp_path / "model"), tmp_path / "eval", device="cpu")
+    res = eval_bag(path, hand_model(tmp_path / "model"), tmp_path / "eval", device="cpu")
     assert res.metrics["frames_scored"] + sum(res.skipped.values()) <= 6
     assert res.metrics["frames_scored"] >= 4 and res.metrics["mean_error_mm"] > 0
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Bag replay: hands")
@@ -152,9 +163,9 @@ def test_hand_bag_round_trip(tmp_path):
 def test_nyu_frames_become_a_bag_with_their_ground_truth(nyu_root, tmp_path):
     from featmap_ros.datasets import nyu
 
-    frames, n = bag.nyu_frames(nyu_root, "test")
+    frames, n = nyu_frames(nyu_root, "test")
     assert n == 1
-    path = bag.write_hand_frames(tmp_path / "nyu", frames, nyu.NYU_INTRINSICS, total=n)
+    path = write_hand_frames(tmp_path / "nyu", frames, nyu.NYU_INTRINSICS, total=n)
     (frame,) = bag.read_bag(path, bag.TOPICS["hands"]).frames
     joints = nyu.joints_uvd_to_xyz(nyu.read_joints_uvd_txt(nyu_root / "test" / "depth_1_0000001_joints_uvd.txt"))
     assert abs(bag.gt_hand(frame.ground_truth) - joints).max() < 1e-9

@@ -30,7 +30,7 @@ def test_evaluate_objects_writes_the_report(lmo_root, tmp_path, capsys):
     assert "2D proj@5px" in printed and "visib>=0.5" in printed
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["all"]["per_object"]) == {"1", "5"}
-    assert (tmp_path / "eval" / "results.csv").read_text().startswith("scene_id,im_id,obj_id,score,R,t,time")
+    assert (tmp_path / "eval" / "fm_lmo-test.csv").read_text().startswith("scene_id,im_id,obj_id,score,R,t,time")
     assert len(list((tmp_path / "eval").glob("overlay_*.png"))) == 1
 
 

@@ -58,7 +58,12 @@ class Mesh:
 
 @dataclass(frozen=True)
 class Instance:
-    """One annotated object instance of a frame. Pose is model-to-camera, t in metres."""
+    """One annotated object instance of a frame. Pose is model-to-camera, t in metres.
+
+    R is the annotation snapped to the nearest rotation (for training targets, renders and
+    quaternions); R_annot is the matrix as annotated (stored to 8 digits, off orthonormal by up to
+    2e-3), the one the BOP toolkit scores against: every scoring path uses R_annot.
+    """
 
     obj_id: int
     R: np.ndarray
@@ -66,6 +71,7 @@ class Instance:
     bbox_obj: np.ndarray  # x, y, w, h pixels (the whole object, occlusion ignored)
     bbox_visib: np.ndarray  # x, y, w, h pixels of the visible part
     visib_fract: float
+    R_annot: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -189,12 +195,13 @@ class BopScene:
         instances = []
         for i, g in enumerate(self._gt[key]):
             info = infos[i] if i < len(infos) else {}
+            R_annot = np.asarray(g["cam_R_m2c"], dtype=np.float64).reshape(3, 3)
             instances.append(
                 Instance(
                     obj_id=int(g["obj_id"]),
-                    # BOP rotations are stored to 8 digits and are off orthonormal by up to 2e-3: snap them
-                    # to the nearest rotation here, so every consumer (metrics, quaternions in bags) agrees.
-                    R=nearest_rotation(np.asarray(g["cam_R_m2c"], dtype=np.float64).reshape(3, 3)),
+                    # Training targets and quaternions need a true rotation; scores use R_annot as annotated.
+                    R=nearest_rotation(R_annot),
+                    R_annot=R_annot,
                     t=np.asarray(g["cam_t_m2c"], dtype=np.float64).reshape(3) * MM,
                     bbox_obj=np.asarray(info.get("bbox_obj", [-1, -1, -1, -1]), dtype=np.float64),
                     bbox_visib=np.asarray(info.get("bbox_visib", [-1, -1, -1, -1]), dtype=np.float64),
@@ -218,6 +225,24 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if bgr is None:
         raise BopError(f"cannot read image {path}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def load_targets(path: str | Path) -> dict[tuple[int, int, int], int]:
+    """Read a BOP targets file (e.g. test_targets_bop19.json): (scene_id, im_id, obj_id) -> inst_count."""
+    raw = _read_json(Path(path))
+    try:
+        return {(int(t["scene_id"]), int(t["im_id"]), int(t["obj_id"])): int(t["inst_count"]) for t in raw}
+    except (KeyError, TypeError, ValueError) as err:
+        raise BopError(f"{path} is not a BOP targets list of {{scene_id, im_id, obj_id, inst_count}}: {err}") from err
+
+
+def find_targets(root: str | Path, scene_dir: str | Path | None = None, name: str = "test_targets_bop19.json") -> Path:
+    """The targets file of a dataset: in the scene folder's parent (the split) or the dataset root."""
+    places = ([Path(scene_dir).parent] if scene_dir is not None else []) + [Path(root)]
+    for folder in places:
+        if (folder / name).is_file():
+            return folder / name
+    raise BopError(f"no {name} in {' or '.join(str(f) for f in places)}")
 
 
 def model_path(root: str | Path, obj_id: int, eval_models: bool = False) -> Path:

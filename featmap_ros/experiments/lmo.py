@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from featmap_ros.bop_scoring import run_bop, write_object_report, write_overlays
 from featmap_ros.datasets import bop
 from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, PairConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
 from featmap_ros.experiments import data as xdata
-from featmap_ros.experiments.bop_eval import run_bop, write_object_report, write_overlays
 from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
 from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
@@ -358,6 +358,6 @@ def run_lmo_experiment(
 
 def _eval_models(bop_root: Path) -> tuple[dict[int, bop.ObjectInfo], dict[int, bop.Mesh]]:
     """models_info and the meshes the metrics use (models_eval/ when present)."""
-    from featmap_ros.bag import load_object_models
+    from featmap_ros.bop_scoring import load_object_models
 
     return load_object_models(bop_root / "models")

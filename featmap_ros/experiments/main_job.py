@@ -90,7 +90,8 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
     """Run the main job into `out`; return the summary it prints (also saved as summary.json)."""
     import numpy as np
 
-    from featmap_ros import bag
+    from featmap_ros.bag import make as bag
+    from featmap_ros.bag.replay import eval_bag
     from featmap_ros.datasets.nyu import NYU_INTRINSICS
     from featmap_ros.render.hand import HandShape
 
@@ -134,9 +135,9 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
 
     t = time.perf_counter()
     print("[4/4] bag eval: replaying through the node's processing path")
-    obj = bag.eval_bag(obj_bag, models["objects"], out / "eval" / "objects", models_dir=root / "models",
-                       device=device)
-    hand = bag.eval_bag(hand_bag, models["hands"], out / "eval" / "hands", device=device)
+    obj = eval_bag(obj_bag, models["objects"], out / "eval" / "objects", models_dir=root / "models",
+                   device=device)
+    hand = eval_bag(hand_bag, models["hands"], out / "eval" / "hands", device=device)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
