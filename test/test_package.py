@@ -24,7 +24,7 @@ def test_package_xml_is_an_ament_cmake_interface_package():
     tools = {e.text for e in root.findall("buildtool_depend")}
     assert {"ament_cmake", "ament_cmake_python", "rosidl_default_generators"} <= tools
     execs = {e.text for e in root.findall("exec_depend")}
-    assert {"rclpy", "vision_msgs", "tf2_ros", "message_filters", "rosidl_default_runtime"} <= execs
+    assert {"rclpy", "vision_msgs", "tf2_ros_py", "message_filters", "rosidl_default_runtime"} <= execs
     email = root.find("maintainer").get("email")
     assert re.fullmatch(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", email) and email != "a@b.c"
     versions = {root.findtext("version")}

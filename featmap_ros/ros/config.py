@@ -53,7 +53,8 @@ class NodeConfig:
     model_path: str = _param("", "checkpoint of the estimator; its task must match 'task'")
     device: str = _param("auto", "where the network runs: 'auto', 'cpu', 'cuda' or 'cuda:N'")
     cpu_threads: int = _param(
-        0, "CPU threads for the network (0 = torch's default); on a busy robot CPU fewer threads avoid stalls"
+        1, "CPU threads for the network (0 = torch's default, one per core); 1 resists a busy CPU best "
+        "(docs/ros.md), raise it only on cores nothing else uses"
     )
     image_topic: str = _param("image", "input image: colour for objects, depth (16UC1 mm or 32FC1 m) for hands")
     camera_info_topic: str = _param("camera_info", "sensor_msgs/CameraInfo of the image (rectified pinhole)")

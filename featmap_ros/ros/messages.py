@@ -21,17 +21,19 @@ import cv2
 import numpy as np
 
 from featmap_ros.datasets.nyu import HAND_BONES
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import BOX_EDGES, GeometryError, Intrinsics, quat_from_matrix
 from featmap_ros.results import Detection2D, FrameResult, HandPose, bone_indices
 
 __all__ = [
-    "HAND_BONES", "MSGTYPES", "MessageError", "MessageFactory", "camera_info_to_intrinsics",
+    "HAND_BONES", "MAX_IMAGE_PIXELS", "MSGTYPES", "MessageError", "MessageFactory", "camera_info_to_intrinsics",
+    "compressed_image_size", "compressed_size",
     "compressed_to_depth", "compressed_to_rgb", "detections_from_msg", "image_to_depth", "image_to_rgb",
     "rclpy_types", "stamp_ns_of",
 ]
 
 
-class MessageError(ValueError):
+class MessageError(FeatmapError, ValueError):
     """A message cannot be converted: unknown encoding, inconsistent sizes, missing calibration."""
 
 
@@ -126,9 +128,78 @@ def _parse_compressed_format(fmt: str) -> tuple[str, str, str]:
     return original.strip(), codec, compressed_enc
 
 
+# The largest compressed image decoded at all (a 12000x12000 PNG of 140 kB would take 540 MB).
+MAX_IMAGE_PIXELS = 50_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (they hold the size); C4, C8 and CC share the range but are not frames.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def compressed_image_size(buf: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's start-of-frame header, without decoding; None if neither."""
+    data = bytes(buf[:8]) if len(buf) >= 8 else b""
+    if data == _PNG_SIGNATURE:
+        head = bytes(buf[:24])
+        if len(head) == 24 and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+            return int(width), int(height)
+        return None
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    raw = buf.tobytes() if isinstance(buf, np.ndarray) else bytes(buf)
+    i = 2
+    while i + 4 <= len(raw):
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        (length,) = struct.unpack(">H", raw[i + 2:i + 4])
+        if marker in _JPEG_SOF:
+            if i + 9 > len(raw):
+                return None
+            height, width = struct.unpack(">HH", raw[i + 5:i + 9])
+            return int(width), int(height)
+        i += 2 + length
+    return None
+
+
+def compressed_size(msg: Any) -> tuple[int, int]:
+    """(width, height) of a CompressedImage (jpeg, png or compressedDepth png) read from its header alone.
+
+    Raises:
+        MessageError: the bytes hold no PNG or JPEG header.
+    """
+    fmt = str(msg.format)
+    buf = _bytes_of(msg.data)
+    if _parse_compressed_format(fmt)[1] == "compressedDepth":
+        buf = buf[12:]  # compressed_depth_image_transport's ConfigHeader comes before the PNG
+    size = compressed_image_size(buf)
+    if size is None:
+        raise MessageError(
+            f"CompressedImage format {fmt!r}: the {buf.size} bytes start with no PNG or JPEG header "
+            f"({bytes(buf[:8])!r}); cannot read the image size"
+        )
+    return size
+
+
 def _imdecode(data: Any, fmt: str) -> np.ndarray:
-    """cv2.imdecode with a MessageError that names the format when the bytes are not an image."""
+    """cv2.imdecode with a MessageError that names the format when the bytes are not an image.
+
+    An image whose header says it is over MAX_IMAGE_PIXELS is refused before decoding.
+    """
     buf = _bytes_of(data)
+    size = compressed_image_size(buf)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise MessageError(
+            f"CompressedImage format {fmt!r} is {size[0]}x{size[1]} by its header, over {MAX_IMAGE_PIXELS} pixels"
+        )
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise MessageError(f"CompressedImage with format {fmt!r} holds {buf.size} bytes that OpenCV cannot decode")
@@ -199,6 +270,14 @@ def camera_info_to_intrinsics(msg: Any) -> tuple[Intrinsics, np.ndarray]:
     K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
     if K.size != 9:
         raise MessageError(f"CameraInfo.k has {K.size} values; expected 9")
+    if not np.isfinite(K).all():
+        raise MessageError(f"CameraInfo.k holds non-finite values {K.tolist()}; expected a finite camera matrix")
+    d = np.asarray(msg.d, dtype=np.float64).reshape(-1)
+    if not np.isfinite(d).all():
+        raise MessageError(f"CameraInfo.d holds non-finite distortion {d.tolist()}; expected finite coefficients")
+    P = np.asarray(getattr(msg, "p", np.zeros(12)), dtype=np.float64).reshape(-1)
+    if not np.isfinite(P).all():
+        raise MessageError(f"CameraInfo.p holds non-finite values {P.tolist()}; expected a finite projection")
     if not K.any():
         raise MessageError("CameraInfo.k is all zeros: camera not calibrated")
     w, h = int(msg.width), int(msg.height)
@@ -208,7 +287,7 @@ def camera_info_to_intrinsics(msg: Any) -> tuple[Intrinsics, np.ndarray]:
         intr = Intrinsics.from_K(K.reshape(3, 3), w, h)
     except GeometryError as err:
         raise MessageError(f"CameraInfo.k is not a usable camera matrix: {err}") from err
-    return intr, np.asarray(msg.d, dtype=np.float64).reshape(-1)
+    return intr, d
 
 
 def detections_from_msg(msg: Any) -> list[Detection2D]:

@@ -12,12 +12,13 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import Intrinsics
 from featmap_ros.overlay import draw_hands, draw_objects
 from featmap_ros.results import Detection2D, FrameResult, HandPose, ObjectPose
@@ -25,9 +26,11 @@ from featmap_ros.ros.config import NodeConfig, ProcessorError
 from featmap_ros.ros.messages import (
     COLOUR_ENCODINGS,
     DEPTH_ENCODINGS,
+    MAX_IMAGE_PIXELS,
     MessageError,
     MessageFactory,
     camera_info_to_intrinsics,
+    compressed_size,
     compressed_to_depth,
     compressed_to_rgb,
     detections_from_msg,
@@ -37,9 +40,14 @@ from featmap_ros.ros.messages import (
 )
 
 __all__ = [
-    "Estimator", "FrameProcessor", "LatestFrameBuffer", "LogOnce", "ProcessorError", "ProcessorOutput",
-    "ProcessorStats", "StatsSnapshot", "load_estimator_for",
+    "STARTUP_ERRORS", "Estimator", "FrameProcessor", "LatestFrameBuffer", "LogOnce", "ProcessorError",
+    "ProcessorOutput", "ProcessorStats", "StatsSnapshot", "check_input_types", "expected_input_types",
+    "input_type_problems", "load_estimator_for",
 ]
+
+# What the node catches at start-up, logs as FATAL and exits 1 on: the project's own errors (bad parameters,
+# an unloadable or inconsistent checkpoint), a missing or unreadable file, and a checkpoint JSON lacking a key.
+STARTUP_ERRORS: tuple[type[BaseException], ...] = (FeatmapError, ValueError, OSError, KeyError)
 
 class Estimator(Protocol):
     """What the processor needs of featmap_ros.estimator (raises a ValueError subclass on bad input)."""
@@ -95,11 +103,16 @@ class StatsSnapshot:
 
     processed: int
     skipped: dict[str, int]
-    latency_median_s: float  # NaN before the first frame
+    latency_median_s: float  # processing time (decode + estimate + build); NaN before the first frame
     latency_p95_s: float
     rate_hz: float  # processed frames per second over the recent window
     recent_processed: int
     recent_skipped: int
+    wait_median_s: float = float("nan")  # time a frame waited in the buffer before the worker took it
+    wait_p95_s: float = float("nan")
+    end_to_end_median_s: float = float("nan")  # image stamp to publish, on the node's clock
+    end_to_end_p95_s: float = float("nan")
+    published: int = 0
 
 
 class ProcessorStats:
@@ -110,6 +123,9 @@ class ProcessorStats:
         self.processed = 0
         self.skipped: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=window)
+        self.waits: deque[float] = deque(maxlen=window)
+        self.end_to_end: deque[float] = deque(maxlen=window)
+        self.published = 0
         self.rate_window_s = rate_window_s
         self.clock = clock
         self._events: deque[tuple[float, bool]] = deque()  # (time, processed?) within rate_window_s
@@ -120,14 +136,22 @@ class ProcessorStats:
         while self._events and self._events[0][0] < now - self.rate_window_s:
             self._events.popleft()
 
-    def record(self, latency_s: float) -> None:
-        """Count a processed frame that took latency_s seconds."""
+    def record(self, latency_s: float, wait_s: float | None = None) -> None:
+        """Count a processed frame that took latency_s seconds after waiting wait_s in the buffer."""
         with self._lock:
             now = self.clock()
             self.processed += 1
             self.latencies.append(float(latency_s))
+            if wait_s is not None:
+                self.waits.append(float(wait_s))
             self._events.append((now, True))
             self._trim(now)
+
+    def record_published(self, end_to_end_s: float) -> None:
+        """Count a published frame whose outputs went out end_to_end_s after its image stamp."""
+        with self._lock:
+            self.published += 1
+            self.end_to_end.append(float(end_to_end_s))
 
     def skip(self, kind: str) -> None:
         """Count a skipped frame."""
@@ -142,16 +166,24 @@ class ProcessorStats:
         with self._lock:
             now = self.clock()
             self._trim(now)
-            lat = np.array(self.latencies, dtype=np.float64)
             done = [t for t, ok in self._events if ok]
             # Rate from the spacing of recent frames: unbiased from the second frame on.
             rate = (len(done) - 1) / (done[-1] - done[0]) if len(done) >= 2 and done[-1] > done[0] else 0.0
+            lat, wait, e2e = _percentiles(self.latencies), _percentiles(self.waits), _percentiles(self.end_to_end)
             return StatsSnapshot(
-                processed=self.processed, skipped=dict(self.skipped),
-                latency_median_s=float(np.median(lat)) if lat.size else float("nan"),
-                latency_p95_s=float(np.percentile(lat, 95)) if lat.size else float("nan"),
-                rate_hz=float(rate), recent_processed=len(done), recent_skipped=len(self._events) - len(done),
+                processed=self.processed, skipped=dict(self.skipped), latency_median_s=lat[0],
+                latency_p95_s=lat[1], rate_hz=float(rate), recent_processed=len(done),
+                recent_skipped=len(self._events) - len(done), wait_median_s=wait[0], wait_p95_s=wait[1],
+                end_to_end_median_s=e2e[0], end_to_end_p95_s=e2e[1], published=self.published,
             )
+
+
+def _percentiles(values: deque[float]) -> tuple[float, float]:
+    """(median, p95) of values; NaN for none."""
+    if not values:
+        return float("nan"), float("nan")
+    arr = np.array(values, dtype=np.float64)
+    return float(np.median(arr)), float(np.percentile(arr, 95))
 
 
 T = TypeVar("T")
@@ -167,7 +199,7 @@ class LatestFrameBuffer(Generic[T]):
     def __init__(self, size: int = 1) -> None:
         if size < 1:
             raise ValueError(f"buffer size {size} must be >= 1")
-        self._items: deque[T] = deque()
+        self._items: deque[tuple[T, float]] = deque()  # (item, monotonic time of put)
         self._size = size
         self._cond = threading.Condition()
         self._closed = False
@@ -181,7 +213,7 @@ class LatestFrameBuffer(Generic[T]):
             if len(self._items) >= self._size:
                 self._items.popleft()
                 self.dropped += 1
-            self._items.append(item)
+            self._items.append((item, time.monotonic()))
             self.received += 1
             if stamp_ns is not None:
                 self.newest_stamp_ns = int(stamp_ns)
@@ -189,10 +221,18 @@ class LatestFrameBuffer(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T | None:
         """Take the oldest stored item, waiting up to timeout seconds; None on timeout or once closed."""
+        got = self.get_timed(timeout)
+        return None if got is None else got[0]
+
+    def get_timed(self, timeout: float | None = None) -> tuple[T, float] | None:
+        """(oldest item, seconds it waited in the buffer), waiting up to timeout; None on timeout or once closed."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._items or self._closed, timeout=timeout):
                 return None
-            return self._items.popleft() if self._items and not self._closed else None
+            if not self._items or self._closed:
+                return None
+            item, put_at = self._items.popleft()
+            return item, time.monotonic() - put_at
 
     @property
     def closed(self) -> bool:
@@ -252,11 +292,12 @@ class FrameProcessor:
     # ---- the two entry points: process raises, safe_process counts and logs
 
     def safe_process(self, image_msg: Any, info_msg: Any | None, detections_msg: Any | None = None,
-                     newest_stamp_ns: int | None = None) -> ProcessorOutput | None:
+                     newest_stamp_ns: int | None = None, wait_s: float | None = None) -> ProcessorOutput | None:
         """process() that never raises: a bad frame is counted, logged once per kind and gives None.
 
         newest_stamp_ns is the newest stamp received (LatestFrameBuffer.newest_stamp_ns): a frame
-        more than max_age_s behind it is skipped as 'stale'. Bag replay leaves it None.
+        more than max_age_s behind it is skipped as 'stale'. wait_s is how long the frame waited in the
+        buffer (reported beside the processing time). Bag replay leaves both None.
         """
         t0 = self.clock()
         try:
@@ -275,8 +316,18 @@ class FrameProcessor:
             kind = f"internal_{type(err).__name__}"
             self._skip(kind, f"skipping frame after an unexpected error: {err!r}\n{traceback.format_exc()}")
             return None
-        self.stats.record(self.clock() - t0)
+        self.stats.record(self.clock() - t0, wait_s)
         return out
+
+    def record_published(self, out: ProcessorOutput, now_ns: int) -> float:
+        """Count a published frame at now_ns (the node's clock); return its end-to-end latency in seconds.
+
+        End-to-end is the image stamp to the publish: driver and transport delay, the synchroniser,
+        the buffer wait and the processing together, the number a robot's controller sees.
+        """
+        end_to_end_s = (int(now_ns) - out.result.stamp_ns) / 1e9
+        self.stats.record_published(end_to_end_s)
+        return end_to_end_s
 
     def _skip(self, kind: str, message: str) -> None:
         """Count and (once per kind) log a skipped frame."""
@@ -287,9 +338,9 @@ class FrameProcessor:
         """Estimate on one frame and build its messages, stamped with the image's stamp and frame.
 
         Raises:
-            ProcessorError: with kind missing_camera_info, missing_detections, no_frame_id,
-                bad_camera_info, unknown_encoding, wrong_encoding, bad_image, size_mismatch, estimator
-                or build.
+            ProcessorError: with kind missing_camera_info, missing_detections, wrong_msgtype, no_frame_id,
+                bad_camera_info, unknown_encoding, wrong_encoding, bad_image, oversize, size_mismatch,
+                estimator or build.
         """
         cfg = self.config
         t0 = self.clock()
@@ -297,6 +348,7 @@ class FrameProcessor:
             raise ProcessorError("missing_camera_info", "no camera_info came with the image")
         if cfg.use_detections and detections_msg is None:
             raise ProcessorError("missing_detections", "use_detections is true but no detections came with the image")
+        _check_message_fields(cfg, image_msg, info_msg, detections_msg if cfg.use_detections else None)
         stamp_ns, frame_id = stamp_ns_of(image_msg.header), str(image_msg.header.frame_id)
         if not frame_id:
             raise ProcessorError("no_frame_id", "image header has an empty frame_id; TF needs the camera frame")
@@ -306,6 +358,8 @@ class FrameProcessor:
             raise ProcessorError("bad_camera_info", str(err)) from err
         if np.any(np.abs(dist) > 1e-9):
             self.log_once("distorted", f"camera_info has distortion {dist.tolist()}: the image is assumed rectified")
+        if cfg.compressed:
+            self._check_compressed_size(image_msg, intr)
         pixels = self._decode(image_msg)
         if pixels.shape[:2] != (intr.height, intr.width):
             h, w = pixels.shape[:2]
@@ -353,16 +407,33 @@ class FrameProcessor:
             msgs.append((_absolute(cfg.overlay_topic), "sensor_msgs/msg/Image", out.overlay))
         return msgs
 
-    def diagnostics(self, dropped: int = 0) -> tuple[str, str, dict[str, str]]:
-        """(level 'ok' | 'warn' | 'error', summary, key-values) for a diagnostic_updater task."""
+    def diagnostics(self, dropped: int = 0, inputs: Any | None = None) -> tuple[str, str, dict[str, str]]:
+        """(level 'ok' | 'warn' | 'error', summary, key-values) for a diagnostic_updater task.
+
+        Three times are reported apart: processing (decode + estimate + build), the wait in the buffer,
+        and end-to-end (image stamp to publish, on the node's clock; only where record_published is
+        called). inputs is the node's runtime.InputMonitor: what arrived per input, the images that
+        found no partner, and a silent or wrongly typed input, which make the level an error.
+        """
         s = self.stats.snapshot()
         values = {
             "task": self.config.task, "device": str(self.estimator.device), "processed": str(s.processed),
-            "skipped": str(sum(s.skipped.values())), "dropped (newest wins)": str(dropped),
-            "rate (Hz)": f"{s.rate_hz:.2f}", "latency median (ms)": f"{s.latency_median_s * 1e3:.1f}",
-            "latency p95 (ms)": f"{s.latency_p95_s * 1e3:.1f}",
+            "published": str(s.published), "skipped": str(sum(s.skipped.values())),
+            "dropped (newest wins)": str(dropped), "rate (Hz)": f"{s.rate_hz:.2f}",
+            "end-to-end median (ms)": _ms(s.end_to_end_median_s), "end-to-end p95 (ms)": _ms(s.end_to_end_p95_s),
+            "buffer wait median (ms)": _ms(s.wait_median_s), "buffer wait p95 (ms)": _ms(s.wait_p95_s),
+            "processing median (ms)": _ms(s.latency_median_s), "processing p95 (ms)": _ms(s.latency_p95_s),
         }
         values.update({f"skipped: {kind}": str(n) for kind, n in sorted(s.skipped.items())})
+        noted = {k: n for k, n in self.log_once.counts.items() if k not in s.skipped}
+        values.update({f"noted: {kind}": str(n) for kind, n in sorted(noted.items())})
+        problem = None
+        if inputs is not None:
+            input_values, problem = inputs.report()
+            values.update(input_values)
+            if problem is not None:
+                self.log_once(f"inputs_{problem.kind}", problem.message)
+                return "error", problem.message, values
         window = f"{self.stats.rate_window_s:g} s"
         if s.recent_skipped and not s.recent_processed:
             return "error", f"every frame of the last {window} was skipped", values
@@ -371,7 +442,11 @@ class FrameProcessor:
         if s.recent_skipped:
             recent = s.recent_skipped + s.recent_processed
             return "warn", f"{s.recent_skipped} of the last {recent} frames skipped", values
-        return "ok", f"{s.rate_hz:.1f} Hz, {s.latency_median_s * 1e3:.0f} ms median latency", values
+        timing = f"{s.latency_median_s * 1e3:.0f} ms processing median"
+        if np.isfinite(s.end_to_end_median_s):
+            timing = (f"{s.end_to_end_median_s * 1e3:.0f} ms end-to-end median "
+                      f"({s.latency_median_s * 1e3:.0f} ms processing, {s.wait_median_s * 1e3:.0f} ms in the buffer)")
+        return "ok", f"{s.rate_hz:.1f} Hz, {timing}", values
 
     # ---- pieces of process
 
@@ -391,9 +466,45 @@ class FrameProcessor:
                 )
             if enc not in wanted:
                 raise ProcessorError("unknown_encoding", f"encoding {enc!r} is unknown; expected {sorted(wanted)}")
-            return image_to_rgb(msg) if colour else image_to_depth(msg)
+            if colour:
+                return image_to_rgb(msg)
+            depth = image_to_depth(msg)
+            if enc == "32FC1":
+                self._note_millimetres(depth)
+            return depth
         except MessageError as err:
             raise ProcessorError("bad_image", str(err)) from err
+
+    def _note_millimetres(self, depth_m: np.ndarray) -> None:
+        """Say once when 32FC1 depth looks like millimetres (REP 118: metres): no hand would ever be found."""
+        sample = depth_m[::4, ::4]
+        if not np.isfinite(sample).any():
+            return
+        median = float(np.nanmedian(sample))
+        if median > MILLIMETRE_HINT_M:
+            self.log_once(
+                "depth_32FC1_looks_like_mm",
+                f"32FC1 depth has median {median:.1f}, more than {MILLIMETRE_HINT_M:g} m: it looks like millimetres, "
+                "but REP 118 says 32FC1 holds metres; publish 16UC1 millimetres or 32FC1 metres",
+            )
+
+    def _check_compressed_size(self, msg: Any, intr: Intrinsics) -> None:
+        """Refuse a compressed image by the size in its PNG/JPEG header, before decoding a byte of it."""
+        try:
+            size = compressed_size(msg)
+        except MessageError as err:
+            raise ProcessorError("bad_image", str(err)) from err
+        w, h = size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ProcessorError(
+                "oversize", f"compressed image is {w}x{h} ({w * h / 1e6:.0f} Mpx) by its header, over the "
+                f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit; not decoded"
+            )
+        if (w, h) != (intr.width, intr.height):
+            raise ProcessorError(
+                "size_mismatch", f"image is {w}x{h} but camera_info says {intr.width}x{intr.height} "
+                "(read from the compressed header; not decoded)"
+            )
 
     def _detections(self, msg: Any) -> list[Detection2D]:
         """Detections with ids resolved from object_names and those under min_score dropped."""
@@ -417,6 +528,89 @@ class FrameProcessor:
             seen[base] += 1
             out.append(dataclasses.replace(obj, name=name))
         return out
+
+
+# 32FC1 depth with a median beyond this many metres is millimetres in disguise (no depth camera sees 20 m).
+MILLIMETRE_HINT_M = 20.0
+
+
+def _ms(seconds: float) -> str:
+    """Seconds as milliseconds for diagnostics ('nan' before the first value)."""
+    return f"{seconds * 1e3:.1f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Message types of the inputs: checked against the configuration before replay and in the node
+
+
+def expected_input_types(config: NodeConfig) -> dict[str, str]:
+    """{input: 'pkg/msg/Name'} the configuration expects: 'image', 'camera_info' and, with detections, 'detections'."""
+    image = "sensor_msgs/msg/CompressedImage" if config.compressed else "sensor_msgs/msg/Image"
+    out = {"image": image, "camera_info": "sensor_msgs/msg/CameraInfo"}
+    if config.use_detections:
+        out["detections"] = "vision_msgs/msg/Detection2DArray"
+    return out
+
+
+def _canonical(msgtype: str) -> str:
+    """'sensor_msgs/Image' and 'sensor_msgs/msg/Image' alike as 'sensor_msgs/msg/Image'."""
+    parts = str(msgtype).strip("/").split("/")
+    return f"{parts[0]}/msg/{parts[-1]}" if len(parts) >= 2 else str(msgtype)
+
+
+def input_type_problems(config: NodeConfig, topics: Mapping[str, str],
+                        found: Mapping[str, str | Iterable[str]]) -> list[str]:
+    """Each input whose topic carries a type the configuration does not expect, as one sentence.
+
+    Args:
+        config: the node's parameters (compressed and use_detections decide the expected types).
+        topics: {input ('image', 'camera_info', 'detections'): topic name} as resolved (bag or node).
+        found: {topic: msgtype or msgtypes} as a bag's connections or rclpy's get_topic_names_and_types
+            list them. Topics not found are not a problem here (nothing to check yet).
+    """
+    problems = []
+    for role, expected in expected_input_types(config).items():
+        topic = topics.get(role)
+        if topic is None or topic not in found:
+            continue
+        got = found[topic]
+        got_types = sorted({_canonical(t) for t in ([got] if isinstance(got, str) else got)})
+        if got_types and got_types != [expected]:
+            hint = ""
+            if role == "image" and "sensor_msgs/msg/Image" in got_types and config.compressed:
+                hint = "; set compressed to false for raw images"
+            elif role == "image" and "sensor_msgs/msg/CompressedImage" in got_types and not config.compressed:
+                hint = "; set compressed to true for sensor_msgs/CompressedImage"
+            problems.append(f"{role} topic {topic} carries {', '.join(got_types)}, but {expected} is expected{hint}")
+    return problems
+
+
+def check_input_types(config: NodeConfig, topics: Mapping[str, str], found: Mapping[str, str | Iterable[str]]) -> None:
+    """Raise ProcessorError (kind 'wrong_msgtype') naming every input topic of the wrong message type.
+
+    Bag replay calls it once the bag's connections are open, before the first frame; the node at start
+    and with every diagnostics update (publishers come and go).
+    """
+    problems = input_type_problems(config, topics, found)
+    if problems:
+        raise ProcessorError("wrong_msgtype", "; ".join(problems))
+
+
+def _check_message_fields(config: NodeConfig, image: Any, info: Any, detections: Any | None) -> None:
+    """A message of another type (a String on the image topic) named as such, not an AttributeError later."""
+    image_fields = ("format", "data") if config.compressed else ("encoding", "height", "width", "step", "data")
+    checks = [("image", image, ("header",) + image_fields), ("camera_info", info, ("header", "k", "d", "width"))]
+    if detections is not None:
+        checks.append(("detections", detections, ("header", "detections")))
+    expected = expected_input_types(config)
+    for role, msg, names in checks:
+        missing = [n for n in names if not hasattr(msg, n)]
+        if missing:
+            note = " (compressed is true)" if role == "image" and config.compressed else ""
+            raise ProcessorError(
+                "wrong_msgtype", f"{role} message is a {type(msg).__name__} without {missing}; "
+                f"expected {expected[role]}{note}"
+            )
 
 
 def _absolute(topic: str) -> str:
