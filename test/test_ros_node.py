@@ -90,7 +90,8 @@ class TestNodeRuns(unittest.TestCase):
         self.spin_until(lambda: any(s.values for s in got), 60.0)
         assert got, "no diagnostics from the featmap node within 60 s"
         keys = {v.key for s in got for v in s.values}
-        assert {"device", "processed", "dropped (newest wins)", "latency median (ms)"} <= keys
+        assert {"device", "processed", "dropped (newest wins)", "end-to-end median (ms)", "buffer wait median (ms)",
+                "processing median (ms)", "unmatched images", "received: image (/test/depth)"} <= keys
 
     def test_parameters_are_described_and_model_path_is_read_only(self) -> None:
         client = self.node.create_client(DescribeParameters, "/featmap/describe_parameters")
