@@ -72,7 +72,7 @@ def test_non_finite_calibration_is_a_named_error_and_a_counted_skip(
 def test_startup_errors_cover_the_project_root_and_os_and_key_errors() -> None:
     assert all(issubclass(e, BaseException) for e in STARTUP_ERRORS)
     for err in (FeatmapError("x"), ProcessorError("config", "x"), FileNotFoundError("x"), KeyError("task"),
-                PermissionError("x"), MessageError("x")):
+                PermissionError("x"), MessageError("x"), ModuleNotFoundError("No module named 'torch'")):
         assert isinstance(err, STARTUP_ERRORS), type(err)
     assert not isinstance(RuntimeError("CUDA OOM in a frame"), STARTUP_ERRORS)
 

@@ -205,9 +205,9 @@ def main(args: list[str] | None = None) -> None:
         except STARTUP_ERRORS as err:  # bad parameters, a missing or broken model: say why and stop
             get_logger(NODE_NAME).fatal(f"cannot start: {type(err).__name__}: {err}")
             code = 1
-            return
-        executor.add_node(node)
-        while not stop.is_set() and rclpy.ok():
+        if node is not None:
+            executor.add_node(node)
+        while node is not None and not stop.is_set() and rclpy.ok():
             try:
                 executor.spin_once(timeout_sec=0.1)
             except ExternalShutdownException:

@@ -46,8 +46,9 @@ __all__ = [
 ]
 
 # What the node catches at start-up, logs as FATAL and exits 1 on: the project's own errors (bad parameters,
-# an unloadable or inconsistent checkpoint), a missing or unreadable file, and a checkpoint JSON lacking a key.
-STARTUP_ERRORS: tuple[type[BaseException], ...] = (FeatmapError, ValueError, OSError, KeyError)
+# an unloadable or inconsistent checkpoint), a missing or unreadable file, a checkpoint JSON lacking a key,
+# and a missing module (torch not installed in the environment the node runs in).
+STARTUP_ERRORS: tuple[type[BaseException], ...] = (FeatmapError, ValueError, OSError, KeyError, ImportError)
 
 class Estimator(Protocol):
     """What the processor needs of featmap_ros.estimator (raises a ValueError subclass on bad input)."""
