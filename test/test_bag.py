@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,13 @@ from featmap_ros.estimator import load_estimator
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig
 
-LMO_IDS = (1, 5)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_bag_memory import tiny_object_model  # noqa: E402 - the bench folder is no package
 
 
 def object_model(path: Path, lmo_root: Path) -> Path:
-    infos = bop.load_models_info(lmo_root / "models" / "models_info.json")
-    torch.manual_seed(0)
-    model = FeatureMappingModel(NetConfig(task="objects", input_size=64, width=4, feature_dim=32,
-                                          n_outputs=16 * len(LMO_IDS), mapping=True))
-    objects = [{"obj_id": i, "name": f"o{i}", "corners_m": infos[i].corners.tolist(),
-                "extent_m": infos[i].size_xyz.tolist(), "symmetric": infos[i].symmetric} for i in LMO_IDS]
-    checkpoint.save(path, model, {"method": "fm", "objects": objects, "crop": {"size": 64, "window_scale": 1.2}})
-    return path
+    """A tiny random-weight objects checkpoint for LM-O objects 1 and 5 (the memory bench's)."""
+    return tiny_object_model(path, lmo_root)
 
 
 def hand_model(path: Path) -> Path:
