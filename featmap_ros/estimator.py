@@ -5,7 +5,9 @@ classes, so what is scored off the robot is what runs on it.
 
 Checkpoint metadata this module reads (written by featmap_ros.train):
 - objects: meta["objects"] = [{"obj_id", "name", "corners_m" (8x3), "extent_m" (3), "symmetric"}],
-  meta["crop"] = {"size": S, "window_scale": s}; the head has 16 outputs per object, in this order.
+  meta["crop"] = {"size": S, "window_scale": s}; the head (net.head) has, per object in this order,
+  16 outputs (bb8: corners, PnP) or 4 channels of a dense map (dense: visibility and model
+  coordinates, PnP-RANSAC; heads/dense.py).
 - hands: meta["hands"] = {"joint_names": [...], "cube_m": 0.3}, meta["crop"] = {"size": S}.
 - both, optional: meta["feature_stats"] = {"mean": [D], "std": [D]} of synthetic features (f_S),
   for the out-of-domain score.
@@ -22,8 +24,10 @@ import numpy as np
 import torch
 
 from featmap_ros import geometry as geo
+from featmap_ros.heads.dense import DenseDecodeConfig
+from featmap_ros.heads.dense import decode as decode_dense
 from featmap_ros.model import checkpoint
-from featmap_ros.model.nets import FeatureMappingModel
+from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, pooled_features
 from featmap_ros.preprocess import depth_to_input, rgb_to_input
 from featmap_ros.results import Detection2D, HandPose, ObjectPose
 
@@ -77,7 +81,7 @@ class _Network:
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         x = x.half() if self.half else x
         pred = self.model.predict_real(x)
-        feats = pred.features.float()
+        feats = pooled_features(pred.features).float()
         if self.feat_mean is not None and self.feat_std is not None:
             # RMS z-score of the mapped feature under the synthetic feature distribution (diagonal Gaussian):
             # about 1 in domain, growing as the image leaves what the network was trained on.
@@ -96,12 +100,16 @@ def _check_intrinsics(shape: tuple[int, ...], intrinsics: geo.Intrinsics, what: 
 
 
 class ObjectEstimator:
-    """BB8 with Feature Mapping: crops on 2D detections -> h(g(f_R(crop))) -> 8 corners -> PnP."""
+    """Objects with Feature Mapping: crops on 2D detections -> h(g(f_R(crop))) -> pose.
+
+    The checkpoint's head decides the decoding: 8 corners -> PnP (bb8), or dense correspondences ->
+    PnP-RANSAC with the inlier ratio as confidence (dense).
+    """
 
     task = "objects"
 
     def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: str = "auto",
-                 pnp_method: str = "epnp", ransac: bool = False) -> None:
+                 pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None) -> None:
         if meta.get("task") != "objects":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'objects'")
         self.net = _Network(model, meta, resolve_device(device))
@@ -116,9 +124,13 @@ class ObjectEstimator:
         self.crop_size = int(meta["crop"]["size"])
         self.window_scale = float(meta["crop"].get("window_scale", 1.0))
         self.pnp_method, self.ransac = pnp_method, ransac
-        if model.cfg.n_outputs != 16 * len(self.objects):
+        self.head = model.cfg.head
+        self.dense_cfg = dense_cfg or DenseDecodeConfig()
+        per_object = DENSE_CHANNELS if self.head == "dense" else 16
+        if model.cfg.n_outputs != per_object * len(self.objects):
             raise EstimatorError(
-                f"head has {model.cfg.n_outputs} outputs for {len(self.objects)} objects; expected 16 each"
+                f"{self.head} head has {model.cfg.n_outputs} outputs for {len(self.objects)} objects; "
+                f"expected {per_object} each"
             )
 
     def object_index(self, det: Detection2D) -> int | None:
@@ -167,19 +179,28 @@ class ObjectEstimator:
         for row, (i, k, win) in enumerate(chosen):
             det = detections[i]
             info = self.objects[k]
-            uv_norm = outputs[row, 16 * k: 16 * (k + 1)].reshape(8, 2)
-            uv = win.to_image(geo.denormalise_uv(uv_norm, self.crop_size))
+            confidence = 1.0
             try:
-                R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)
+                if self.head == "dense":
+                    channels = outputs[row, DENSE_CHANNELS * k: DENSE_CHANNELS * (k + 1)]
+                    lo = info.corners.min(axis=0)
+                    found = decode_dense(channels, win, K, lo, info.extent, self.dense_cfg)
+                    R, t, confidence = found.R, found.t, found.inlier_ratio
+                    uv = geo.project_model(info.corners, R, t, K)
+                else:
+                    uv_norm = outputs[row, 16 * k: 16 * (k + 1)].reshape(8, 2)
+                    uv = win.to_image(geo.denormalise_uv(uv_norm, self.crop_size))
+                    R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)
             except geo.GeometryError as err:
                 log.debug("PnP failed for object %d: %s", info.obj_id, err)
                 continue
             if t[2] <= 0:
                 log.debug("PnP put object %d behind the camera; skipped", info.obj_id)
                 continue
+            # The score is the detection's, times the pose's own confidence (dense head: RANSAC inlier ratio).
             poses.append(ObjectPose(obj_id=info.obj_id, name=info.name, R=R, t=t, corners_uv=uv,
-                                    corners_3d=info.corners, extent=info.extent, score=float(det.score),
-                                    out_of_domain=float(ood[row])))
+                                    corners_3d=info.corners, extent=info.extent,
+                                    score=float(det.score) * float(confidence), out_of_domain=float(ood[row])))
         return poses
 
     # The Estimator protocol of featmap_ros.ros.processor.

@@ -1,8 +1,9 @@
 """TaskData builders: the streams train() draws from, for LM-O objects and for simulated hands.
 
-Objects: the synthetic stream is SyntheticObjectStream (rendered online, DataLoader workers by
-forkserver); the pairs are RealSyntheticPairs of the training frames only, drawn by an endless
-reshuffling sampler. Hands: the synthetic stream is clean renders of the nominal hand (or a
+Objects: either pools rendered once and augmented on the fly (objects_pool_task_data, the
+experiments' default), or the online SyntheticObjectStream (DataLoader workers by forkserver) with
+RealSyntheticPairs of the training frames drawn by an endless reshuffling sampler.
+Hands: the synthetic stream is clean renders of the nominal hand (or a
 pre-rendered pool of them, for CPU budgets); the pairs are SensorHandSet frames of another hand
 seen by the simulated sensor, each with the clean nominal render at the same pose.
 
@@ -22,6 +23,16 @@ import torch
 
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet, SyntheticHandStream
 from featmap_ros.datasets.nyu import JOINT_NAMES
+from featmap_ros.datasets.pool import (
+    PoolConfig,
+    augment_pairs,
+    augment_synthetic,
+    background_bank,
+    endless_batches,
+    render_object_pool,
+    render_pair_pool,
+    shape_bank,
+)
 from featmap_ros.datasets.streams import (
     ObjectStreamConfig,
     PairConfig,
@@ -142,6 +153,76 @@ def objects_task_data(
     meta["data"] = {"bop_root": str(root), "scene_id": int(scene_id), "train_ids": train_ids}
     return TaskData(synthetic=synthetic, pairs=pairs, labels=tuple(names.get(i, str(i)) for i in obj_ids),
                     normalisation=OBJECT_NORMALISATION, meta=meta, feature_stats_batches=feature_stats_batches)
+
+
+def objects_pool_task_data(
+    bop_root: str | Path,
+    scene_id: int,
+    train_ids: Sequence[int],
+    obj_ids: Sequence[int],
+    stream_cfg: ObjectStreamConfig,
+    pool_cfg: PoolConfig | None = None,
+    names: dict[int, str] | None = None,
+    head: str = "bb8",
+    seed: int = 0,
+) -> TaskData:
+    """As objects_task_data, but every batch comes from pools rendered once (datasets/pool.py).
+
+    The synthetic pool, the pair pool and the background bank are rendered on the first call of
+    a stream factory and kept, so every method trained from this TaskData sees the same images.
+    Batches carry both heads' targets: corners ('target') and the dense maps ('coords', 'visibility').
+    """
+    from featmap_ros.datasets.bop import BopScene, load_models_info, load_ply, model_path
+    from featmap_ros.render.objects import ObjectRenderer
+
+    root = Path(bop_root)
+    obj_ids = tuple(int(i) for i in obj_ids)
+    pool_cfg = pool_cfg or PoolConfig()
+    stream_cfg = dataclasses.replace(stream_cfg, obj_ids=obj_ids)
+    names = {**LMO_NAMES, **(names or {})}
+    infos = load_models_info(root / "models" / "models_info.json")
+    missing = [i for i in obj_ids if i not in infos]
+    if missing:
+        raise DataError(f"objects {missing} are not in {root / 'models' / 'models_info.json'}")
+    train_ids = [int(i) for i in train_ids]
+    S, aug = stream_cfg.crop, pool_cfg.augment
+    pools: dict[str, Any] = {}
+
+    def ensure() -> dict[str, Any]:
+        if not pools:
+            meshes = {i: load_ply(model_path(root, i)) for i in obj_ids}
+            renderer = ObjectRenderer(meshes, max_faces=stream_cfg.max_faces)
+            pools["syn"] = render_object_pool(infos, meshes, stream_cfg, pool_cfg.n_per_object, pool_cfg.oversize,
+                                              seed=seed, renderer=renderer)
+            pools["pairs"] = render_pair_pool(BopScene(root, scene_id), train_ids, infos, renderer, obj_ids, S,
+                                              stream_cfg.window_margin, pool_cfg.pair_oversize)
+            pools["backgrounds"] = background_bank(pool_cfg.n_backgrounds, S, stream_cfg, seed=seed)
+            pools["shapes"] = shape_bank(pool_cfg.n_shapes, S, seed=seed)
+        return pools
+
+    def synthetic(ctx: StreamContext) -> Iterator[Batch]:
+        p = ensure()
+
+        def make(idx: torch.Tensor, g: torch.Generator) -> Batch:
+            return augment_synthetic(p["syn"], idx, p["backgrounds"], p["shapes"], S, pool_cfg.oversize, aug, g)
+
+        return endless_batches(len(p["syn"]["rgb"]), ctx.batch_size, _derived_seed(seed, ctx.seed, ctx.rank, 1),
+                               ctx.start_step, make)
+
+    def pairs(ctx: StreamContext) -> Iterator[Batch]:
+        p = ensure()
+
+        def make(idx: torch.Tensor, g: torch.Generator) -> Batch:
+            return augment_pairs(p["pairs"], idx, S, pool_cfg.pair_oversize, aug, g)
+
+        return endless_batches(len(p["pairs"]["real"]), ctx.batch_size, _derived_seed(seed, ctx.seed, ctx.rank, 2),
+                               ctx.start_step, make)
+
+    meta = objects_meta(infos, obj_ids, names, S, stream_cfg.window_margin)
+    meta["head"] = head
+    meta["data"] = {"bop_root": str(root), "scene_id": int(scene_id), "train_ids": train_ids, "pool": True}
+    return TaskData(synthetic=synthetic, pairs=pairs, labels=tuple(names.get(i, str(i)) for i in obj_ids),
+                    normalisation=OBJECT_NORMALISATION, meta=meta)
 
 
 def single_object_synthetic(data_root: str | Path, obj_id: int, stream_cfg: ObjectStreamConfig) -> TaskData:

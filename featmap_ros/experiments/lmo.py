@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,15 @@ import torch
 
 from featmap_ros.bop_scoring import run_bop, write_object_report, write_overlays
 from featmap_ros.datasets import bop
-from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, PairConfig
+from featmap_ros.datasets.pool import PoolConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
+from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS, ObjectStreamConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
+from featmap_ros.evaluation import score_objects
 from featmap_ros.experiments import data as xdata
-from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
+from featmap_ros.experiments.data import SHARED_STAGE1, seed_from_stage1
+from featmap_ros.model.nets import DENSE_CHANNELS, ExemplarBank, FeatureMappingModel, NetConfig
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
-from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
+from featmap_ros.train import METHODS, OptimConfig, TaskData, TrainConfig, build_exemplar_bank, train
 
 DEFAULT_TRAIN_FRAMES = "0-300"
 DEFAULT_TEST_FRAMES = "301-611"
@@ -51,17 +54,23 @@ SPLITS = ("all", "visib>=0.5")
 
 @dataclass(frozen=True)
 class LmoBudget:
-    """Sizes and settings of one LM-O experiment: net, steps, batch, synthetic images, exemplars, loading."""
+    """Sizes and settings of one LM-O experiment: head, net, steps, batch, pools, validation, loading."""
 
+    # The default head of every method; the paper's BB8 corner head keeps its row as "fm_bb8".
+    head: str = "dense"
+    bb8_row: bool = True
     input_size: int = 64
     width: int = 16
-    feature_dim: int = 256
-    dropout: float = 0.3
+    feature_dim: int = 256  # bb8: the global feature
+    dense_feature_dim: int = 32  # dense: channels of the feature map g maps and h reads
+    dropout: float = 0.3  # bb8's FC layers (the dense net has none)
     batch_size: int = 32
-    stage1_steps: int = 3000
-    stage2_steps: int = 2000
+    stage1_steps: int = 1200
+    stage2_steps: int = 800
     lr: float = 1e-3
     warmup_steps: int = 100
+    # Pools rendered once and augmented on the fly (datasets/pool.py), shared by every method.
+    pool_per_object: int = 1500
     exemplars_per_object: int = 2000
     # Synthetic images: backgrounds cut from the real *training* frames (this share; the rest are
     # random colours, noise and textures), camera noise and blur like the real crops'.
@@ -71,18 +80,26 @@ class LmoBudget:
     # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
     # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
     anchor_spread_deg: float = 25.0
-    num_workers: int = 1  # rendering worker per stream, overlapping the training step
+    # The last validation_frames training frames are held out: never trained on, they give the
+    # learning curves (every curve_every steps; 0: no curves) that settings are chosen from.
+    validation_frames: int = 8
+    curve_every: int = 400
+    synthetic_probe_per_object: int = 48
     overlays: int = 3
 
 
-QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dropout=0.1, batch_size=4, stage1_steps=4, stage2_steps=3,
-                  warmup_steps=2, exemplars_per_object=16, num_workers=0, overlays=1)
+QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
+                  stage1_steps=4, stage2_steps=3, warmup_steps=2, pool_per_object=6, exemplars_per_object=16,
+                  validation_frames=1, curve_every=4, synthetic_probe_per_object=2, overlays=1)
 
 
-def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu") -> TrainConfig:
+def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", head: str | None = None) -> TrainConfig:
     """The TrainConfig every method of the experiment shares (method is set per run)."""
-    net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width,
-                    feature_dim=budget.feature_dim, n_outputs=16 * n_objects, dropout=budget.dropout)
+    head = head or budget.head
+    dense = head == "dense"
+    net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width, head=head,
+                    feature_dim=budget.dense_feature_dim if dense else budget.feature_dim,
+                    n_outputs=(DENSE_CHANNELS if dense else 16) * n_objects, dropout=0.0 if dense else budget.dropout)
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
@@ -153,53 +170,158 @@ def build_object_banks(model_json: Path, bop_root: Path, obj_ids: Sequence[int],
 # How well a model learnt the synthetic domain
 
 
-def synthetic_validation_crops(bop_root: Path, stream_cfg: ObjectStreamConfig, n: int = 512,
-                               seed: int = 90_001) -> list[dict[str, Any]]:
-    """n fresh crops of the training stream drawn with another seed: the same held-out set for every method."""
-    from featmap_ros.datasets.streams import SyntheticObjectStream
+def synthetic_validation_crops(bop_root: Path, stream_cfg: ObjectStreamConfig, n_per_object: int = 48,
+                               seed: int = 90_001) -> dict[str, torch.Tensor]:
+    """Fresh crops like the training pool's, drawn with another seed: the same held-out set for every method.
 
-    stream = SyntheticObjectStream.from_bop(bop_root, dataclasses.replace(stream_cfg, seed=seed))
-    rng = np.random.default_rng(seed)
-    crops: list[dict[str, Any]] = []
-    while len(crops) < n:
-        crops += stream.sample_chunk(rng, min(32, n - len(crops)))
-    return crops
+    Backgrounds, occluders, colour, blur and noise as in training, but no window jitter, so each
+    crop's camera is known: K (N, 3, 3) of the output crop, with R, t (canonical) and obj_index.
+    """
+    infos = bop.load_models_info(bop_root / "models" / "models_info.json")
+    meshes = {i: bop.load_ply(bop.model_path(bop_root, i)) for i in stream_cfg.obj_ids}
+    cfg = PoolConfig()
+    pool = render_object_pool(infos, meshes, stream_cfg, n_per_object, cfg.oversize, seed=seed)
+    S = stream_cfg.crop
+    g = torch.Generator().manual_seed(seed)
+    fixed = dataclasses.replace(cfg.augment, window_shift=0.0, window_scale=(1.0, 1.0))
+    idx = torch.arange(len(pool["rgb"]))
+    batch = augment_synthetic(pool, idx, background_bank(256, S, stream_cfg, seed=seed), shape_bank(64, S, seed=seed),
+                              S, cfg.oversize, fixed, g)
+    # Without jitter the output crop is the stored one's centre: a shift of (oversize - 1) * S / 2 pixels.
+    K = pool["K_crop"].double().clone()
+    K[:, 0, 2] -= (pool["rgb"].shape[1] - S) / 2.0
+    K[:, 1, 2] -= (pool["rgb"].shape[1] - S) / 2.0
+    return {"image": batch["image"], "obj_index": pool["obj_index"], "R": pool["R"].double(), "t": pool["t"].double(),
+            "K": K}
 
 
 @torch.inference_mode()
-def synthetic_crop_accuracy(model_json: Path, crops: Sequence[dict[str, Any]], infos: dict[int, bop.ObjectInfo],
-                            meshes: dict[int, bop.Mesh]) -> dict[str, float]:
+def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], obj_ids: Sequence[int],
+                            infos: dict[int, bop.ObjectInfo], meshes: dict[int, bop.Mesh],
+                            image_fx: float = LMO_K[0][0]) -> dict[str, float]:
     """2D projection error of h(f_S(x)) on synthetic crops (synthetic_validation_crops), in image pixels.
 
-    The crops' own camera (K_crop) gives the pose by PnP; errors are scaled back to image pixels
-    (window side / crop side), so they compare with the real test frames' 2D-proj@5px. Separates
+    The crops' own camera gives the pose by the head's decoding; errors are scaled back to image
+    pixels (image fx / crop fx), so they compare with the real frames' 2D-proj@5px. Separates
     "did not learn the synthetic images" from "learnt them but does not transfer to real ones".
-    Symmetric objects are scored against the canonical pose the net is trained on (the real test
-    frames compare with the raw ground truth, which is stricter for eggbox and glue).
+    Symmetric objects are scored against the canonical pose the net is trained on.
     Returns proj_5px (fraction), median_px, n.
     """
     from featmap_ros import geometry as geo
+    from featmap_ros.heads.dense import decode
     from featmap_ros.metrics import proj_2d
     from featmap_ros.model import checkpoint
-    from featmap_ros.preprocess import rgb_to_input
 
     model, _ = checkpoint.load(model_json)
+    S = crops["image"].shape[-1]
+    identity = geo.CropWindow(S / 2.0 - 0.5, S / 2.0 - 0.5, float(S), S)
     errors: list[float] = []
-    for first in range(0, len(crops), 32):
-        chunk = crops[first:first + 32]
-        out = model.predict_syn(torch.from_numpy(np.stack([rgb_to_input(c["rgb"]) for c in chunk]))).outputs.numpy()
-        for row, c in zip(out, chunk, strict=True):
-            k, info, side = c["obj_index"], infos[c["obj_id"]], c["rgb"].shape[0]
-            uv = geo.denormalise_uv(row[16 * k: 16 * (k + 1)].reshape(8, 2).astype(np.float64), side)
+    for first in range(0, len(crops["image"]), 64):
+        out = model.predict_syn(crops["image"][first:first + 64]).outputs.double().numpy()
+        for j, row in enumerate(out, start=first):
+            k = int(crops["obj_index"][j])
+            info, K = infos[obj_ids[k]], crops["K"][j].numpy()
             try:
-                R, t = geo.solve_pnp(info.corners, uv, c["K_crop"])
+                if model.cfg.head == "dense":
+                    d = decode(row[DENSE_CHANNELS * k:DENSE_CHANNELS * (k + 1)], identity, K, info.min_xyz,
+                               info.size_xyz)
+                    R, t = d.R, d.t
+                else:
+                    uv = geo.denormalise_uv(row[16 * k: 16 * (k + 1)].reshape(8, 2), S)
+                    R, t = geo.solve_pnp(info.corners, uv, K)
             except geo.GeometryError:
                 errors.append(float("inf"))
                 continue
-            err = proj_2d(R, t, c["R"], c["t"], c["K_crop"], meshes[c["obj_id"]].vertices)
-            errors.append(err * c["window"].size_px / side)
+            err = proj_2d(R, t, crops["R"][j].numpy(), crops["t"][j].numpy(), K, meshes[obj_ids[k]].vertices)
+            errors.append(err * image_fx / K[0, 0])
     e = np.asarray(errors)
     return {"proj_5px": float((e < 5.0).mean()), "median_px": float(np.median(e)), "n": len(e)}
+
+
+# --------------------------------------------------------------------------------------------
+# Training with learning curves
+
+
+def split_validation(train_ids: Sequence[int], n_val: int) -> tuple[list[int], list[int]]:
+    """(fit ids, validation ids): the last n_val training frames (a contiguous block of the video) held out."""
+    ids = sorted(int(i) for i in train_ids)
+    if n_val <= 0:
+        return ids, []
+    if n_val >= len(ids):
+        raise ValueError(f"validation_frames={n_val} leaves no training frame of {len(ids)}")
+    return ids[:-n_val], ids[-n_val:]
+
+
+def train_with_curves(cfg: TrainConfig, data: TaskData, out: Path, methods: Sequence[str], every: int,
+                      probe: Callable[[Path, int], dict[str, float]]
+                      ) -> tuple[dict[str, Path], dict[str, float], dict[str, list[dict[str, float]]]]:
+    """train_all (stage 1 shared), run in segments of `every` steps with probe(checkpoint, step) after each.
+
+    Segments are train()'s time-boxed resume (max_steps), so the schedule is the one of an
+    uninterrupted run. Wall seconds count training only, not the probes. Returns (checkpoint per
+    method, wall seconds per method and "stage1", curve per method and "stage1").
+    """
+    total = cfg.stage1_steps + cfg.stage2_steps
+
+    def stops(start: int, end: int) -> list[int]:
+        return sorted({*range(start + every, end, every), end}) if every > 0 else [end]
+
+    def run(folder: Path, method: str, start: int, end: int, curve: list[dict[str, float]]) -> tuple[Path, float]:
+        spent, path = 0.0, folder / "model.json"
+        for stop in stops(start, end):
+            t0 = time.perf_counter()
+            path = train(dataclasses.replace(cfg, max_steps=stop), data, folder, method)
+            spent += time.perf_counter() - t0
+            if every > 0:
+                curve.append(probe(path, stop))
+        return path, spent
+
+    paths: dict[str, Path] = {}
+    wall: dict[str, float] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    shared = [m for m in methods if m in SHARED_STAGE1] if cfg.stage1_steps > 0 else []
+    stage1 = None
+    if shared:
+        curves["stage1"] = []
+        stage1, wall["stage1"] = run(out / "stage1", "finetune", 0, cfg.stage1_steps, curves["stage1"])
+    for method in methods:
+        folder = out / method
+        start = 0
+        curves[method] = []
+        if method in shared:
+            curves[method] = list(curves["stage1"])
+            start = cfg.stage1_steps
+            if not (folder / "model.json").is_file():
+                seed_from_stage1(stage1, folder, cfg, method)
+        paths[method], wall[method] = run(folder, method, start, total, curves[method])
+    return paths, wall, curves
+
+
+def write_learning_curves(out: Path, curves: dict[str, list[dict[str, float]]]) -> Path | None:
+    """learning_curves.png: validation-frame and synthetic-crop 2D-proj@5px against the step, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(curves.values()):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in ((axes[0], "val_proj_5px", "validation frames (visib >= 0.5)"),
+                           (axes[1], "synthetic_proj_5px", "held-out synthetic crops")):
+        for method, points in curves.items():
+            if points:
+                ax.plot([p["step"] for p in points], [100 * p[key] for p in points], marker="o", label=method)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("2D-proj@5px (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,15 +344,16 @@ def _table_rows(results: dict[str, dict], names: dict[int, str], obj_ids: Sequen
         table[method]["train_s"] = res.get("train_s", 0.0)
         if "synthetic_crops" in res:
             table[method]["synthetic_crops"] = res["synthetic_crops"]
+        table[method]["head"] = res.get("head", "")
         table[method]["eval_s"] = res["eval_s"]
     return table
 
 
 def write_lmo_table(out: Path, table: dict[str, Any], names: list[str], header: dict[str, Any]) -> str:
     """table.md: methods side by side (means, both splits), then one per-object table per metric."""
-    cols = (["method"] + [f"{label} {split}" for split in SPLITS for _, label in METRICS]
+    cols = (["method", "head"] + [f"{label} {split}" for split in SPLITS for _, label in METRICS]
             + ["2D-proj@5px synthetic crops", "train s"])
-    rows = [[m] + [t[split]["mean"][k] for split in SPLITS for k, _ in METRICS]
+    rows = [[m, t.get("head", "")] + [t[split]["mean"][k] for split in SPLITS for k, _ in METRICS]
             + [100.0 * t["synthetic_crops"]["proj_5px"] if "synthetic_crops" in t else "",
                f"{t['train_s']:.0f}"] for m, t in table.items()]
     text = [f"# LM-O scene {header['scene_id']}: every method on one budget\n",
@@ -306,14 +429,39 @@ def run_lmo_experiment(
     names = {**xdata.LMO_NAMES}
     test_spec = ",".join(str(i) for i in test_ids)
 
-    stream_cfg = lmo_stream_config(budget, scene, train_ids, obj_ids)
-    pair_cfg = PairConfig(crop=budget.input_size, window_margin=stream_cfg.window_margin, jitter=True)
-    data = xdata.objects_task_data(bop_root, scene_id, train_ids, obj_ids, stream_cfg, pair_cfg,
-                                   num_workers=budget.num_workers, names=names)
-    cfg = lmo_train_config(budget, len(obj_ids), device)
-    paths, wall = xdata.train_all(cfg, data, out, methods)
-
+    fit_ids, val_ids = split_validation(train_ids, budget.validation_frames)
+    stream_cfg = lmo_stream_config(budget, scene, fit_ids, obj_ids)
+    data = xdata.objects_pool_task_data(bop_root, scene_id, fit_ids, obj_ids, stream_cfg,
+                                        PoolConfig(n_per_object=budget.pool_per_object), names=names, head=budget.head)
     infos, meshes = _eval_models(bop_root)
+    held_out = synthetic_validation_crops(bop_root, stream_cfg, budget.synthetic_probe_per_object)
+    val_spec = ",".join(str(i) for i in val_ids)
+
+    def probe(model_json: Path, step: int) -> dict[str, float]:
+        """Validation frames and held-out synthetic crops at one step: one point of the learning curves."""
+        est = load_estimator(model_json, device=device)
+        records, _ = run_bop(est, bop_root, scene_id, val_spec, detections="gt")
+        metrics, _ = score_objects(records, infos, meshes, names)
+        syn = synthetic_crop_accuracy(model_json, held_out, obj_ids, infos, meshes)
+        return {"step": step, "val_proj_5px": metrics[SPLITS[1]]["mean_over_objects"]["proj_5px"],
+                "val_proj_5px_all": metrics["all"]["mean_over_objects"]["proj_5px"],
+                "synthetic_proj_5px": syn["proj_5px"]}
+
+    runs = [(budget.head, methods, out)]
+    if budget.bb8_row and budget.head != "bb8" and "fm" in methods:
+        runs.append(("bb8", ("fm",), out / "bb8"))
+    paths: dict[str, Path] = {}
+    wall: dict[str, float] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    for head, run_methods, folder in runs:
+        cfg = lmo_train_config(budget, len(obj_ids), device, head=head)
+        head_data = dataclasses.replace(data, meta={**data.meta, "head": head})
+        p, w, c = train_with_curves(cfg, head_data, folder, run_methods, budget.curve_every if val_ids else 0, probe)
+        suffix = "" if head == budget.head else f"_{head}"
+        paths.update({f"{m}{suffix}": v for m, v in p.items()})
+        wall.update({f"{m}{suffix}": v for m, v in w.items()})
+        curves.update({f"{m}{suffix}": v for m, v in c.items()})
+
     results: dict[str, dict] = {}
 
     def evaluate(name: str, est: ObjectEstimator, train_s: float) -> None:
@@ -325,16 +473,20 @@ def run_lmo_experiment(
         write_overlays(folder, bop_root, scene_id, records, infos, names, n=budget.overlays)
         results[name] = {"metrics": metrics, "train_s": train_s, "eval_s": time.perf_counter() - t0}
 
-    held_out = synthetic_validation_crops(bop_root, stream_cfg, 16 if quick else 512)
-    for method in methods:
-        evaluate(method, load_estimator(paths[method], device=device), wall.get(method, 0.0))
-        results[method]["synthetic_crops"] = synthetic_crop_accuracy(paths[method], held_out, infos, meshes)
-    if exemplars:
+    # The test frames are touched once, here, after every setting was fixed.
+    for name, path in paths.items():
+        if name == "stage1" or name.startswith("stage1_"):
+            continue
+        evaluate(name, load_estimator(path, device=device), wall.get(name, 0.0))
+        results[name]["synthetic_crops"] = synthetic_crop_accuracy(path, held_out, obj_ids, infos, meshes)
+        results[name]["head"] = json.loads(path.read_text())["net"]["head"]
+    if exemplars and budget.head == "bb8":
+        bank_cfg = dataclasses.replace(stream_cfg, crop=budget.input_size)
         for name, source in (("exemplar", "synthetic"), ("exemplar_fm", "fm")):
             if source not in paths:
                 continue
             t0 = time.perf_counter()
-            banks = build_object_banks(paths[source], bop_root, obj_ids, stream_cfg, budget.exemplars_per_object)
+            banks = build_object_banks(paths[source], bop_root, obj_ids, bank_cfg, budget.exemplars_per_object)
             evaluate(name, exemplar_estimator(paths[source], banks, device), time.perf_counter() - t0)
 
     object_names = [names[o] for o in obj_ids]
@@ -344,10 +496,12 @@ def run_lmo_experiment(
               "test_frames": test_frames if not quick else test_spec, "n_train_frames": len(train_ids),
               "n_test_frames": len(test_ids), "n_test_instances": n_test,
               "budget": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(budget).items()),
-              "objects": dict(zip(obj_ids, object_names)), "stage1_s": wall.get("stage1", 0.0)}
+              "objects": dict(zip(obj_ids, object_names)), "stage1_s": wall.get("stage1", 0.0),
+              "fit_frames": ",".join(map(str, fit_ids)), "validation_frames": val_spec, "head": budget.head}
     write_lmo_table(out, table, object_names, header)
     write_lmo_plots(out, results, table, object_names)
-    doc = {"header": header, "methods": table, "quick": quick, "budget": dataclasses.asdict(budget),
+    write_learning_curves(out, curves)
+    doc = {"header": header, "methods": table, "quick": quick, "budget": dataclasses.asdict(budget), "curves": curves,
            "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=list)),
            "wall_s": time.perf_counter() - t_start}
     from featmap_ros.evaluation import write_json

@@ -2,8 +2,9 @@
 
 Synthetic image: h(f_S(x)). Real image: h(g(f_R(x))); g is never applied to synthetic features.
 Images are NCHW float32 in [-1, 1]: objects 3x128x128 RGB crops, hands 1x128x128 normalised depth.
-Outputs are crop-normalised corner projections (B, 16) for objects and joints divided by the cube
-half-size (B, 42) for hands.
+Outputs are crop-normalised corner projections (B, 16 per object) for the BB8 object head, dense
+maps (B, 4 per object, S/2, S/2) of visibility logits and normalised model coordinates for the
+dense object head, and joints divided by the cube half-size (B, 42) for hands.
 
 Normalisation layers are GroupNorm (or none), never BatchNorm: the frozen f_S must give the same
 feature in train and eval mode, and data-parallel training must match single-process training
@@ -20,6 +21,12 @@ import torch
 from torch import nn
 
 TASKS = ("objects", "hands")
+# Object heads: "bb8" regresses the 8 box corners from a global feature (the paper's configuration);
+# "dense" predicts, at every location of a spatial feature map, a visibility logit and the object's
+# normalised model coordinates (pose by PnP-RANSAC over the correspondences, featmap_ros/heads/dense.py).
+HEADS = ("bb8", "dense")
+DENSE_CHANNELS = 4  # per object: visibility logit, then x, y, z model coordinates in [-1, 1] of the box
+DENSE_STRIDE = 2  # input pixels per output location of the dense head
 
 # What "paper-like" means per task when a field is left as None: VGG-16 convolutions for objects
 # (BB8), a DeepPrior++-like ResNet (5x5 stem of 32, stages 64/128/256/256) for hands.
@@ -47,10 +54,17 @@ class NetConfig:
     # Feature Mapping: a separate real-domain extractor f_R and the mapping g exist only when True.
     mapping: bool = False
     mapping_blocks: int = 2
+    # Objects only: which pose head (HEADS). "dense" keeps f spatial: n_outputs is then the number of
+    # output channels, DENSE_CHANNELS per object.
+    head: str = "bb8"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.head not in HEADS or (self.task == "hands" and self.head != "bb8"):
+            raise ValueError(f"head must be one of {HEADS} (objects) or 'bb8' (hands' FC head), got {self.head!r}")
+        if self.head == "dense" and self.n_outputs is None:
+            raise ValueError("a dense head needs n_outputs = DENSE_CHANNELS * number of objects")
         for name, value in _TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -66,6 +80,13 @@ class NetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if min(self.width, self.feature_dim, self.n_outputs, self.in_channels) < 1:
             raise ValueError(f"width, feature_dim, n_outputs, in_channels must be positive: {self}")
+        if self.head == "dense" and self.n_outputs % DENSE_CHANNELS:
+            raise ValueError(f"a dense head has {DENSE_CHANNELS} channels per object, got n_outputs={self.n_outputs}")
+
+    @property
+    def spatial(self) -> bool:
+        """True when f gives a feature map (B, feature_dim, S/stride, S/stride), not a vector."""
+        return self.head == "dense"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the resolved fields as plain JSON/YAML values."""
@@ -203,6 +224,75 @@ class Head(nn.Module):
         return self.fc(x)
 
 
+class SpatialExtractor(nn.Module):
+    """f for the dense head: a small U-Net; (B, C, S, S) -> (B, feature_dim, S/2, S/2) feature map (post-ReLU).
+
+    Encoder stages of width (w, 2w, 4w, 8w) with cfg.blocks[:4] convolutions each, at S, S/2, S/4,
+    S/8; the decoder upsamples twice with skip connections to S/2 (DENSE_STRIDE). Every output
+    location sees the whole 64x64 crop (receptive field over 100 px), and the map is translation
+    equivariant, so a shifted object gives shifted correspondences: what makes it sample-efficient
+    next to a global FC feature.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        w, n = cfg.width, cfg.blocks
+        widths = (w, 2 * w, 4 * w, 8 * w)
+        self.enc = nn.ModuleList()
+        c_in = cfg.in_channels
+        for c_out, k in zip(widths, n[:4], strict=True):
+            self.enc.append(nn.Sequential(*(_conv_block(c_in if i == 0 else c_out, c_out, 3, 1, cfg.norm)
+                                            for i in range(k))))
+            c_in = c_out
+        self.pool = nn.MaxPool2d(2)
+        self.up3 = _conv_block(widths[3] + widths[2], widths[2], 3, 1, cfg.norm)  # S/8 -> S/4
+        self.up2 = _conv_block(widths[2] + widths[1], cfg.feature_dim, 3, 1, cfg.norm)  # S/4 -> S/2
+        self.out = _conv_block(cfg.feature_dim, cfg.feature_dim, 3, 1, cfg.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) images in [-1, 1] -> (B, feature_dim, S/2, S/2)."""
+        skips = []
+        for i, stage in enumerate(self.enc):
+            x = stage(x if i == 0 else self.pool(x))
+            skips.append(x)
+        up = nn.functional.interpolate
+        x = self.up3(torch.cat([up(x, scale_factor=2.0, mode="nearest"), skips[2]], 1))
+        x = self.up2(torch.cat([up(x, scale_factor=2.0, mode="nearest"), skips[1]], 1))
+        return self.out(x)
+
+
+class SpatialMappingBlock(nn.Module):
+    """x + conv3x3(ReLU(conv3x3(x))) on a feature map; the last convolution starts at zero (identity)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D, H, W)."""
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class DenseHead(nn.Module):
+    """h for the dense head: a 1x1 convolution, DENSE_CHANNELS per object at every location."""
+
+    def __init__(self, dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, n_outputs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, n_outputs, H, W)."""
+        return self.conv(x)
+
+
+def pooled_features(features: torch.Tensor) -> torch.Tensor:
+    """(B, D) vectors as they are; (B, D, H, W) feature maps averaged over locations to (B, D)."""
+    return features.mean(dim=(2, 3)) if features.dim() == 4 else features
+
+
 @dataclass
 class Prediction:
     """Run-time result: normalised pose outputs (B, n_outputs) and the features h saw (B, D)."""
@@ -217,10 +307,15 @@ class FeatureMappingModel(nn.Module):
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.f_S = FeatureExtractor(cfg)
-        self.h = Head(cfg.feature_dim, cfg.n_outputs)
-        self.f_R: FeatureExtractor | None = FeatureExtractor(cfg) if cfg.mapping else None
-        self.g: Mapping | None = Mapping(cfg.feature_dim, cfg.mapping_blocks) if cfg.mapping else None
+        extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
+        self.f_S: nn.Module = extractor(cfg)
+        self.h: nn.Module = DenseHead(cfg.feature_dim, cfg.n_outputs) if cfg.spatial else Head(cfg.feature_dim,
+                                                                                                  cfg.n_outputs)
+        self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping else None
+        self.g: nn.Module | None = None
+        if cfg.mapping:
+            self.g = (nn.Sequential(*(SpatialMappingBlock(cfg.feature_dim) for _ in range(cfg.mapping_blocks)))
+                      if cfg.spatial else Mapping(cfg.feature_dim, cfg.mapping_blocks))
 
     def init_real_from_syn(self) -> None:
         """Copy f_S's weights into f_R (the start of the mapping stage)."""
