@@ -4,6 +4,7 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
+                                     [--heads dense bb8]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them.
@@ -23,7 +24,7 @@ from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
 from featmap_ros.estimator import load_estimator
 from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.model import checkpoint
-from featmap_ros.model.nets import FeatureMappingModel, NetConfig
+from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
 from featmap_ros.results import Detection2D
 from featmap_ros.ros.config import NodeConfig
 from featmap_ros.ros.messages import MessageFactory
@@ -34,11 +35,19 @@ PRESETS = {"deploy": {"input_size": 64, "width": 16, "feature_dim": 256}, "paper
 LMO = Intrinsics(572.4114, 573.57043, 325.2611, 242.04899, 640, 480)
 
 
-def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8) -> Path:
-    """A random-weight checkpoint of the given size (latency does not depend on the weights)."""
-    kw = PRESETS[preset]
+def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, head: str = "bb8") -> Path:
+    """A random-weight checkpoint of the given size and head.
+
+    The network's time does not depend on the weights. The dense head's PnP-RANSAC does: random
+    weights give unrelated correspondences, so RANSAC runs all its iterations on max_points
+    correspondences, an upper bound of a trained model's time.
+    """
+    kw = dict(PRESETS[preset])
     if task == "objects":
-        cfg = NetConfig(task="objects", n_outputs=16 * n_objects, mapping=True, **kw)
+        if head == "dense":
+            kw["feature_dim"] = 32 if preset == "deploy" else 64
+        per = DENSE_CHANNELS if head == "dense" else 16
+        cfg = NetConfig(task="objects", n_outputs=per * n_objects, mapping=True, head=head, **kw)
         corners = box_corners([-0.05] * 3, [0.1] * 3).tolist()
         meta = {"objects": [{"obj_id": i + 1, "name": f"obj{i + 1}", "corners_m": corners, "extent_m": [0.1] * 3,
                              "symmetric": False} for i in range(n_objects)],
@@ -46,8 +55,9 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8) ->
     else:
         cfg = NetConfig(task="hands", mapping=True, **kw)
         meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": cfg.input_size}}
-    checkpoint.save(folder / f"{task}_{preset}", FeatureMappingModel(cfg), {"method": "fm", **meta})
-    return folder / f"{task}_{preset}"
+    name = f"{task}_{preset}_{head}"
+    checkpoint.save(folder / name, FeatureMappingModel(cfg), {"method": "fm", **meta})
+    return folder / name
 
 
 def object_frame(f: MessageFactory, n: int, rng: np.random.Generator) -> tuple:
@@ -85,21 +95,24 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--presets", nargs="+", default=["deploy", "paper"], choices=sorted(PRESETS))
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "bb8"],
+                        help="object heads: dense (the default model) and bb8 (the paper's), side by side")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print("| device | preset | case | median (ms) | p95 (ms) |\n|---|---|---|---|---|")
+    print("| device | preset | case | median (ms) | p95 (ms) |\n|---|---|---|---|---|", flush=True)
     with TemporaryDirectory() as tmp:
         for device in args.devices:
             for preset in args.presets:
-                ckpt = make_checkpoint(Path(tmp), "objects", preset)
-                est = load_estimator(ckpt, device=device)
-                proc = FrameProcessor(est, f, NodeConfig(task="objects", publish_overlay=False))
-                for n in (1, 8):
-                    med, p95 = measure(proc, object_frame(f, n, rng), args.frames)
-                    print(f"| {device} | {preset} | objects x{n} | {med:.1f} | {p95:.1f} |", flush=True)
+                for head in args.heads:
+                    est = load_estimator(make_checkpoint(Path(tmp), "objects", preset, head=head), device=device)
+                    proc = FrameProcessor(est, f, NodeConfig(task="objects", publish_overlay=False))
+                    for n in (1, 8):
+                        med, p95 = measure(proc, object_frame(f, n, rng), args.frames)
+                        print(f"| {device} | {preset} | objects x{n}, {head} head | {med:.1f} | {p95:.1f} |",
+                              flush=True)
                 est = load_estimator(make_checkpoint(Path(tmp), "hands", preset), device=device)
                 proc = FrameProcessor(est, f, NodeConfig(task="hands", use_detections=False, publish_overlay=False))
                 med, p95 = measure(proc, hand_frame(f), args.frames)

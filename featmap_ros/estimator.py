@@ -16,6 +16,7 @@ Checkpoint metadata this module reads (written by featmap_ros.train):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class EstimatorError(ValueError):
     """The estimator got input it cannot use (the message says what was expected)."""
+
+
+DEFAULT_MAX_DETECTIONS = 32
+NETWORK_CHUNK = 16  # crops per forward pass: bounds the memory of one frame whatever the detection count
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,6 +96,40 @@ class _Network:
         return pred.outputs.float().cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
 
 
+def _check_max_detections(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EstimatorError(f"max_detections must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _finite_score(score: float) -> float:
+    s = float(score)
+    return s if np.isfinite(s) else -np.inf
+
+
+def usable_box(det: Detection2D, intrinsics: geo.Intrinsics) -> np.ndarray | None:
+    """The detection's (x, y, w, h) as float64 when finite, larger than a pixel and on the image; else None."""
+    try:
+        box = np.asarray(det.box_xywh, dtype=np.float64).reshape(4)
+    except (TypeError, ValueError):
+        log.debug("skipping detection with malformed box %r", det.box_xywh)
+        return None
+    x, y, w, h = box
+    if not (np.isfinite(box).all() and w > 1 and h > 1):
+        log.debug("skipping detection with degenerate box %s", box)
+        return None
+    if x + w <= 0 or y + h <= 0 or x >= intrinsics.width or y >= intrinsics.height:
+        log.debug("skipping detection with box %s off the image", box)
+        return None
+    return box
+
+
+def run_chunked(net: Any, crops: list[np.ndarray], chunk: int = NETWORK_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """net.run() over crops (C, S, S) in chunks of at most `chunk`; outputs and scores concatenated."""
+    parts = [net.run(np.stack(crops[i:i + chunk])) for i in range(0, len(crops), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _check_intrinsics(shape: tuple[int, ...], intrinsics: geo.Intrinsics, what: str) -> None:
     h, w = shape[:2]
     if (w, h) != (intrinsics.width, intrinsics.height):
@@ -109,7 +148,8 @@ class ObjectEstimator:
     task = "objects"
 
     def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: str = "auto",
-                 pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None) -> None:
+                 pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None,
+                 max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
         if meta.get("task") != "objects":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'objects'")
         self.net = _Network(model, meta, resolve_device(device))
@@ -125,6 +165,8 @@ class ObjectEstimator:
         self.window_scale = float(meta["crop"].get("window_scale", 1.0))
         self.pnp_method, self.ransac = pnp_method, ransac
         self.head = model.cfg.head
+        self.max_detections = _check_max_detections(max_detections)
+        self.skipped: Counter[str] = Counter()
         self.dense_cfg = dense_cfg or DenseDecodeConfig()
         per_object = DENSE_CHANNELS if self.head == "dense" else 16
         if model.cfg.n_outputs != per_object * len(self.objects):
@@ -147,16 +189,14 @@ class ObjectEstimator:
         for i, det in enumerate(detections):
             k = self.object_index(det)
             if k is None:
+                self.skipped["unknown_object"] += 1
                 log.debug("skipping detection of unknown object %r", det.class_id)
                 continue
-            x, y, w, h = (float(v) for v in det.box_xywh)
-            if not (np.isfinite([x, y, w, h]).all() and w > 1 and h > 1):
-                log.debug("skipping detection with degenerate box %s", det.box_xywh)
+            box = usable_box(det, intrinsics)
+            if box is None:
+                self.skipped["bad_box"] += 1
                 continue
-            if x + w <= 0 or y + h <= 0 or x >= intrinsics.width or y >= intrinsics.height:
-                log.debug("skipping detection with box %s off the image", det.box_xywh)
-                continue
-            out.append((i, k, geo.CropWindow.around_box(det.box_xywh, self.crop_size, self.window_scale)))
+            out.append((i, k, geo.CropWindow.around_box(box, self.crop_size, self.window_scale)))
         return out
 
     def estimate(self, rgb: np.ndarray, intrinsics: geo.Intrinsics, detections: list[Detection2D]) -> list[ObjectPose]:
@@ -170,16 +210,25 @@ class ObjectEstimator:
             raise EstimatorError(f"objects need an HxWx3 uint8 RGB image, got shape {rgb.shape} dtype {rgb.dtype}")
         _check_intrinsics(rgb.shape, intrinsics, "image")
         chosen = self.windows(detections, intrinsics)
+        if len(chosen) > self.max_detections:
+            # The most confident detections are kept; the others are counted, never silently lost.
+            self.skipped["max_detections"] += len(chosen) - self.max_detections
+            keep = sorted(range(len(chosen)), key=lambda j: -_finite_score(detections[chosen[j][0]].score))
+            chosen = [chosen[j] for j in sorted(keep[: self.max_detections])]
         if not chosen:
             return []
-        batch = np.stack([rgb_to_input(win.crop(rgb)) for _, _, win in chosen])
-        outputs, ood = self.net.run(batch)
+        outputs, ood = run_chunked(self.net, [rgb_to_input(win.crop(rgb)) for _, _, win in chosen])
         K = intrinsics.K
         poses = []
         for row, (i, k, win) in enumerate(chosen):
             det = detections[i]
             info = self.objects[k]
             confidence = 1.0
+            per = DENSE_CHANNELS if self.head == "dense" else 16
+            if not np.isfinite(outputs[row, per * k: per * (k + 1)]).all():
+                self.skipped["non_finite_output"] += 1
+                log.debug("network output for object %d is not finite; dropped", info.obj_id)
+                continue
             try:
                 if self.head == "dense":
                     channels = outputs[row, DENSE_CHANNELS * k: DENSE_CHANNELS * (k + 1)]
@@ -192,9 +241,14 @@ class ObjectEstimator:
                     uv = win.to_image(geo.denormalise_uv(uv_norm, self.crop_size))
                     R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)
             except geo.GeometryError as err:
+                self.skipped["pnp_failed"] += 1
                 log.debug("PnP failed for object %d: %s", info.obj_id, err)
                 continue
+            if not (np.isfinite(R).all() and np.isfinite(t).all() and np.isfinite(uv).all()):
+                self.skipped["non_finite_output"] += 1
+                continue
             if t[2] <= 0:
+                self.skipped["behind_camera"] += 1
                 log.debug("PnP put object %d behind the camera; skipped", info.obj_id)
                 continue
             # The score is the detection's, times the pose's own confidence (dense head: RANSAC inlier ratio).
@@ -217,7 +271,7 @@ class HandEstimator:
     task = "hands"
 
     def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: str = "auto",
-                 max_depth_m: float = 1.5, min_pixels: int = 200) -> None:
+                 max_depth_m: float = 1.5, min_pixels: int = 200, max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
         if meta.get("task") != "hands":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'hands'")
         self.net = _Network(model, meta, resolve_device(device))
@@ -226,6 +280,8 @@ class HandEstimator:
         self.cube_m = float(meta["hands"]["cube_m"])
         self.crop_size = int(meta["crop"]["size"])
         self.max_depth_m, self.min_pixels = max_depth_m, min_pixels
+        self.max_detections = _check_max_detections(max_detections)
+        self.skipped: Counter[str] = Counter()
         if model.cfg.n_outputs != 3 * len(self.joint_names):
             raise EstimatorError(f"head has {model.cfg.n_outputs} outputs for {len(self.joint_names)} joints")
 
@@ -236,11 +292,22 @@ class HandEstimator:
             return [geo.locate_hand(depth_m, intrinsics.K, cube_m=self.cube_m, min_pixels=self.min_pixels,
                                     max_depth_m=self.max_depth_m)]
         centres = []
-        for det in detections:
-            x, y, w, h = (int(round(v)) for v in det.box_xywh)
+        h_img, w_img = depth_m.shape[:2]
+        intr = geo.Intrinsics(1.0, 1.0, 0.0, 0.0, w_img, h_img)
+        boxes = [b for b in (usable_box(d, intr) for d in detections)]
+        self.skipped["bad_box"] += sum(b is None for b in boxes)
+        order = sorted((i for i, b in enumerate(boxes) if b is not None),
+                       key=lambda i: -_finite_score(detections[i].score))
+        if len(order) > self.max_detections:
+            self.skipped["max_detections"] += len(order) - self.max_detections
+            order = sorted(order[: self.max_detections])
+        for i in order:
+            det = detections[i]
+            x, y, w, h = (int(round(v)) for v in boxes[i])
             x0, y0 = max(x, 0), max(y, 0)
-            x1, y1 = min(x + w, depth_m.shape[1]), min(y + h, depth_m.shape[0])
+            x1, y1 = min(x + w, w_img), min(y + h, h_img)
             if x1 <= x0 or y1 <= y0:
+                self.skipped["bad_box"] += 1
                 log.debug("skipping hand box %s off the image", det.box_xywh)
                 continue
             masked = np.full_like(depth_m, np.nan)
@@ -278,10 +345,14 @@ class HandEstimator:
             crop, cube = geo.crop_depth_cube(depth_m, intrinsics.K, c, cube_m=self.cube_m, out=self.crop_size)
             crops.append(depth_to_input(crop))
             cubes.append(cube)
-        outputs, ood = self.net.run(np.stack(crops))
+        outputs, ood = run_chunked(self.net, crops)
         hands = []
         for row, cube in enumerate(cubes):
             joints = cube.denormalise_joints(outputs[row].reshape(-1, 3))
+            if not np.isfinite(joints).all():
+                self.skipped["non_finite_output"] += 1
+                log.debug("network output for the hand at %s is not finite; dropped", cube.centre)
+                continue
             conf = joint_confidence(joints, depth_m, intrinsics.K)
             hands.append(HandPose(joints_xyz=joints, confidences=conf, centre=cube.centre, cube_m=self.cube_m,
                                   joint_names=self.joint_names, score=float(conf.mean()),
@@ -318,8 +389,8 @@ def joint_confidence(joints_xyz: np.ndarray, depth_m: np.ndarray, K: np.ndarray,
     return conf
 
 
-def load_estimator(model_path: str | Path, device: str = "auto",
-                   cpu_threads: int = 0) -> ObjectEstimator | HandEstimator:
+def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
+                   max_detections: int = DEFAULT_MAX_DETECTIONS) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint alone (its JSON says the task).
 
     cpu_threads > 0 caps torch's intra-op threads: with other busy processes on the same cores,
@@ -332,4 +403,4 @@ def load_estimator(model_path: str | Path, device: str = "auto",
         torch.set_num_threads(cpu_threads)
     model, meta = checkpoint.load(model_path, device="cpu")
     cls = ObjectEstimator if meta["task"] == "objects" else HandEstimator
-    return cls(model, meta, device=device)
+    return cls(model, meta, device=device, max_detections=max_detections)

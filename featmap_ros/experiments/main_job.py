@@ -1,9 +1,10 @@
 """`featmap main`: the whole path on built-in assets, on any machine, in minutes.
 
 1. Built-in assets: the procedural object and a "real-like" camera scene of it (BOP layout).
-2. Train a small Feature Mapping model for objects (synthetic stream + real/synthetic pairs of the
-   scene's training frames) and one for hands (synthetic stream + sensor-domain pairs), unless the
-   same output folder already holds them.
+2. Train a small Feature Mapping model for objects (dense correspondence head; a pool of synthetic
+   crops rendered once and augmented on the fly + real/synthetic pairs of the scene's training
+   frames) and one for hands (synthetic stream + sensor-domain pairs), unless the same output
+   folder already holds them.
 3. Make replay bags: the scene's test frames (rgb8 + camera_info + detections + ground truth) and a
    smoothly moving hand of another person through another sensor setting (16UC1 depth).
 4. Replay both through `bag eval` (the node's processing path) and print the scores and where the
@@ -35,11 +36,14 @@ class MainJobSize:
     batch_size: int = 32
     input_size: int = 64
     width: int = 16
-    feature_dim: int = 256
+    feature_dim: int = 256  # hands' FC feature
+    dense_feature_dim: int = 32  # objects: channels of the dense head's feature map
+    object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
 
 
 TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4, stage1_steps=3,
-                   stage2_steps=2, batch_size=4, input_size=32, width=4, feature_dim=32)
+                   stage2_steps=2, batch_size=4, input_size=32, width=4, feature_dim=32, dense_feature_dim=8,
+                   object_pool=8)
 
 
 def _train_config(task: str, size: MainJobSize, device: str):
@@ -56,18 +60,27 @@ def _train_config(task: str, size: MainJobSize, device: str):
 
 
 def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Path:
-    from featmap_ros.datasets.streams import ObjectStreamConfig, PairConfig
-    from featmap_ros.experiments.data import objects_task_data
+    from featmap_ros.datasets.bop import BopScene
+    from featmap_ros.datasets.pool import PoolConfig
+    from featmap_ros.datasets.streams import ObjectStreamConfig
+    from featmap_ros.experiments.data import objects_pool_task_data
+    from featmap_ros.model.nets import DENSE_CHANNELS
     from featmap_ros.train import train
 
     cfg = _train_config("objects", size, device)
-    cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=16))
-    data = objects_task_data(
-        root, 1, list(range(size.train_frames)), (assets.OBJ_ID,),
-        stream_cfg=ObjectStreamConfig(obj_ids=(assets.OBJ_ID,), crop=size.input_size, distance_m=(0.3, 0.7)),
-        pair_cfg=PairConfig(crop=size.input_size, jitter=True), num_workers=0,
-        names={assets.OBJ_ID: assets.OBJ_NAME},
-    )
+    cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, head="dense", n_outputs=DENSE_CHANNELS,
+                                                           feature_dim=size.dense_feature_dim, dropout=0.0))
+    train_ids = list(range(size.train_frames))
+    frames = BopScene(root, 1).frames(train_ids)
+    # As in the LM-O experiment: viewpoints around the training frames' poses, their backgrounds.
+    anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
+                    for f in frames for i in f.instances if i.obj_id == assets.OBJ_ID)
+    stream_cfg = ObjectStreamConfig(obj_ids=(assets.OBJ_ID,), crop=size.input_size, distance_m=(0.3, 0.7),
+                                    pose_anchors=anchors, photo_paths=tuple(str(f.rgb_path) for f in frames),
+                                    photo_prob=0.5)
+    data = objects_pool_task_data(root, 1, train_ids, (assets.OBJ_ID,), stream_cfg,
+                                  PoolConfig(n_per_object=size.object_pool), names={assets.OBJ_ID: assets.OBJ_NAME},
+                                  head="dense")
     return train(cfg, data, out)
 
 

@@ -56,6 +56,9 @@ class NodeConfig:
         1, "CPU threads for the network (0 = torch's default, one per core); 1 resists a busy CPU best "
         "(docs/ros.md), raise it only on cores nothing else uses"
     )
+    max_detections: int = _param(
+        32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
+    )
     image_topic: str = _param("image", "input image: colour for objects, depth (16UC1 mm or 32FC1 m) for hands")
     camera_info_topic: str = _param("camera_info", "sensor_msgs/CameraInfo of the image (rectified pinhole)")
     detections_topic: str = _param("detections", "vision_msgs/Detection2DArray of 2D boxes to estimate in")
@@ -103,6 +106,8 @@ class NodeConfig:
             raise ProcessorError("config", f"sync_slop_s {self.sync_slop_s} must be > 0 seconds")
         if self.cpu_threads < 0:
             raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = torch's default)")
+        if self.max_detections < 1:
+            raise ProcessorError("config", f"max_detections {self.max_detections} must be >= 1")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):

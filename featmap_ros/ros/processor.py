@@ -70,7 +70,8 @@ def load_estimator_for(config: NodeConfig) -> Estimator:
     # torch lives behind this import: only a node that runs a model pays for it.
     from featmap_ros.estimator import load_estimator
 
-    estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads)
+    estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads,
+                               max_detections=config.max_detections)
     if estimator.task != config.task:
         raise ProcessorError("config", f"{config.model_path} is a {estimator.task!r} model but task is {config.task!r}")
     return estimator
@@ -279,6 +280,7 @@ class FrameProcessor:
         self.clock = clock
         self.log_once = LogOnce(log)
         self.stats = ProcessorStats()
+        self._non_finite_seen = 0  # the estimator's non-finite drops at the last diagnostics update
 
     def update_config(self, **changes: Any) -> NodeConfig:
         """Change live parameters (min_score, max_age_s, publish_overlay, marker_lifetime_s) while running."""
@@ -428,6 +430,15 @@ class FrameProcessor:
         values.update({f"skipped: {kind}": str(n) for kind, n in sorted(s.skipped.items())})
         noted = {k: n for k, n in self.log_once.counts.items() if k not in s.skipped}
         values.update({f"noted: {kind}": str(n) for kind, n in sorted(noted.items())})
+        # Detections the estimator dropped one by one (bad boxes, over max_detections, PnP, non-finite output).
+        dropped_dets = dict(getattr(self.estimator, "skipped", {}) or {})
+        values.update({f"detections dropped: {kind}": str(n) for kind, n in sorted(dropped_dets.items())})
+        non_finite = int(dropped_dets.get("non_finite_output", 0))
+        new_non_finite, self._non_finite_seen = non_finite - self._non_finite_seen, non_finite
+        if new_non_finite > 0:
+            message = f"the network gave non-finite output for {new_non_finite} detections since the last update"
+            self.log_once("non_finite_output", message + " (dropped, never published)")
+            return "error", message, values
         problem = None
         if inputs is not None:
             input_values, problem = inputs.report()

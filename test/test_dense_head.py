@@ -1,0 +1,199 @@
+"""The dense correspondence head: targets from renders decode back to the pose; spatial g starts as the identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featmap_ros import geometry as geo
+from featmap_ros.datasets.bop import ObjectInfo, load_models_info, load_ply, model_path
+from featmap_ros.datasets.pool import (
+    AugmentConfig,
+    PoolConfig,
+    augment_pairs,
+    augment_synthetic,
+    background_bank,
+    jitter_thetas,
+    render_object_pool,
+    shape_bank,
+    warp_corners,
+)
+from featmap_ros.datasets.streams import ObjectStreamConfig, StreamError
+from featmap_ros.heads import dense
+from featmap_ros.metrics import proj_2d
+from featmap_ros.model import checkpoint
+from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig, pooled_features
+
+LMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"
+needs_lmo = pytest.mark.skipif(not (LMO / "models").is_dir(), reason="../shared/data/lmo is absent")
+
+
+@pytest.fixture(scope="module")
+def lmo_pool() -> tuple[dict, dict, dict, ObjectStreamConfig]:
+    if not (LMO / "models").is_dir():
+        pytest.skip("../shared/data/lmo is absent")
+    ids = (1, 8, 10)  # small, large, symmetric
+    infos = load_models_info(LMO / "models" / "models_info.json")
+    meshes = {i: load_ply(model_path(LMO, i)) for i in ids}
+    cfg = ObjectStreamConfig(obj_ids=ids, crop=64)
+    return render_object_pool(infos, meshes, cfg, 12, oversize=1.25, seed=3), infos, meshes, cfg
+
+
+def _perfect_channels(coords: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The head output a perfect network would give for these full-resolution targets."""
+    c, vis = dense.block_targets(coords[None].float(), mask[None])
+    logit = np.where(vis.numpy() >= 0.5, 8.0, -8.0)
+    return np.concatenate([logit[:, None], c.numpy()], 1)[0]
+
+
+def test_render_targets_decode_recovers_the_pose_to_under_a_pixel(lmo_pool) -> None:
+    pool, infos, meshes, cfg = lmo_pool
+    P = pool["rgb"].shape[1]
+    identity = geo.CropWindow(P / 2 - 0.5, P / 2 - 0.5, float(P), P)
+    errors = []
+    for i in range(len(pool["rgb"])):
+        oid = cfg.obj_ids[int(pool["obj_index"][i])]
+        K = pool["K_crop"][i].double().numpy()
+        found = dense.decode(_perfect_channels(pool["coords"][i], pool["mask"][i]), identity, K,
+                             infos[oid].min_xyz, infos[oid].size_xyz)
+        errors.append(proj_2d(found.R, found.t, pool["R"][i].double().numpy(), pool["t"][i].double().numpy(), K,
+                              meshes[oid].vertices))
+        assert found.inlier_ratio > 0.9
+    assert max(errors) < 1.0, errors
+
+
+def test_decode_through_a_window_maps_crop_points_back_to_the_image(lmo_pool) -> None:
+    """The same correspondences seen through a window of a 640x480 image give the image-frame pose."""
+    pool, infos, meshes, cfg = lmo_pool
+    i = 5
+    oid = cfg.obj_ids[int(pool["obj_index"][i])]
+    P = pool["rgb"].shape[1]
+    K_crop = pool["K_crop"][i].double().numpy()
+    # A window whose crop camera is K_crop: image K with the principal point moved by the window.
+    window = geo.CropWindow(300.0, 200.0, 2.0 * P, P)
+    A = window.image_to_crop
+    K_img = K_crop.copy()
+    K_img[0, 0] /= A[0, 0]
+    K_img[1, 1] /= A[1, 1]
+    K_img[0, 2] = (K_crop[0, 2] - A[0, 2]) / A[0, 0]
+    K_img[1, 2] = (K_crop[1, 2] - A[1, 2]) / A[1, 1]
+    np.testing.assert_allclose(window.intrinsics(K_img), K_crop, atol=1e-9)
+    found = dense.decode(_perfect_channels(pool["coords"][i], pool["mask"][i]), window, K_img,
+                         infos[oid].min_xyz, infos[oid].size_xyz)
+    err = proj_2d(found.R, found.t, pool["R"][i].double().numpy(), pool["t"][i].double().numpy(), K_img,
+                  meshes[oid].vertices)
+    assert err < 1.0
+
+
+def test_decode_refuses_non_finite_or_misshaped_output() -> None:
+    win = geo.CropWindow(31.5, 31.5, 64.0, 64)
+    info = ObjectInfo(1, 0.1, np.full(3, -0.05), np.full(3, 0.1))
+    bad = np.zeros((DENSE_CHANNELS, 32, 32))
+    bad[1, 3, 3] = np.nan
+    with pytest.raises(geo.GeometryError, match="finite"):
+        dense.decode(bad, win, np.eye(3), info.min_xyz, info.size_xyz)
+    with pytest.raises(geo.GeometryError, match="finite"):
+        dense.decode(np.zeros((3, 32, 32)), win, np.eye(3), info.min_xyz, info.size_xyz)
+
+
+def test_block_targets_average_coordinates_over_visible_pixels_only() -> None:
+    coords = torch.zeros(1, 3, 4, 4)
+    coords[0, 0, 0, 0], coords[0, 0, 0, 1] = 1.0, 100.0  # the second pixel is not visible
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 0] = mask[0, 1, 0] = True
+    c, vis = dense.block_targets(coords, mask)
+    assert vis.shape == (1, 2, 2) and vis[0, 0, 0] == pytest.approx(0.5) and vis[0, 1, 1] == 0
+    assert c[0, 0, 0, 0] == pytest.approx(0.5)  # mean of 1.0 and 0.0 (the two visible pixels)
+
+
+def test_dense_loss_is_zero_only_for_the_right_object_channels() -> None:
+    coords = torch.rand(2, 3, 8, 8) * 2 - 1
+    vis = (torch.rand(2, 8, 8) > 0.5).float()
+    perfect = torch.cat([(vis * 2 - 1)[:, None] * 30.0, coords], 1)
+    out = torch.cat([torch.zeros_like(perfect), perfect], 1)  # object 1 right, object 0 wrong
+    idx = torch.tensor([1, 1])
+    assert dense.dense_loss(out, coords, vis, idx).item() < 1e-6
+    assert dense.dense_loss(out, coords, vis, torch.tensor([0, 0])).item() > 0.1
+
+
+def test_spatial_mapping_is_the_identity_at_initialisation() -> None:
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=2 * DENSE_CHANNELS,
+                    head="dense", mapping=True)
+    model = FeatureMappingModel(cfg)
+    x = torch.randn(3, 3, 32, 32)
+    f = model.f_R(x)
+    assert f.shape == (3, 8, 16, 16)
+    torch.testing.assert_close(model.g(f), f)
+    assert model.predict_real(x).outputs.shape == (3, 2 * DENSE_CHANNELS, 16, 16)
+    assert pooled_features(f).shape == (3, 8)
+
+
+def test_head_must_fit_the_task_and_the_channel_count() -> None:
+    with pytest.raises(ValueError, match="head"):
+        NetConfig(task="hands", head="dense")
+    with pytest.raises(ValueError, match="channels per object"):
+        NetConfig(task="objects", head="dense", n_outputs=6)
+    with pytest.raises(ValueError, match="head must be"):
+        NetConfig(task="objects", head="pvnet")
+
+
+def test_window_jitter_moves_corners_with_the_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    theta = jitter_thetas(g, 4, 1.25, 0.08, (0.8, 1.2))
+    uv = torch.rand(4, 16) * 2 - 1
+    out = warp_corners(uv, theta)
+    # Back through the affine map: p_in = A p_out + b.
+    back = (theta[:, None, :, :2] @ out.view(4, 8, 2, 1)).squeeze(-1) + theta[:, None, :, 2]
+    torch.testing.assert_close(back.reshape(4, 16), uv)
+    identity = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
+    torch.testing.assert_close(warp_corners(uv[:1], identity), uv[:1])
+
+
+def test_augmented_batches_have_both_heads_targets(lmo_pool) -> None:
+    pool, _, _, cfg = lmo_pool
+    g = torch.Generator().manual_seed(1)
+    bg = background_bank(8, 64, cfg)
+    shapes = shape_bank(8, 64)
+    batch = augment_synthetic(pool, torch.arange(6), bg, shapes, 64, 1.25, AugmentConfig(), g)
+    assert batch["image"].shape == (6, 3, 64, 64) and batch["coords"].shape == (6, 3, 32, 32)
+    assert batch["visibility"].shape == (6, 32, 32) and batch["target"].shape == (6, 16)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert (batch["visibility"].flatten(1).sum(1) > 0).all()  # the object stays in view
+    pairs = {"real": pool["rgb"], "syn": pool["rgb"], **{k: pool[k] for k in ("mask", "coords", "target", "obj_index")}}
+    out = augment_pairs(pairs, torch.arange(4), 64, 1.5, AugmentConfig(), g)
+    assert out["real"].shape == out["syn"].shape == (4, 3, 64, 64)
+
+
+def test_pool_and_augment_configs_refuse_bad_values() -> None:
+    with pytest.raises(StreamError, match="occluder_prob"):
+        AugmentConfig(occluder_prob=1.5)
+    with pytest.raises(StreamError, match="pair_oversize"):
+        PoolConfig(pair_oversize=1.1)
+
+
+def test_estimator_decodes_a_dense_checkpoint_with_the_inlier_ratio_as_score(tmp_path: Path) -> None:
+    from featmap_ros.estimator import load_estimator
+    from featmap_ros.results import Detection2D
+
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS, head="dense")
+    torch.manual_seed(0)
+    model = FeatureMappingModel(cfg)
+    corners = geo.box_corners(np.full(3, -0.05), np.full(3, 0.1))
+    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": corners.tolist(), "extent_m": [0.1] * 3,
+                         "symmetric": False}],
+            "crop": {"size": 32, "window_scale": 1.2}, "head": "dense", "method": "synthetic", "step": 0}
+    path = checkpoint.save(tmp_path / "model", model, meta)
+    est = load_estimator(path, device="cpu")
+    assert est.head == "dense" and json.loads(path.read_text())["net"]["head"] == "dense"
+    K = np.array([[572.4, 0, 320], [0, 573.6, 240], [0, 0, 1.0]])
+    rgb = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    poses = est.estimate(rgb, geo.Intrinsics.from_K(K, 640, 480),
+                         [Detection2D(class_id="ape", obj_id=1, box_xywh=np.array([300.0, 200, 60, 60]), score=0.5)])
+    # An untrained net gives some pose or none; whatever comes is finite and scored by its inliers.
+    for p in poses:
+        assert np.isfinite(p.R).all() and np.isfinite(p.t).all()
+        assert 0.0 <= p.score <= 0.5
