@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import types
 import typing
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from featmap_ros.errors import FeatmapError
 from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
 from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
@@ -48,7 +50,7 @@ CHECKPOINT_STEM = "model"
 Batch = dict[str, torch.Tensor]
 
 
-class TrainError(RuntimeError):
+class TrainError(FeatmapError, RuntimeError):
     """Training cannot start or go on: bad config, missing data stream, non-finite loss."""
 
 
@@ -118,6 +120,44 @@ class TrainConfig:
             raise TrainError("checkpoint_every and log_every must be >= 1")
         if self.cpu_threads < 0:
             raise TrainError(f"cpu_threads must be >= 0 (0 = torch's default), got {self.cpu_threads}")
+        if self.stage1_steps + self.stage2_steps < 1:
+            raise TrainError("stage1_steps + stage2_steps is 0: there is nothing to train")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise TrainError(f"device {self.device!r} is unknown; expected auto, cpu, cuda or cuda:N")
+        _check_ranges(self)
+
+
+# (section, field) -> (low, high, whether high is excluded); every float must also be finite.
+_RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
+    ("optim", "lr"): (0.0, math.inf, False),
+    ("optim", "weight_decay"): (0.0, math.inf, False),
+    ("optim", "beta1"): (0.0, 1.0, True),
+    ("optim", "beta2"): (0.0, 1.0, True),
+    ("optim", "eps"): (1e-30, math.inf, False),
+    ("optim", "warmup_steps"): (0, math.inf, False),
+    ("optim", "min_lr_ratio"): (0.0, 1.0, False),
+    ("optim", "grad_clip"): (0.0, math.inf, False),
+    ("loss", "smooth_l1_beta"): (0.0, math.inf, False),
+    ("loss", "lambda_feat"): (0.0, math.inf, False),
+    ("loss", "lambda_syn"): (0.0, math.inf, False),
+    ("loss", "lambda_mmd"): (0.0, math.inf, False),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every float of the config finite, and the optimiser's and losses' values in range; name the key."""
+    for section in ("optim", "loss", "net"):
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            key = f"{section}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainError(f"{key} = {value} must be a finite number")
+            if (section, f.name) in _RANGES:
+                low, high, open_high = _RANGES[(section, f.name)]
+                if not (low <= value and (value < high if open_high else value <= high)):
+                    span = f"[{low}, {high})" if open_high else f"[{low}, {high}]"
+                    raise TrainError(f"{key} = {value} is outside {span}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -159,7 +199,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ValueError as err:  # NetConfig validates itself with ValueError
+    except (ValueError, TrainError) as err:  # NetConfig validates itself with ValueError
         raise TrainError(f"{where}: {err}") from err
 
 
@@ -186,6 +226,8 @@ def load_config(path: str | os.PathLike[str] | None = None, task: str | None = N
         where = str(path)
         data = _read_mapping(path)
     if task is not None:
+        if not isinstance(data.get("net") or {}, dict):
+            raise TrainError(f"{where}.net: expected a mapping of NetConfig fields, got {data['net']!r}")
         net = dict(data.get("net") or {})
         if net.get("task", task) != task:
             raise TrainError(f"{where}: net.task is {net['task']!r} but the command asks for {task!r}")
@@ -208,7 +250,14 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
     """Write the full resolved config as YAML (load_config reads it back to an equal config)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    _write_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a text file whole: a kill leaves the old or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,13 +444,15 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.batch_size % world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainError(f"device {cfg.device!r} asked for, but torch sees no CUDA device")
     if use_cuda and distributed and dist.get_backend() == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        device = torch.device("cuda" if use_cuda else "cpu")
+        device = torch.device(cfg.device if cfg.device.startswith("cuda") else "cuda" if use_cuda else "cpu")
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     out = Path(out_dir)
@@ -425,6 +476,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
     # ---- resume
     step = 0
     json_path = stem.with_name(stem.name + ".json")
+    if cfg.resume:
+        _recover(stem, rank, distributed)
     if cfg.resume and json_path.is_file():
         saved, doc = ckpt.load(stem, expect_task=net_cfg.task)
         if doc.get("method") != cfg.method or doc.get("net") != net_cfg.to_dict():
@@ -490,7 +543,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
             }
             if stats is not None:
                 meta["feature_stats"] = stats
-            ckpt.save(stem, model, meta, optimizer)
+            ckpt.save(stem, model, meta, optimizer, keep_previous=True)
         if distributed:
             dist.barrier()
         return json_path
@@ -575,12 +628,42 @@ def feature_statistics(model: FeatureMappingModel, data: TaskData, cfg: TrainCon
     return {"mean": f.mean(0).tolist(), "std": f.std(0).tolist(), "n": len(f)}
 
 
+def _recover(stem: Path, rank: int, distributed: bool) -> None:
+    """Rank 0 mends a checkpoint torn by a kill inside a save (back to the previous generation)."""
+    failed: ckpt.CheckpointError | None = None
+    if rank == 0:
+        try:
+            ckpt.recover(stem)
+        except ckpt.CheckpointError as err:
+            failed = err  # raised after the barrier, so the other ranks do not wait for rank 0 forever
+    if distributed:
+        dist.barrier()
+    if failed is not None:
+        raise failed
+
+
 def _trim_history(path: Path, step: int) -> None:
-    """Drop history lines past the resumed step (logged after the last checkpoint of a killed run)."""
+    """Drop history lines past the resumed step (logged after the last checkpoint of a killed run).
+
+    A kill while a line is written leaves it partial: the last line may be dropped, any other bad
+    line is an error naming it.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = path.read_text().splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line) if line.strip() else None
+            at = record["step"] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            at = None
+        if isinstance(at, int) and not isinstance(at, bool):
+            if at <= step:
+                keep.append(line)
+        elif line.strip() and i < len(lines) - 1:
+            raise TrainError(f"{path}:{i + 1} is not a history record with a step: {line[:80]!r}")
+    _write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 # --------------------------------------------------------------------------------------------
