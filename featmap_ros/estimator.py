@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from featmap_ros import geometry as geo
+from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
 from featmap_ros.model import checkpoint
@@ -35,7 +36,7 @@ from featmap_ros.results import Detection2D, HandPose, ObjectPose
 log = logging.getLogger(__name__)
 
 
-class EstimatorError(ValueError):
+class EstimatorError(FeatmapError, ValueError):
     """The estimator got input it cannot use (the message says what was expected)."""
 
 

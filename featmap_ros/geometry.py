@@ -17,8 +17,10 @@ import cv2
 import numpy as np
 import transforms3d.quaternions as tq
 
+from featmap_ros.errors import FeatmapError
 
-class GeometryError(ValueError):
+
+class GeometryError(FeatmapError, ValueError):
     """A geometric computation got input it cannot work with, or failed to converge."""
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import transforms3d.axangles as ta
 from plyfile import PlyData, PlyElementParseError, PlyHeaderParseError
 
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import Intrinsics, box_corners, nearest_rotation
 
 MM = 1e-3
 
 
-class BopError(ValueError):
+class BopError(FeatmapError, ValueError):
     """A BOP directory or file is missing, malformed or inconsistent."""
 
 

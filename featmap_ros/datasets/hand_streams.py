@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from featmap_ros.datasets.nyu import NYU_INTRINSICS, PALM
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import GeometryError, Intrinsics, crop_depth_cube, locate_hand
 from featmap_ros.render import sensor
 from featmap_ros.render.hand import (
@@ -29,7 +30,7 @@ from featmap_ros.render.hand import (
 )
 
 
-class HandStreamError(ValueError):
+class HandStreamError(FeatmapError, ValueError):
     """A hand data stream is misconfigured."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import Intrinsics, uvd_to_xyz
 
 MM = 1e-3
@@ -45,7 +46,7 @@ PALM = JOINT_NAMES.index("palm")
 NYU_BACKGROUND_MM = 2001
 
 
-class NyuError(ValueError):
+class NyuError(FeatmapError, ValueError):
     """An NYU file is missing or not in the expected format."""
 
 

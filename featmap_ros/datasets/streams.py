@@ -21,6 +21,7 @@ import transforms3d.axangles as ta
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from featmap_ros.datasets.bop import BopScene, Mesh, ObjectInfo, load_models_info, load_ply, model_path, read_rgb
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import (
     BOX_EDGES,
     CropWindow,
@@ -37,7 +38,7 @@ LMO_K = ((572.4114, 0.0, 325.2611), (0.0, 573.57043, 242.04899), (0.0, 0.0, 1.0)
 BACKGROUND_MODES = ("colour", "noise", "texture", "photo")
 
 
-class StreamError(ValueError):
+class StreamError(FeatmapError, ValueError):
     """A stream or pair dataset was configured with values it cannot use."""
 
 

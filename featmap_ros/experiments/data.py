@@ -40,6 +40,7 @@ from featmap_ros.datasets.streams import (
     SyntheticObjectStream,
     object_loader,
 )
+from featmap_ros.errors import FeatmapError
 from featmap_ros.render import sensor
 from featmap_ros.render.hand import HandShape
 from featmap_ros.train import Batch, StreamContext, TaskData
@@ -56,7 +57,7 @@ HAND_TEST_SHAPE_SEED = 1001
 HAND_TEST_SEED = 2002
 
 
-class DataError(ValueError):
+class DataError(FeatmapError, ValueError):
     """A task's data cannot be built from the given arguments."""
 
 

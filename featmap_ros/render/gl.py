@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featmap_ros.errors import FeatmapError
+
 try:
     import moderngl
 except ImportError:  # pragma: no cover - depends on the machine
@@ -21,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 EGL_HINT = "install the EGL runtime, e.g. `sudo apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri`"
 
 
-class RenderError(RuntimeError):
+class RenderError(FeatmapError, RuntimeError):
     """Rendering could not start (no EGL / OpenGL) or got input it cannot draw."""
 
 

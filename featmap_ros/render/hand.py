@@ -25,6 +25,7 @@ import torch
 
 from featmap_ros.datasets.nyu import JOINT_NAMES as NYU_JOINT_NAMES
 from featmap_ros.datasets.nyu import NYU_INTRINSICS
+from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import Intrinsics
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class HandModelError(ValueError):
+class HandModelError(FeatmapError, ValueError):
     """A hand shape, pose or render request is malformed."""
 
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from featmap_ros.errors import FeatmapError
 
-class SensorError(ValueError):
+
+class SensorError(FeatmapError, ValueError):
     """A sensor or scene request is malformed."""
 
 

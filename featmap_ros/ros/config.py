@@ -16,6 +16,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from featmap_ros.errors import FeatmapError
+
 __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_config", "parameter_specs",
            "unknown_parameters"]
 
@@ -25,7 +27,7 @@ ROS_RESERVED_PARAMS = ("use_sim_time", "start_type_description_service", "diagno
 ROS_RESERVED_PREFIXES = ("qos_overrides.",)
 
 
-class ProcessorError(ValueError):
+class ProcessorError(FeatmapError, ValueError):
     """A frame or a configuration the processor cannot work with; `kind` names the reason for counting.
 
     Defined here, beside the configuration that raises it first; ros.processor raises it for frames.

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
+from featmap_ros.errors import FeatmapError
+
 PACKAGE = "featmap_ros"
 DISTROS = {"humble": Stores.ROS2_HUMBLE, "jazzy": Stores.ROS2_JAZZY}
 
@@ -39,7 +41,7 @@ VISION_MSGS = {
 }
 
 
-class TypestoreError(RuntimeError):
+class TypestoreError(FeatmapError, RuntimeError):
     """Our message definitions could not be found or registered."""
 
 
