@@ -40,9 +40,10 @@ import torch.distributed as dist
 import yaml
 
 from featmap_ros.errors import FeatmapError
+from featmap_ros.heads.dense import dense_loss
 from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
-from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig
+from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig, pooled_features
 
 METHODS = ("fm", "fm_mmd", "synthetic", "real", "mixed", "finetune")
 CHECKPOINT_STEM = "model"
@@ -362,6 +363,8 @@ def stage_losses(
     """Named, unweighted losses of one step; batches maps stream name to its batch (on device)."""
 
     def pose(pred: torch.Tensor, batch: Batch, key: str = "target") -> torch.Tensor:
+        if model.cfg.head == "dense":
+            return dense_loss(pred, batch["coords"], batch["visibility"], batch.get("obj_index"), loss.smooth_l1_beta)
         pred = select_outputs(pred, batch.get("obj_index"), batch[key].shape[1])
         return pose_loss(pred.float(), batch[key].float(), loss.pose, loss.smooth_l1_beta)
 
@@ -621,7 +624,7 @@ def feature_statistics(model: FeatureMappingModel, data: TaskData, cfg: TrainCon
     was_training = model.training
     model.eval()
     stream = data.synthetic(StreamContext(max(1, cfg.batch_size // world), cfg.seed + 7919, rank, world, 0))
-    feats = [model.features_syn(next(stream)["image"].to(device)).float().cpu()
+    feats = [pooled_features(model.features_syn(next(stream)["image"].to(device))).float().cpu()
              for _ in range(data.feature_stats_batches)]
     model.train(was_training)
     f = torch.cat(feats)
@@ -689,7 +692,7 @@ def build_exemplar_bank(
     have = 0
     while have < n:
         batch = next(stream)
-        feats.append(model.features_syn(batch["image"].to(device)).float().cpu())
+        feats.append(pooled_features(model.features_syn(batch["image"].to(device))).float().cpu())
         targets.append(batch["target"].float().cpu())
         have += len(batch["image"])
     model.train(was_training)

@@ -1,0 +1,114 @@
+"""Trained object images per second, before and after the pools, in one run (LM-O models, stage-1 steps).
+
+Usage: python3 bench/bench_object_training.py [--steps 40] [--bop ../shared/data/lmo] [--threads 2]
+
+Rows, each a stage-1 training step (forward, backward, AdamW) at batch 32, input 64, measured
+over --steps steps after 5 warm-up steps, with the data time and the step time apart:
+  online/bb8   the synthetic stream rendered online by one DataLoader worker (the old pipeline)
+  pool/bb8     the same net fed from a pool rendered once and augmented in torch
+  pool/dense   the dense correspondence head (the new default) from the pool
+  pool/dense channels_last   the same in channels_last memory format
+Pool rendering is timed once, apart (it is paid once per experiment, shared by every method).
+Run it alone: on 2 cores a second torch process slows both many times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
+from featmap_ros.datasets.pool import AugmentConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
+from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, SyntheticObjectStream, object_loader
+from featmap_ros.heads.dense import dense_loss
+from featmap_ros.model.losses import pose_loss
+from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
+from featmap_ros.train import select_outputs
+
+
+def net(head: str, n: int) -> FeatureMappingModel:
+    if head == "dense":
+        cfg = NetConfig(task="objects", input_size=64, width=16, feature_dim=32, n_outputs=DENSE_CHANNELS * n,
+                        head="dense", dropout=0.0)
+    else:
+        cfg = NetConfig(task="objects", input_size=64, width=16, feature_dim=256, n_outputs=16 * n, dropout=0.3)
+    return FeatureMappingModel(cfg).train()
+
+
+def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool = False) -> tuple[float, float, float]:
+    """(images/s, data ms per batch, step ms per batch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_s = step_s = 0.0
+    n_img = 0
+    for i in range(steps + 5):
+        t0 = time.perf_counter()
+        b = next(batches)
+        t1 = time.perf_counter()
+        x = b["image"].contiguous(memory_format=torch.channels_last) if channels_last else b["image"]
+        out = model.predict_syn(x).outputs
+        if model.cfg.head == "dense":
+            loss = dense_loss(out, b["coords"], b["visibility"], b["obj_index"])
+        else:
+            loss = pose_loss(select_outputs(out, b["obj_index"], 16), b["target"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if i >= 5:
+            data_s, step_s, n_img = data_s + t1 - t0, step_s + t2 - t1, n_img + len(x)
+    return n_img / (data_s + step_s), 1e3 * data_s / steps, 1e3 * step_s / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--bop", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--pool", type=int, default=300, help="pool crops per object")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.bop)
+    ids = LMO_OBJ_IDS
+    infos = load_models_info(root / "models" / "models_info.json")
+    meshes = {i: load_ply(model_path(root, i)) for i in ids}
+    cfg = ObjectStreamConfig(obj_ids=ids, crop=64, noise_std=3.0, blur_prob=0.3)
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, batch 32, input 64, 8 LM-O objects")
+
+    t0 = time.perf_counter()
+    pool = render_object_pool(infos, meshes, cfg, args.pool, 1.25)
+    render_s = time.perf_counter() - t0
+    print(f"pool: {len(pool['rgb'])} crops rendered in {render_s:.1f} s ({len(pool['rgb']) / render_s:.0f} crops/s), "
+          "once per experiment")
+    bg, shapes = background_bank(512, 64, cfg), shape_bank(256, 64)
+    g = torch.Generator().manual_seed(0)
+    aug = AugmentConfig()
+
+    def pool_batches():
+        while True:
+            yield augment_synthetic(pool, torch.randint(len(pool["rgb"]), (32,), generator=g), bg, shapes, 64, 1.25,
+                                    aug, g)
+
+    def online_batches():
+        stream = SyntheticObjectStream(infos, meshes, dataclasses.replace(cfg, seed=1))
+        return iter(object_loader(stream, 32, num_workers=1))
+
+    print("| pipeline | head | images/s | data ms/batch | step ms/batch |\n|---|---|---|---|---|")
+    rows = [("online (1 render worker)", "bb8", online_batches, False),
+            ("pool + torch augmentation", "bb8", pool_batches, False),
+            ("pool + torch augmentation", "dense", pool_batches, False),
+            ("pool + torch augmentation, channels_last", "dense", pool_batches, True)]
+    for name, head, source, cl in rows:
+        torch.manual_seed(0)
+        ips, data_ms, step_ms = measure(net(head, len(ids)), source(), args.steps, cl)
+        print(f"| {name} | {head} | {ips:.0f} | {data_ms:.1f} | {step_ms:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
