@@ -201,6 +201,7 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featmap", description="Feature Mapping for 3D pose from synthetic images.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("main", help="the main job on built-in defaults")
@@ -307,11 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `featmap` console command."""
+    """Entry point of the `featmap` console command: 0 done, 1 failed, 2 bad input (one line on stderr)."""
+    from featmap_ros.errors import FeatmapError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except FeatmapError as err:
+        if args.debug:
+            raise
+        # The project's own errors say what was expected and what came: a traceback adds nothing.
+        print(f"featmap: error: {' '.join(str(err).splitlines()) or type(err).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_bag_eval_names_the_topics_it_found(lmo_root, tmp_path):
     main(["bag", "make", "objects", "--bop", str(lmo_root), "--frames", "3", "--out", str(bag_dir)])
     model = object_model(tmp_path / "model", lmo_root)
     with pytest.raises(Exception, match="topics found"):
-        main(["bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "e"),
+        main(["--debug", "bag", "eval", "--bag", str(bag_dir), "--model", str(model), "--out", str(tmp_path / "e"),
               "--models", str(lmo_root / "models"), "--image-topic", "/nope"])
 
 
@@ -84,5 +84,5 @@ def test_experiment_lmo_budget_file_of_differences(lmo_root, tmp_path, monkeypat
     assert seen["device"] == "cuda"
     (tmp_path / "bad.yaml").write_text("stage1_step: 3\n")
     with pytest.raises(TrainError, match="unknown keys \\['stage1_step'\\]"):
-        main(["experiment", "lmo", "--bop", str(lmo_root), "--out", str(tmp_path / "y"), "--budget",
+        main(["--debug", "experiment", "lmo", "--bop", str(lmo_root), "--out", str(tmp_path / "y"), "--budget",
               str(tmp_path / "bad.yaml")])

@@ -7,6 +7,7 @@ Pure Python (no rclpy): the node declares parameter_specs() and builds NodeConfi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,9 @@ __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_conf
            "unknown_parameters"]
 
 TASKS = ("objects", "hands")
+# Durations longer than this (11.6 days) are no sensible slop, age or lifetime, and overflow ROS
+# Durations (int64 nanoseconds) long before float seconds run out.
+MAX_SECONDS = 1e6
 # ROS parameters every node may get from a params file or launch that are not ours to check.
 ROS_RESERVED_PARAMS = ("use_sim_time", "start_type_description_service", "diagnostic_updater.period")
 ROS_RESERVED_PREFIXES = ("qos_overrides.",)
@@ -92,6 +96,8 @@ class NodeConfig:
                 raise ProcessorError("config", f"parameter {f.name} = {value!r} is not of type {kind}")
             elif kind == "string_array":
                 object.__setattr__(self, f.name, list(value))  # tuples too, so configs compare equal
+            if kind == "double" and not math.isfinite(getattr(self, f.name)):
+                raise ProcessorError("config", f"parameter {f.name} = {value!r} must be a finite number")
         if self.task not in TASKS:
             raise ProcessorError("config", f"task {self.task!r} is unknown; expected one of {list(TASKS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -104,8 +110,8 @@ class NodeConfig:
                 raise ProcessorError("config", f"{name} is empty; expected a topic name")
         if not 0.0 <= self.min_score <= 1.0:
             raise ProcessorError("config", f"min_score {self.min_score} is outside [0, 1]")
-        if not self.sync_slop_s > 0.0:
-            raise ProcessorError("config", f"sync_slop_s {self.sync_slop_s} must be > 0 seconds")
+        if not 0.0 < self.sync_slop_s <= MAX_SECONDS:
+            raise ProcessorError("config", f"sync_slop_s {self.sync_slop_s} must be in (0, {MAX_SECONDS:g}] seconds")
         if self.cpu_threads < 0:
             raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = torch's default)")
         if self.max_detections < 1:
@@ -113,8 +119,8 @@ class NodeConfig:
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
-            if not getattr(self, name) >= 0.0:
-                raise ProcessorError("config", f"{name} {getattr(self, name)} must be >= 0 seconds")
+            if not 0.0 <= getattr(self, name) <= MAX_SECONDS:
+                raise ProcessorError("config", f"{name} {getattr(self, name)} must be in [0, {MAX_SECONDS:g}] seconds")
         self.object_name_map  # noqa: B018 - parse now so a bad entry fails at start-up
 
     @property
