@@ -402,6 +402,6 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     """
     if cpu_threads > 0:
         torch.set_num_threads(cpu_threads)
-    model, meta = checkpoint.load(model_path, device="cpu")
+    model, meta = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
     cls = ObjectEstimator if meta["task"] == "objects" else HandEstimator
     return cls(model, meta, device=device, max_detections=max_detections)
