@@ -24,7 +24,7 @@ import torch
 from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
 from featmap_ros.datasets.pool import AugmentConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
 from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, SyntheticObjectStream, object_loader
-from featmap_ros.heads.dense import dense_loss
+from featmap_ros.heads.dense_train import dense_loss
 from featmap_ros.model.losses import pose_loss
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
 from featmap_ros.train import select_outputs

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import yaml
 
 from featmap_ros.errors import FeatmapError
-from featmap_ros.heads.dense import dense_loss
+from featmap_ros.heads.dense_train import dense_loss
 from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
 from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig, pooled_features
@@ -388,7 +388,7 @@ def stage_losses(
         if with_mmd:
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
             mapped_unl = mapped if unl is None else model.features_real(unl)
-            out["mmd"] = mmd(mapped_unl.float(), f_stream)
+            out["mmd"] = mmd(pooled_features(mapped_unl).float(), pooled_features(f_stream))
     return out
 
 

@@ -226,3 +226,22 @@ def bagio_report():
     from featmap_ros.bag import report
 
     return report
+
+
+# ---- item 10: a message type other than the configuration's fails before the first frame
+
+
+def test_bag_eval_refuses_a_raw_image_topic_when_compressed_is_configured(made, lmo_root, tmp_path):
+    from featmap_ros.bag.io import BagError
+    from featmap_ros.bag.replay import default_node_config
+    from featmap_ros.model.checkpoint import read_meta
+
+    bag, model, _ = made
+    cfg = default_node_config("objects", str(model), read_meta(model))
+    import dataclasses
+
+    with pytest.raises(BagError, match=r"image topic /camera/color/image_raw carries sensor_msgs/msg/Image.*"
+                                       r"set compressed to false"):
+        eval_bag(bag, model, tmp_path / "eval", models_dir=lmo_root / "models",
+                 config=dataclasses.replace(cfg, compressed=True), device="cpu")
+    assert not (tmp_path / "eval" / "report.md").exists()

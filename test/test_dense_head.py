@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from featmap_ros.datasets.pool import (
     warp_corners,
 )
 from featmap_ros.datasets.streams import ObjectStreamConfig, StreamError
-from featmap_ros.heads import dense
+from featmap_ros.heads import dense, dense_train
 from featmap_ros.metrics import proj_2d
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig, pooled_features
@@ -45,7 +46,7 @@ def lmo_pool() -> tuple[dict, dict, dict, ObjectStreamConfig]:
 
 def _perfect_channels(coords: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """The head output a perfect network would give for these full-resolution targets."""
-    c, vis = dense.block_targets(coords[None].float(), mask[None])
+    c, vis = dense_train.block_targets(coords[None].float(), mask[None])
     logit = np.where(vis.numpy() >= 0.5, 8.0, -8.0)
     return np.concatenate([logit[:, None], c.numpy()], 1)[0]
 
@@ -105,7 +106,7 @@ def test_block_targets_average_coordinates_over_visible_pixels_only() -> None:
     coords[0, 0, 0, 0], coords[0, 0, 0, 1] = 1.0, 100.0  # the second pixel is not visible
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     mask[0, 0, 0] = mask[0, 1, 0] = True
-    c, vis = dense.block_targets(coords, mask)
+    c, vis = dense_train.block_targets(coords, mask)
     assert vis.shape == (1, 2, 2) and vis[0, 0, 0] == pytest.approx(0.5) and vis[0, 1, 1] == 0
     assert c[0, 0, 0, 0] == pytest.approx(0.5)  # mean of 1.0 and 0.0 (the two visible pixels)
 
@@ -116,8 +117,8 @@ def test_dense_loss_is_zero_only_for_the_right_object_channels() -> None:
     perfect = torch.cat([(vis * 2 - 1)[:, None] * 30.0, coords], 1)
     out = torch.cat([torch.zeros_like(perfect), perfect], 1)  # object 1 right, object 0 wrong
     idx = torch.tensor([1, 1])
-    assert dense.dense_loss(out, coords, vis, idx).item() < 1e-6
-    assert dense.dense_loss(out, coords, vis, torch.tensor([0, 0])).item() > 0.1
+    assert dense_train.dense_loss(out, coords, vis, idx).item() < 1e-6
+    assert dense_train.dense_loss(out, coords, vis, torch.tensor([0, 0])).item() > 0.1
 
 
 def test_spatial_mapping_is_the_identity_at_initialisation() -> None:
@@ -136,7 +137,10 @@ def test_head_must_fit_the_task_and_the_channel_count() -> None:
     with pytest.raises(ValueError, match="head"):
         NetConfig(task="hands", head="dense")
     with pytest.raises(ValueError, match="channels per object"):
-        NetConfig(task="objects", head="dense", n_outputs=6)
+        NetConfig(task="objects", head="dense", n_outputs=6, feature_dim=32)
+    with pytest.raises(ValueError, match="expected <= 256"):
+        NetConfig(task="objects", head="dense", n_outputs=8)  # the FC default of 1024 channels at S/2
+    assert NetConfig(task="objects", head="dense", feature_dim=32).n_outputs == DENSE_CHANNELS
     with pytest.raises(ValueError, match="head must be"):
         NetConfig(task="objects", head="pvnet")
 
@@ -197,3 +201,57 @@ def test_estimator_decodes_a_dense_checkpoint_with_the_inlier_ratio_as_score(tmp
     for p in poses:
         assert np.isfinite(p.R).all() and np.isfinite(p.t).all()
         assert 0.0 <= p.score <= 0.5
+
+
+def test_compositing_leaves_no_dark_fringe_at_the_silhouette() -> None:
+    """Object pixels warp premultiplied by coverage: an edge pixel lies between object and background colour."""
+    P, S = 40, 32
+    rgb = torch.zeros(1, P, P, 3, dtype=torch.uint8)
+    mask = torch.zeros(1, P, P, dtype=torch.bool)
+    rgb[0, 10:30, 12:28], mask[0, 10:30, 12:28] = 250, True
+    pool = {"rgb": rgb, "mask": mask, "coords": torch.zeros(1, 3, P, P, dtype=torch.float16),
+            "target": torch.zeros(1, 16), "obj_index": torch.zeros(1, dtype=torch.long)}
+    quiet = AugmentConfig(occluder_prob=0.0, colour_gain=0.0, brightness=0.0, blur_prob=0.0, noise_std=0.0)
+    bg = torch.full((1, S, S, 3), 100, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        img = (augment_synthetic(pool, torch.zeros(1, dtype=torch.long), bg, shape_bank(1, S), S, 1.25, quiet, g)
+               ["image"] + 1) * 127.5
+        assert img.min() >= 100 - 1e-3 and img.max() <= 250 + 1e-3
+
+
+def test_confidence_falls_with_the_evidence(lmo_pool) -> None:
+    pool, infos, _, cfg = lmo_pool
+    P = pool["rgb"].shape[1]
+    identity = geo.CropWindow(P / 2 - 0.5, P / 2 - 0.5, float(P), P)
+    i = 2
+    oid = cfg.obj_ids[int(pool["obj_index"][i])]
+    full = _perfect_channels(pool["coords"][i], pool["mask"][i])
+    few = full.copy()
+    on = np.argwhere(few[0] > 0)
+    few[0, on[8:, 0], on[8:, 1]] = -8.0  # only 8 locations still visible
+    K = pool["K_crop"][i].double().numpy()
+    a = dense.decode(full, identity, K, infos[oid].min_xyz, infos[oid].size_xyz)
+    b = dense.decode(few, identity, K, infos[oid].min_xyz, infos[oid].size_xyz)
+    assert a.confidence > 0.9 and b.confidence <= 8 / dense.DenseDecodeConfig().full_evidence + 1e-9
+
+
+@needs_lmo
+def test_training_frames_as_backgrounds_lose_their_annotated_objects() -> None:
+    from featmap_ros.datasets.bop import BopScene, read_rgb
+    from featmap_ros.datasets.pool import photos_without_objects
+    from featmap_ros.render.objects import ObjectRenderer
+
+    scene = BopScene(LMO, 2)
+    frame = scene.frame(scene.image_ids[0])
+    ids = sorted({i.obj_id for i in frame.instances})
+    renderer = ObjectRenderer.from_bop(LMO, ids, max_faces=12000)
+    (clean,) = photos_without_objects(scene, [frame.im_id], renderer)
+    original = read_rgb(frame.rgb_path)
+    _, _, masks = renderer.render_batch([i.obj_id for i in frame.instances], [i.R for i in frame.instances],
+                                        [i.t for i in frame.instances], [frame.intrinsics.K] * len(frame.instances),
+                                        640, 480)
+    inside = masks.any(0)
+    far = ~cv2.dilate(inside.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    assert np.array_equal(clean[far], original[far])  # away from the objects nothing changes
+    assert np.abs(clean[inside].astype(int) - original[inside]).mean() > 5  # the objects are painted out

@@ -54,10 +54,11 @@ def test_hand_test_set_is_another_person_and_sensor():
 
 @pytest.mark.slow
 def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
-    from featmap_ros.experiments.lmo import EXEMPLAR_METHODS, TRAINED_METHODS, run_lmo_experiment
+    from featmap_ros.experiments.lmo import TRAINED_METHODS, run_lmo_experiment
 
     doc = run_lmo_experiment(lmo_root, 2, "0-300", "301-611", tmp_path, quick=True)
-    methods = (*TRAINED_METHODS, *EXEMPLAR_METHODS)
+    # Every method with the default (dense) head, and the paper's BB8 head as Feature Mapping's row.
+    methods = (*TRAINED_METHODS, "fm_bb8")
     assert tuple(doc["methods"]) == methods
     saved = json.loads((tmp_path / "table.json").read_text())
     assert tuple(saved["methods"]) == methods
@@ -68,19 +69,24 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
             for k in ("proj_5px", "add_10", "cm5_deg5"):
                 assert 0.0 <= t[split]["mean"][k] <= 100.0
         assert t["all"]["n_instances"] > 0
-        if m in TRAINED_METHODS:  # how well each learnt the synthetic images themselves
-            assert t["synthetic_crops"]["n"] == 16 and 0.0 <= t["synthetic_crops"]["proj_5px"] <= 1.0
-            assert t["synthetic_crops"]["median_px"] > 0
+        assert t["head"] == ("bb8" if m == "fm_bb8" else "dense")
+        # How well each learnt the synthetic images themselves: 2 held-out crops of each of the 2 objects.
+        assert t["synthetic_crops"]["n"] == 4 and 0.0 <= t["synthetic_crops"]["proj_5px"] <= 1.0
+        assert t["synthetic_crops"]["median_px"] > 0
         metrics = json.loads((tmp_path / m / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["all"]["mean_over_objects"]["proj_5px"] <= 1.0
         assert (tmp_path / m / "eval" / "results.csv").is_file()
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "2D-proj@5px" in table and "visib>=0.5" in table
     assert "synthetic crops" in table
-    for png in ("bars_proj_5px.png", "bars_add_10.png", "curves_proj2d.png", "curves_add.png"):
+    for png in ("bars_proj_5px.png", "bars_add_10.png", "curves_proj2d.png", "curves_add.png", "learning_curves.png"):
         assert (tmp_path / png).stat().st_size > 0
+    # Learning curves on the held-out last training frame (never trained on) at every curve_every steps.
+    assert doc["header"]["validation_frames"] and doc["header"]["validation_frames"] not in doc["header"]["fit_frames"]
+    assert [p["step"] for p in doc["curves"]["fm"]] == [4, 7] and [p["step"] for p in doc["curves"]["real"]] == [4, 7]
     # Every trained method spent the same number of steps.
     steps = {m: json.loads((tmp_path / m / "model.json").read_text())["step"] for m in TRAINED_METHODS}
+    steps["fm_bb8"] = json.loads((tmp_path / "bb8" / "fm" / "model.json").read_text())["step"]
     assert len(set(steps.values())) == 1
 
 

@@ -17,14 +17,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from featmap_ros.bag.io import TOPICS, BagTopics, BagWriter, open_bag, stream_frames
+from featmap_ros.bag.io import TOPICS, BagError, BagTopics, BagWriter, open_bag, stream_frames
 from featmap_ros.bag.report import HandReplayScore, ObjectReplayScore, write_report_md
 from featmap_ros.bop_scoring import load_object_models
-from featmap_ros.estimator import load_estimator
-from featmap_ros.model.checkpoint import read_meta
-from featmap_ros.ros.config import NodeConfig
+from featmap_ros.estimator import load_estimator, model_meta
+from featmap_ros.ros.config import NodeConfig, ProcessorError
 from featmap_ros.ros.messages import MessageFactory
-from featmap_ros.ros.processor import FrameProcessor
+from featmap_ros.ros.processor import FrameProcessor, check_input_types
 from featmap_ros.ros.typestore import typestore
 
 log = logging.getLogger(__name__)
@@ -58,30 +57,31 @@ def _overlay_picks(n_images: int | None, n: int) -> set[int]:
 
 def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | None = None,
              config: NodeConfig | None = None, topics: BagTopics | None = None, device: str = "auto",
-             write_output_bag: bool = True, storage: str = "mcap", distro: str = "humble",
-             n_overlays: int = 4, targets: str = "all") -> EvalResult:
+             backend: str | None = None, write_output_bag: bool = True, storage: str = "mcap",
+             distro: str = "humble", n_overlays: int = 4, targets: str = "all") -> EvalResult:
     """Replay a bag through the node's processing path and score it against its ground truth.
 
     Args:
         bag_path: the input rosbag2 folder.
-        model_path: the checkpoint (its JSON says the task).
+        model_path: the checkpoint or its ONNX export (its JSON says the task).
         out: output folder: report.md, metrics.json, the BOP CSV, plots, overlays, and output_bag/.
         models_dir: objects only: a BOP models folder (models_info.json + obj_*.ply) for the metrics;
             models_eval/ beside models/ is used when it exists, like `featmap evaluate`, and the
             scene annotations under its parent give the annotated ground-truth rotations.
         config: the node's parameters (defaults from the checkpoint when None).
         topics: topic names (the task's defaults when None).
+        backend: torch, onnxruntime or auto (None: the config's backend, as the node would run).
         targets: objects: "all" annotated instances or the "bop19" test targets.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = read_meta(model_path)
+    meta = model_meta(model_path)
     task = meta["task"]
     cfg = config or default_node_config(task, str(model_path), meta)
     topics = topics or TOPICS[task]
     if task == "objects":
         infos, meshes = load_object_models(models_dir)
-    estimator = load_estimator(model_path, device=device)
+    estimator = load_estimator(model_path, device=device, backend=backend or cfg.backend)
     messages: list[str] = []
     proc = FrameProcessor(estimator, MessageFactory.for_rosbags(typestore(distro)), cfg, log=messages.append)
     score = (ObjectReplayScore(Path(models_dir).parent, {o.obj_id for o in estimator.objects}, targets)
@@ -90,6 +90,13 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     n_frames = 0
     with ExitStack() as stack:
         source = stack.enter_context(open_bag(bag_path, topics))
+        # A bag whose image topic holds another type than configured (raw Image while compressed is
+        # true, a String) fails here with the types named, not as a skip on every frame.
+        try:
+            check_input_types(cfg, {"image": topics.image, "camera_info": topics.camera_info,
+                                    "detections": topics.detections or ""}, source.topics)
+        except ProcessorError as err:
+            raise BagError(f"{bag_path}: {err}") from err
         bw = stack.enter_context(BagWriter(out_bag, storage, distro)) if out_bag else None
         n_images = source.image_counts.get(topics.image)
         picks = _overlay_picks(n_images, n_overlays)

@@ -120,13 +120,19 @@ def canonicalise_pose(
     """Pick, among a pose and its symmetric equivalents, the one whose rotation is nearest R_ref (camera frame).
 
     A symmetry S (4x4, model frame) makes (R S_R, R S_t + t) look like (R, t), so the choice is a
-    function of appearance. R_ref defaults to the identity. Asymmetric objects pass through.
+    function of appearance. What a crop shows is the rotation relative to the line of sight, so
+    R_ref defaults to the rotation taking the optical axis onto the ray through the object's box
+    centre: equal-looking crops anywhere in the image get the same twin. Asymmetric objects pass through.
     """
     R = np.asarray(R, dtype=np.float64).reshape(3, 3)
     t = np.asarray(t, dtype=np.float64).reshape(3)
     if not info.symmetric:
         return R, t
-    ref = np.eye(3) if R_ref is None else np.asarray(R_ref, dtype=np.float64)
+    if R_ref is None:
+        ray = R @ (info.min_xyz + info.size_xyz / 2.0) + t
+        ref = _ray_rotation(ray / np.linalg.norm(ray)) if np.linalg.norm(ray) > 0 else np.eye(3)
+    else:
+        ref = np.asarray(R_ref, dtype=np.float64)
     best, best_score = (R, t), np.trace(ref.T @ R)
     for S in map(exact_symmetry, info.symmetries):
         Rs = R @ S[:3, :3]

@@ -24,11 +24,13 @@ import torch
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet, SyntheticHandStream
 from featmap_ros.datasets.nyu import JOINT_NAMES
 from featmap_ros.datasets.pool import (
+    ArrayPhotos,
     PoolConfig,
     augment_pairs,
     augment_synthetic,
     background_bank,
     endless_batches,
+    photos_without_objects,
     render_object_pool,
     render_pair_pool,
     shape_bank,
@@ -41,6 +43,7 @@ from featmap_ros.datasets.streams import (
     object_loader,
 )
 from featmap_ros.errors import FeatmapError
+from featmap_ros.model.nets import DENSE_CHANNELS
 from featmap_ros.render import sensor
 from featmap_ros.render.hand import HandShape
 from featmap_ros.train import Batch, StreamContext, TaskData
@@ -195,9 +198,17 @@ def objects_pool_task_data(
             renderer = ObjectRenderer(meshes, max_faces=stream_cfg.max_faces)
             pools["syn"] = render_object_pool(infos, meshes, stream_cfg, pool_cfg.n_per_object, pool_cfg.oversize,
                                               seed=seed, renderer=renderer)
-            pools["pairs"] = render_pair_pool(BopScene(root, scene_id), train_ids, infos, renderer, obj_ids, S,
-                                              stream_cfg.window_margin, pool_cfg.pair_oversize)
-            pools["backgrounds"] = background_bank(pool_cfg.n_backgrounds, S, stream_cfg, seed=seed)
+            scene = BopScene(root, scene_id)
+            pools["pairs"] = render_pair_pool(scene, train_ids, infos, renderer, obj_ids, S, stream_cfg.window_margin,
+                                              pool_cfg.pair_oversize, canonical_symmetry=stream_cfg.canonical_symmetry)
+            # Photos that are the scene's own training frames get their annotated objects painted out.
+            own = {str(f.rgb_path) for f in scene.frames(train_ids)}
+            photos = None
+            if stream_cfg.photo_paths and set(stream_cfg.photo_paths) <= own:
+                by_path = {str(f.rgb_path): f.im_id for f in scene.frames(train_ids)}
+                photos = ArrayPhotos(photos_without_objects(scene, [by_path[p] for p in stream_cfg.photo_paths],
+                                                            renderer))
+            pools["backgrounds"] = background_bank(pool_cfg.n_backgrounds, S, stream_cfg, seed=seed, photos=photos)
             pools["shapes"] = shape_bank(pool_cfg.n_shapes, S, seed=seed)
         return pools
 
@@ -385,10 +396,18 @@ def train_from_cli(task: str, config: str | None = None, method: str | None = No
         ids = select_ids(train_frames or "0-300", scene.image_ids)
         # Every object annotated in the training frames, so any BOP dataset trains, not only LM-O.
         obj_ids = tuple(sorted({n.obj_id for f in scene.frames(ids) for n in f.instances}))
-        if cfg.net.n_outputs != 16 * len(obj_ids):
-            cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=16 * len(obj_ids)))
-        data = objects_task_data(bop_root, scene_id, ids, obj_ids, ObjectStreamConfig(crop=size),
-                                 num_workers=num_workers)
+        per = DENSE_CHANNELS if cfg.net.head == "dense" else 16
+        if cfg.net.n_outputs != per * len(obj_ids):
+            cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=per * len(obj_ids)))
+        if cfg.net.head == "dense":
+            # The dense head's targets (model coordinates, visibility) come with the pools.
+            frames = scene.frames(ids)
+            stream_cfg = ObjectStreamConfig(crop=size, photo_paths=tuple(str(f.rgb_path) for f in frames),
+                                            photo_prob=0.5)
+            data = objects_pool_task_data(bop_root, scene_id, ids, obj_ids, stream_cfg, head="dense")
+        else:
+            data = objects_task_data(bop_root, scene_id, ids, obj_ids, ObjectStreamConfig(crop=size),
+                                     num_workers=num_workers)
     else:
         data = hands_task_data(n_real, hand_train_shape(), sensor.SensorConfig.nominal(),
                                stream_cfg=HandStreamConfig(crop_px=size), num_workers=num_workers)

@@ -274,6 +274,8 @@ def train_with_curves(cfg: TrainConfig, data: TaskData, out: Path, methods: Sequ
             spent += time.perf_counter() - t0
             if every > 0:
                 curve.append(probe(path, stop))
+                with open(out / "curves.jsonl", "a") as f:  # visible while the experiment runs
+                    f.write(json.dumps({"run": folder.name, **curve[-1]}) + "\n")
         return path, spent
 
     paths: dict[str, Path] = {}

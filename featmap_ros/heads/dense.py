@@ -11,7 +11,11 @@ are averaged over each stride x stride block of pixels (coordinates over the vis
 
 How it decodes: the locations whose visibility passes a threshold give 2D points (block centres,
 mapped from the crop to the image) and 3D points (the predicted coordinates, de-normalised);
-OpenCV's PnP-RANSAC gives the pose; the inlier ratio is the confidence.
+OpenCV's PnP-RANSAC gives the pose; the confidence is the inlier ratio, scaled down when
+few locations are visible (DenseDecodeConfig.full_evidence).
+
+This module is numpy and OpenCV only, so run time (the ONNX Runtime backend included) needs no
+torch; the training half (block targets, the loss) is heads/dense_train.py.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from featmap_ros import geometry as geo
-from featmap_ros.model.nets import DENSE_CHANNELS, DENSE_STRIDE
+
+DENSE_CHANNELS = 4  # per object: visibility logit, then x, y, z model coordinates in [-1, 1] of the box
+DENSE_STRIDE = 2  # input pixels per output location
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,11 @@ class DenseDecodeConfig:
     min_points: int = 6  # fewer than this above threshold: take the most visible locations instead
     max_points: int = 400  # RANSAC samples at most this many (the most visible) correspondences
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
-    ransac_iterations: int = 60
-    ransac_confidence: float = 0.995
+    ransac_iterations: int = 150
+    ransac_confidence: float = 0.999
+    # Confidence = inlier ratio x min(1, visible locations / full_evidence): a handful of locations
+    # (a false detection, a hidden object) fits any pose, so it cannot give full confidence.
+    full_evidence: int = 24
 
 
 def model_coordinates(depth_m: np.ndarray, K_crop: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -58,52 +65,6 @@ def denormalise_coordinates(c: np.ndarray, min_xyz: np.ndarray, size_xyz: np.nda
     return (np.asarray(c, np.float64) + 1.0) / 2.0 * size_xyz + min_xyz
 
 
-def block_targets(coords: torch.Tensor, mask: torch.Tensor, stride: int = DENSE_STRIDE
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-resolution targets -> the head's resolution.
-
-    Args:
-        coords: (B, 3, S, S) normalised model coordinates (any value where mask is False).
-        mask: (B, S, S) visible-object pixels (bool or float in [0, 1]).
-
-    Returns:
-        coords (B, 3, S/stride, S/stride): mean over each block's visible pixels; visibility
-        (B, S/stride, S/stride) float: the block's visible share.
-    """
-    m = mask.float().unsqueeze(1)
-    share = F.avg_pool2d(m, stride)
-    mean = F.avg_pool2d(torch.nan_to_num(coords) * m, stride) / share.clamp_min(1e-6)
-    return mean, share.squeeze(1)
-
-
-def select_object_channels(out: torch.Tensor, obj_index: torch.Tensor | None) -> torch.Tensor:
-    """(B, 4 * n_objects, H, W) -> (B, 4, H, W): each sample's own object's channels."""
-    if out.shape[1] == DENSE_CHANNELS:
-        return out
-    if obj_index is None:
-        raise ValueError(f"dense output has {out.shape[1]} channels for several objects, but no obj_index")
-    idx = obj_index.long().view(-1, 1) * DENSE_CHANNELS + torch.arange(DENSE_CHANNELS, device=out.device)
-    return out.gather(1, idx.view(-1, DENSE_CHANNELS, 1, 1).expand(-1, -1, *out.shape[2:]))
-
-
-def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor,
-               obj_index: torch.Tensor | None, beta: float = 0.05) -> torch.Tensor:
-    """Visibility BCE everywhere plus smooth-L1 of the coordinates on visible locations; () scalar.
-
-    Args:
-        out: (B, 4 * n_objects, H, W) head output.
-        coords: (B, 3, H, W) target coordinates (block_targets).
-        visibility: (B, H, W) target visible share in [0, 1] (block_targets).
-        obj_index: (B,) object of each sample, or None for one object.
-    """
-    o = select_object_channels(out, obj_index).float()
-    vis_loss = F.binary_cross_entropy_with_logits(o[:, 0], visibility.float())
-    on = (visibility >= 0.5).float().unsqueeze(1)
-    err = F.smooth_l1_loss(o[:, 1:], coords.float(), beta=beta, reduction="none") * on
-    coord_loss = err.sum() / (3.0 * on.sum()).clamp_min(1.0)
-    return vis_loss + coord_loss
-
-
 def location_centres(side: int, stride: float = DENSE_STRIDE) -> np.ndarray:
     """(side*side, 2) crop-pixel (u, v) of the centres of the output locations, row-major."""
     c = np.arange(side, dtype=np.float64) * stride + (stride - 1) / 2.0
@@ -113,12 +74,13 @@ def location_centres(side: int, stride: float = DENSE_STRIDE) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DenseDecoded:
-    """A decoded pose: R (3, 3), t (3,) metres, inlier ratio, number of correspondences used."""
+    """A decoded pose: R (3, 3), t (3,) metres, inlier ratio, correspondences used, confidence in [0, 1]."""
 
     R: np.ndarray
     t: np.ndarray
     inlier_ratio: float
     n_points: int
+    confidence: float
 
 
 def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz: np.ndarray, size_xyz: np.ndarray,
@@ -140,16 +102,21 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
     uv = window.to_image(location_centres(side, stride)[keep])
     xyz = denormalise_coordinates(channels[1:].reshape(3, -1).T[keep], min_xyz, size_xyz)
     threshold = cfg.ransac_threshold_crop_px / window.scale
-    ok, rvec, tvec, inliers = cv2.solvePnPRansac(
-        np.ascontiguousarray(xyz), np.ascontiguousarray(uv), np.asarray(K, np.float64), np.zeros(4),
-        flags=cv2.SOLVEPNP_EPNP, reprojectionError=threshold, iterationsCount=cfg.ransac_iterations,
-        confidence=cfg.ransac_confidence)
-    if not ok or inliers is None or len(inliers) < 4:
-        raise geo.GeometryError(f"PnP-RANSAC found no pose from {len(keep)} correspondences")
-    idx = inliers[:, 0]
-    rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], np.asarray(K, np.float64), np.zeros(4), rvec, tvec)
+    K = np.asarray(K, np.float64)
+    try:
+        ok, rvec, tvec, inliers = cv2.solvePnPRansac(
+            np.ascontiguousarray(xyz), np.ascontiguousarray(uv), K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP,
+            reprojectionError=threshold, iterationsCount=cfg.ransac_iterations, confidence=cfg.ransac_confidence)
+        if not ok or inliers is None or len(inliers) < 4:
+            raise geo.GeometryError(f"PnP-RANSAC found no pose from {len(keep)} correspondences")
+        idx = inliers[:, 0]
+        rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
+    except cv2.error as err:  # degenerate correspondences (all 3D points equal, early in training)
+        raise geo.GeometryError(f"OpenCV PnP-RANSAC failed on {len(keep)} correspondences: {err}") from err
     R, _ = cv2.Rodrigues(rvec)
     t = tvec.reshape(3)
     if not (np.isfinite(R).all() and np.isfinite(t).all()):
         raise geo.GeometryError("PnP-RANSAC gave a non-finite pose")
-    return DenseDecoded(R=R, t=t, inlier_ratio=len(idx) / len(keep), n_points=len(keep))
+    evidence = min(1.0, n_on / max(cfg.full_evidence, 1))
+    return DenseDecoded(R=R, t=t, inlier_ratio=len(idx) / len(keep), n_points=len(keep),
+                        confidence=len(idx) / len(keep) * evidence)

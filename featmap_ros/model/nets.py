@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from featmap_ros.heads.dense import DENSE_CHANNELS, DENSE_STRIDE  # noqa: F401 (part of the nets' API)
+
 TASKS = ("objects", "hands")
 # Object heads: "bb8" regresses the 8 box corners from a global feature (the paper's configuration);
 # "dense" predicts, at every location of a spatial feature map, a visibility logit and the object's
 # normalised model coordinates (pose by PnP-RANSAC over the correspondences, featmap_ros/heads/dense.py).
 HEADS = ("bb8", "dense")
-DENSE_CHANNELS = 4  # per object: visibility logit, then x, y, z model coordinates in [-1, 1] of the box
-DENSE_STRIDE = 2  # input pixels per output location of the dense head
 
 # What "paper-like" means per task when a field is left as None: VGG-16 convolutions for objects
 # (BB8), a DeepPrior++-like ResNet (5x5 stem of 32, stages 64/128/256/256) for hands.
@@ -64,7 +64,7 @@ class NetConfig:
         if self.head not in HEADS or (self.task == "hands" and self.head != "bb8"):
             raise ValueError(f"head must be one of {HEADS} (objects) or 'bb8' (hands' FC head), got {self.head!r}")
         if self.head == "dense" and self.n_outputs is None:
-            raise ValueError("a dense head needs n_outputs = DENSE_CHANNELS * number of objects")
+            object.__setattr__(self, "n_outputs", DENSE_CHANNELS)  # one object; a caller sets 4 per object
         for name, value in _TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -80,6 +80,11 @@ class NetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if min(self.width, self.feature_dim, self.n_outputs, self.in_channels) < 1:
             raise ValueError(f"width, feature_dim, n_outputs, in_channels must be positive: {self}")
+        if self.head == "dense" and self.feature_dim > 256:
+            # The dense feature is a full-resolution map: 1024 channels (the FC default) at S/2 would need
+            # gigabytes of activations; the experiments use 32 (CPU) to 64 (paper size).
+            raise ValueError(f"a dense head's feature_dim is the channel count of its S/2 map; "
+                             f"expected <= 256, got {self.feature_dim}")
         if self.head == "dense" and self.n_outputs % DENSE_CHANNELS:
             raise ValueError(f"a dense head has {DENSE_CHANNELS} channels per object, got n_outputs={self.n_outputs}")
 
