@@ -1,8 +1,12 @@
 """pip entry point for off-ROS use (training, evaluation, bag tools, tests).
 
 On a ROS machine colcon builds this directory as the ament_cmake package of package.xml and
-ignores this file. PyTorch is deliberately not a requirement: pip would pull a multi-GB CUDA
-build where none is wanted. tools/setup.sh installs the right build for the machine.
+ignores this file. The network needs one of two alternative backends, neither a hard requirement:
+- `.[torch]`: PyTorch, for training, export and the torch backend. An unpinned torch pulls a
+  multi-GB CUDA build where none may be wanted: tools/setup.sh installs the right build instead.
+- `.[onnx]`: ONNX Runtime, for the node and the bag replay on an exported model (`featmap
+  export`), no torch needed; use onnxruntime-gpu instead on a GPU machine (CUDA, TensorRT).
+`.[export]` adds what `featmap export` needs besides torch; `.[test]` includes onnx and export.
 """
 
 from glob import glob
@@ -40,7 +44,11 @@ setup(
     extras_require={
         "render": ["moderngl>=5.10"],
         "train": ["tensorboard>=2.14"],
-        "test": ["pytest>=7", "mcap-ros2-support>=0.5", "ruff>=0.5"],
+        "torch": ["torch>=2.4"],
+        "onnx": ["onnxruntime>=1.17"],
+        "export": ["onnx>=1.16", "onnxscript>=0.1"],
+        "test": ["pytest>=7", "mcap-ros2-support>=0.5", "ruff>=0.5", "onnxruntime>=1.17", "onnx>=1.16",
+                 "onnxscript>=0.1"],
     },
     entry_points={"console_scripts": ["featmap = featmap_ros.cli:main"]},
 )

@@ -4,10 +4,12 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
-                                     [--heads dense bb8]
+                                     [--heads dense bb8] [--backends torch onnxruntime] [--threads 0]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
-Weights are random: latency does not depend on them.
+Weights are random: latency does not depend on them. Backends run side by side on the same
+frames: torch on the checkpoint, onnxruntime on its `featmap export` (providers by availability:
+TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 
+from featmap_ros.backends.onnx_net import OnnxNetwork, onnxruntime_available
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
-from featmap_ros.estimator import load_estimator
+from featmap_ros.estimator import NETWORK_CHUNK, HandEstimator, ObjectEstimator, load_estimator
+from featmap_ros.export import export_onnx
 from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
@@ -32,6 +36,8 @@ from featmap_ros.ros.processor import FrameProcessor
 from featmap_ros.ros.typestore import typestore
 
 PRESETS = {"deploy": {"input_size": 64, "width": 16, "feature_dim": 256}, "paper": {"input_size": 128}}
+BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-tensorrt")
+_PINNED = {"ort-cuda": ["CUDAExecutionProvider"], "ort-tensorrt": ["TensorrtExecutionProvider"]}
 LMO = Intrinsics(572.4114, 573.57043, 325.2611, 242.04899, 640, 480)
 
 
@@ -60,6 +66,22 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
     return folder / name
 
 
+def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path]):
+    """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
+    if backend == "torch":
+        return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch")
+    if ckpt not in exports:
+        exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
+    providers = _PINNED.get(backend)
+    if providers is not None:
+        providers = [*providers, "CPUExecutionProvider"]
+    net = OnnxNetwork(exports[ckpt], device, cpu_threads=threads, max_batch=NETWORK_CHUNK, providers=providers)
+    if providers is not None and net.provider != providers[0]:
+        raise RuntimeError(f"{backend}: onnxruntime fell back to {net.provider}")
+    cls = ObjectEstimator if net.meta["task"] == "objects" else HandEstimator
+    return cls(net, net.meta)
+
+
 def object_frame(f: MessageFactory, n: int, rng: np.random.Generator) -> tuple:
     """Image, CameraInfo and n detections of a 640x480 frame."""
     rgb = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
@@ -77,11 +99,14 @@ def hand_frame(f: MessageFactory) -> tuple:
 
 
 def measure(proc: FrameProcessor, msgs: tuple, frames: int) -> tuple[float, float]:
-    """Median and p95 of process() wall time in ms, after 3 warm-up frames."""
+    """Median and p95 of process() wall time in ms, after 3 warm-up frames.
+
+    msgs = ("network", batch) times the network alone (est.net.run) on a batch of crops instead.
+    """
     times = []
     for i in range(frames + 3):
         t0 = time.perf_counter()
-        out = proc.process(*msgs)
+        out = proc.estimator.net.run(msgs[1]) if msgs[0] == "network" else proc.process(*msgs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i >= 3:
@@ -97,27 +122,62 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "bb8"],
                         help="object heads: dense (the default model) and bb8 (the paper's), side by side")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS,
+                        default=["torch"] + (["onnxruntime"] if onnxruntime_available() else []),
+                        help="what runs the network, side by side on the same frames (onnxruntime exports first)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of every backend (0: its default)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print("| device | preset | case | median (ms) | p95 (ms) |\n|---|---|---|---|---|", flush=True)
+    versions = f"torch {torch.__version__}, threads {torch.get_num_threads() if not args.threads else args.threads}"
+    if set(args.backends) - {"torch"}:
+        import onnxruntime
+
+        versions += f", onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}"
+    print(f"{versions}, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    cols = " | ".join(f"{b} median | {b} p95" for b in args.backends)
+    ratio = len(args.backends) > 1 and args.backends[0] == "torch"
+    print(f"| device | preset | case | {cols} |" + (" speed-up vs torch |" if ratio else ""))
+    print("|---|---|---|" + "---|---|" * len(args.backends) + ("---|" if ratio else ""), flush=True)
+    exports: dict[Path, Path] = {}
+
+    def row(device: str, preset: str, case: str, procs: list, msgs: tuple) -> None:
+        meds, cells = [], []
+        for proc in procs:
+            if proc is None:
+                meds.append(float("nan"))
+                cells.append("n/a | n/a")
+                continue
+            med, p95 = measure(proc, msgs, args.frames)
+            meds.append(med)
+            cells.append(f"{med:.1f} | {p95:.1f}")
+        speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
+        print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
+
+    def processors(ckpt: Path, device: str, cfg: NodeConfig) -> list:
+        out = []
+        for backend in args.backends:
+            try:
+                out.append(FrameProcessor(estimator_on(backend, ckpt, device, args.threads, exports), f, cfg))
+            except Exception as err:  # a provider this machine lacks: say so, keep the other columns
+                print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
+                out.append(None)
+        return out
+
     with TemporaryDirectory() as tmp:
         for device in args.devices:
             for preset in args.presets:
                 for head in args.heads:
-                    est = load_estimator(make_checkpoint(Path(tmp), "objects", preset, head=head), device=device)
-                    proc = FrameProcessor(est, f, NodeConfig(task="objects", publish_overlay=False))
+                    ckpt = make_checkpoint(Path(tmp), "objects", preset, head=head)
+                    procs = processors(ckpt, device, NodeConfig(task="objects", publish_overlay=False))
                     for n in (1, 8):
-                        med, p95 = measure(proc, object_frame(f, n, rng), args.frames)
-                        print(f"| {device} | {preset} | objects x{n}, {head} head | {med:.1f} | {p95:.1f} |",
-                              flush=True)
-                est = load_estimator(make_checkpoint(Path(tmp), "hands", preset), device=device)
-                proc = FrameProcessor(est, f, NodeConfig(task="hands", use_detections=False, publish_overlay=False))
-                med, p95 = measure(proc, hand_frame(f), args.frames)
-                print(f"| {device} | {preset} | hand | {med:.1f} | {p95:.1f} |", flush=True)
-
+                        row(device, preset, f"objects x{n}, {head} head", procs, object_frame(f, n, rng))
+                    size = PRESETS[preset]["input_size"]
+                    crops = rng.uniform(-1, 1, (8, 3, size, size)).astype(np.float32)
+                    row(device, preset, f"network only, 8 crops, {head} head", procs, ("network", crops))
+                ckpt = make_checkpoint(Path(tmp), "hands", preset)
+                procs = processors(ckpt, device, NodeConfig(task="hands", use_detections=False, publish_overlay=False))
+                row(device, preset, "hand", procs, hand_frame(f))
 
 if __name__ == "__main__":
     main()

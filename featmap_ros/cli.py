@@ -4,6 +4,7 @@
     featmap render objects|hands|bench
     featmap train objects|hands       one method, one config, one checkpoint
     featmap evaluate objects          score a model on a BOP scene
+    featmap export                    a checkpoint as ONNX (+ JSON) for the onnxruntime backend
     featmap experiment lmo|hands|nyu  every method, then one table
     featmap bag make objects|hands|nyu / featmap bag eval
 """
@@ -96,17 +97,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate_objects(args: argparse.Namespace) -> int:
     from featmap_ros.bop_scoring import load_object_models, run_bop, write_object_report, write_overlays
     from featmap_ros.estimator import load_estimator
-    from featmap_ros.model.checkpoint import read_meta
 
     root, out = Path(args.bop), Path(args.out)
-    est = load_estimator(args.model, device=args.device)
+    est = load_estimator(args.model, device=args.device, backend=args.backend)
     records, ctx = run_bop(est, root, args.scene, args.frames, args.detections, targets=args.targets)
     infos, meshes = load_object_models(root / "models")
     names = {o.obj_id: o.name for o in est.objects}
     metrics = write_object_report(out, records, infos, meshes, names,
                                   extra={"model": str(args.model), "bop": str(root), "scene": args.scene,
                                          "frames": args.frames, "detections": args.detections,
-                                         "method": read_meta(args.model).get("method", "featmap")},
+                                         "method": est.net.meta.get("method", "featmap")},
                                   targets=args.targets, dataset=ctx["dataset"], split=ctx["split"])
     print(f"scored: {metrics['targets']['scored']}")
     write_overlays(out, root, args.scene, records, infos, names, n=args.overlays)
@@ -115,6 +115,15 @@ def cmd_evaluate_objects(args: argparse.Namespace) -> int:
         print(f"{split:>10}: {metrics[split]['n_instances']} instances, 2D proj@5px {100 * mean['proj_5px']:.1f}%, "
               f"ADD(-S)@10% {100 * mean['add_10']:.1f}%, 5cm5deg {100 * mean['cm5_deg5']:.1f}%")
     print(f"metrics: {out / 'metrics.json'}  BOP results: {out / metrics['bop_csv']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from featmap_ros.export import export_onnx
+
+    path = export_onnx(args.model, args.out, opset=args.opset)
+    doc = json.loads(path.read_text())
+    print(f"onnx: {path.parent / doc['onnx']['file']}\nmetadata: {path}\ncheck: {doc['check']}")
     return 0
 
 
@@ -174,10 +183,10 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
 
     from featmap_ros.bag.io import TOPICS
     from featmap_ros.bag.replay import eval_bag
-    from featmap_ros.model.checkpoint import read_meta
+    from featmap_ros.estimator import model_meta
     from featmap_ros.ros.config import load_node_config
 
-    meta = read_meta(args.model)
+    meta = model_meta(args.model)
     config = load_node_config(args.config) if args.config else None
     if config is not None:
         config = replace(config, model_path=str(args.model), max_age_s=0.0)
@@ -186,8 +195,8 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
                                                   ("detections", args.detections_topic),
                                                   ("ground_truth", args.ground_truth_topic)) if v})
     res = eval_bag(Path(args.bag), Path(args.model), Path(args.out), models_dir=args.models, config=config,
-                   topics=topics, device=args.device, write_output_bag=not args.no_output_bag,
-                   storage=args.storage, targets=args.targets)
+                   topics=topics, device=args.device, backend=args.backend,
+                   write_output_bag=not args.no_output_bag, storage=args.storage, targets=args.targets)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.md'}  metrics: {Path(args.out) / 'metrics.json'}")
     if res.output_bag:
@@ -255,7 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--out", required=True)
     eo.add_argument("--overlays", type=int, default=6)
     eo.add_argument("--device", default="auto")
+    eo.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                    help="where the network runs (auto: onnxruntime when installed and the model has an export)")
     eo.set_defaults(func=cmd_evaluate_objects)
+
+    xp = sub.add_parser("export", help="write a checkpoint's run-time graph as ONNX for the onnxruntime backend")
+    xp.add_argument("--model", required=True, help="the checkpoint (.json, stem or folder)")
+    xp.add_argument("--out", required=True,
+                    help="folder for <stem>.onnx and <stem>.onnx.json (the checkpoint's own: its default export)")
+    xp.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    xp.set_defaults(func=cmd_export)
 
     x = sub.add_parser("experiment", help="train every method and write one table")
     x.add_argument("which", choices=["lmo", "hands", "nyu"])
@@ -303,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--targets", default="all", choices=["all", "bop19"],
                     help="objects: score every instance in the bag, or the BOP19 test targets (needs the BOP ids)")
     be.add_argument("--device", default="auto")
+    be.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"],
+                    help="where the network runs (default: --config's backend, else auto)")
     be.set_defaults(func=cmd_bag_eval)
     return p
 

@@ -1,7 +1,9 @@
 """Run-time inference: image + intrinsics (+ 2D detections) -> object poses or hand joints.
 
-Pure Python and torch, no ROS. The node, the bag replay and `featmap evaluate` all call these
-classes, so what is scored off the robot is what runs on it.
+Pure Python, no ROS. The node, the bag replay and `featmap evaluate` all call these classes, so
+what is scored off the robot is what runs on it. The network runs on a backend (featmap_ros.backends):
+torch on a checkpoint, or ONNX Runtime on its export (`featmap export`); this module imports neither
+torch nor onnxruntime itself, so the ONNX Runtime path runs where torch is not installed.
 
 Checkpoint metadata this module reads (written by featmap_ros.train):
 - objects: meta["objects"] = [{"obj_id", "name", "corners_m" (8x3), "extent_m" (3), "symmetric"}],
@@ -19,19 +21,20 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featmap_ros import geometry as geo
+from featmap_ros.backends import BACKENDS, BackendError, onnx_net
 from featmap_ros.errors import FeatmapError
-from featmap_ros.heads.dense import DenseDecodeConfig
+from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
-from featmap_ros.model import checkpoint
-from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, pooled_features
 from featmap_ros.preprocess import depth_to_input, rgb_to_input
 from featmap_ros.results import Detection2D, HandPose, ObjectPose
+
+if TYPE_CHECKING:  # imports torch: the estimator reaches it only for the torch backend
+    from featmap_ros.model.nets import FeatureMappingModel
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +45,7 @@ class EstimatorError(FeatmapError, ValueError):
 
 DEFAULT_MAX_DETECTIONS = 32
 NETWORK_CHUNK = 16  # crops per forward pass: bounds the memory of one frame whatever the detection count
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU with one warning; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("no CUDA device found: running the network on the CPU")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EstimatorError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return torch.device(device)
+BB8_OUTPUTS = 16  # per object: 8 corners (u, v) normalised to the crop
 
 
 @dataclass(frozen=True)
@@ -67,34 +59,13 @@ class ObjectModelInfo:
     symmetric: bool
 
 
-class _Network:
-    """A loaded checkpoint on a device, with the out-of-domain statistics of its synthetic features."""
+def _network(model: Any, meta: dict[str, Any], device: str) -> Any:
+    """A backend network as it is (it has run()), or a torch FeatureMappingModel put on `device`."""
+    if hasattr(model, "run"):
+        return model
+    from featmap_ros.backends.torch_net import TorchNetwork, resolve_device
 
-    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: torch.device) -> None:
-        self.meta = meta
-        self.device = device
-        self.half = device.type == "cuda"
-        self.model = model.to(device).eval()
-        if self.half:
-            self.model = self.model.half()
-        stats = meta.get("feature_stats") or {}
-        self.feat_mean = torch.tensor(stats["mean"], device=device) if "mean" in stats else None
-        self.feat_std = torch.tensor(stats["std"], device=device).clamp_min(1e-6) if "std" in stats else None
-
-    @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, S, S) float32 -> outputs (B, K) and out-of-domain scores (B,), both float64 numpy."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        x = x.half() if self.half else x
-        pred = self.model.predict_real(x)
-        feats = pooled_features(pred.features).float()
-        if self.feat_mean is not None and self.feat_std is not None:
-            # RMS z-score of the mapped feature under the synthetic feature distribution (diagonal Gaussian):
-            # about 1 in domain, growing as the image leaves what the network was trained on.
-            ood = (((feats - self.feat_mean) / self.feat_std) ** 2).mean(dim=1).sqrt()
-        else:
-            ood = torch.full((len(feats),), float("nan"), device=feats.device)
-        return pred.outputs.float().cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
+    return TorchNetwork(model, meta, resolve_device(device))
 
 
 def _check_max_detections(n: int) -> int:
@@ -148,12 +119,13 @@ class ObjectEstimator:
 
     task = "objects"
 
-    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: str = "auto",
+    def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None,
                  max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
+        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends)."""
         if meta.get("task") != "objects":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'objects'")
-        self.net = _Network(model, meta, resolve_device(device))
+        self.net = _network(model, meta, device)
         self.device = str(self.net.device)
         self.objects = [
             ObjectModelInfo(int(o["obj_id"]), str(o["name"]), np.asarray(o["corners_m"], dtype=np.float64),
@@ -165,15 +137,15 @@ class ObjectEstimator:
         self.crop_size = int(meta["crop"]["size"])
         self.window_scale = float(meta["crop"].get("window_scale", 1.0))
         self.pnp_method, self.ransac = pnp_method, ransac
-        self.head = model.cfg.head
+        self.head = self.net.head
         self.max_detections = _check_max_detections(max_detections)
         self.skipped: Counter[str] = Counter()
         self.dense_cfg = dense_cfg or DenseDecodeConfig()
-        per_object = DENSE_CHANNELS if self.head == "dense" else 16
-        if model.cfg.n_outputs != per_object * len(self.objects):
+        self.per_object = DENSE_CHANNELS if self.head == "dense" else BB8_OUTPUTS
+        if self.net.n_outputs != self.per_object * len(self.objects):
             raise EstimatorError(
-                f"{self.head} head has {model.cfg.n_outputs} outputs for {len(self.objects)} objects; "
-                f"expected {per_object} each"
+                f"{self.head} head has {self.net.n_outputs} outputs for {len(self.objects)} objects; "
+                f"expected {self.per_object} each"
             )
 
     def object_index(self, det: Detection2D) -> int | None:
@@ -225,17 +197,17 @@ class ObjectEstimator:
             det = detections[i]
             info = self.objects[k]
             confidence = 1.0
-            per = DENSE_CHANNELS if self.head == "dense" else 16
+            per = self.per_object
             if not np.isfinite(outputs[row, per * k: per * (k + 1)]).all():
                 self.skipped["non_finite_output"] += 1
                 log.debug("network output for object %d is not finite; dropped", info.obj_id)
                 continue
             try:
                 if self.head == "dense":
-                    channels = outputs[row, DENSE_CHANNELS * k: DENSE_CHANNELS * (k + 1)]
+                    channels = outputs[row, per * k: per * (k + 1)]
                     lo = info.corners.min(axis=0)
                     found = decode_dense(channels, win, K, lo, info.extent, self.dense_cfg)
-                    R, t, confidence = found.R, found.t, found.inlier_ratio
+                    R, t, confidence = found.R, found.t, found.confidence
                     uv = geo.project_model(info.corners, R, t, K)
                 else:
                     uv_norm = outputs[row, 16 * k: 16 * (k + 1)].reshape(8, 2)
@@ -252,7 +224,8 @@ class ObjectEstimator:
                 self.skipped["behind_camera"] += 1
                 log.debug("PnP put object %d behind the camera; skipped", info.obj_id)
                 continue
-            # The score is the detection's, times the pose's own confidence (dense head: RANSAC inlier ratio).
+            # The score is the detection's, times the pose's own confidence (dense head: the RANSAC inlier
+            # ratio, scaled down when few locations are visible).
             poses.append(ObjectPose(obj_id=info.obj_id, name=info.name, R=R, t=t, corners_uv=uv,
                                     corners_3d=info.corners, extent=info.extent,
                                     score=float(det.score) * float(confidence), out_of_domain=float(ood[row])))
@@ -271,11 +244,12 @@ class HandEstimator:
 
     task = "hands"
 
-    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: str = "auto",
+    def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  max_depth_m: float = 1.5, min_pixels: int = 200, max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
+        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends)."""
         if meta.get("task") != "hands":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'hands'")
-        self.net = _Network(model, meta, resolve_device(device))
+        self.net = _network(model, meta, device)
         self.device = str(self.net.device)
         self.joint_names = tuple(meta["hands"]["joint_names"])
         self.cube_m = float(meta["hands"]["cube_m"])
@@ -283,8 +257,8 @@ class HandEstimator:
         self.max_depth_m, self.min_pixels = max_depth_m, min_pixels
         self.max_detections = _check_max_detections(max_detections)
         self.skipped: Counter[str] = Counter()
-        if model.cfg.n_outputs != 3 * len(self.joint_names):
-            raise EstimatorError(f"head has {model.cfg.n_outputs} outputs for {len(self.joint_names)} joints")
+        if self.net.n_outputs != 3 * len(self.joint_names):
+            raise EstimatorError(f"head has {self.net.n_outputs} outputs for {len(self.joint_names)} joints")
 
     def locate(self, depth_m: np.ndarray, intrinsics: geo.Intrinsics,
                detections: list[Detection2D] | None) -> list[np.ndarray]:
@@ -390,18 +364,68 @@ def joint_confidence(joints_xyz: np.ndarray, depth_m: np.ndarray, K: np.ndarray,
     return conf
 
 
-def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
-                   max_detections: int = DEFAULT_MAX_DETECTIONS) -> ObjectEstimator | HandEstimator:
-    """Rebuild the right estimator from a checkpoint alone (its JSON says the task).
+def model_meta(model_path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint or of an ONNX export (task, objects, crop, ...), without loading weights.
 
-    cpu_threads > 0 caps torch's intra-op threads: with other busy processes on the same cores,
-    torch's default thread pool can stall for many times the work (seen here: 10-40x slower).
+    Raises:
+        featmap_ros.model.checkpoint.CheckpointError or BackendError: a missing or foreign JSON.
+    """
+    if onnx_net.is_export(model_path):
+        return onnx_net.read_export(model_path, verify=False)
+    from featmap_ros.model.checkpoint import read_meta  # imports torch: checkpoints are torch's
+
+    return read_meta(model_path)
+
+
+def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
+    """'torch' or 'onnxruntime' for a model path; 'auto' takes onnxruntime when installed and the model has an
+    export (the path is one, or one made from the same weights lies beside the checkpoint), else torch.
+
+    Raises:
+        BackendError: an unknown backend, or one that cannot run this model.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is unknown; expected one of {list(BACKENDS)}")
+    if backend == "torch":
+        if onnx_net.is_export(model_path):
+            raise BackendError(f"{model_path} is an ONNX export; backend torch needs the checkpoint it was made "
+                               "from (or use backend onnxruntime)")
+        return "torch"
+    export = onnx_net.find_export(model_path)
+    if backend == "auto":
+        # An export's own path has no torch alternative: without onnxruntime it fails naming the package.
+        usable = onnx_net.is_export(model_path) or onnx_net.onnxruntime_available()
+        return "onnxruntime" if export is not None and usable else "torch"
+    if export is None:
+        raise BackendError(f"backend onnxruntime needs an ONNX export of {model_path}: run `featmap export "
+                           f"--model {model_path} --out DIR` and give DIR/<stem>{onnx_net.EXPORT_SUFFIX}")
+    return "onnxruntime"
+
+
+def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
+                   max_detections: int = DEFAULT_MAX_DETECTIONS,
+                   backend: str | None = None) -> ObjectEstimator | HandEstimator:
+    """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
+
+    backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
+    None, for library callers: onnxruntime for an export's path, torch for a checkpoint's, whatever
+    lies beside it. cpu_threads > 0 caps the network's intra-op threads: with other busy processes
+    on the same cores, a default thread pool can stall for many times the work (seen with torch:
+    10-40x slower).
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
+        BackendError: the backend cannot run here (package, device) or the export is foreign or corrupt.
     """
-    if cpu_threads > 0:
-        torch.set_num_threads(cpu_threads)
-    model, meta = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
-    cls = ObjectEstimator if meta["task"] == "objects" else HandEstimator
-    return cls(model, meta, device=device, max_detections=max_detections)
+    if backend is None:
+        backend = "onnxruntime" if onnx_net.is_export(model_path) else "torch"
+    if choose_backend(model_path, backend) == "onnxruntime":
+        export = onnx_net.find_export(model_path)
+        assert export is not None  # choose_backend said so
+        net: Any = onnx_net.OnnxNetwork(export, device, cpu_threads=cpu_threads, max_batch=NETWORK_CHUNK)
+    else:
+        from featmap_ros.backends import torch_net
+
+        net = torch_net.load(model_path, device, cpu_threads=cpu_threads)
+    cls = ObjectEstimator if net.meta["task"] == "objects" else HandEstimator
+    return cls(net, net.meta, device=device, max_detections=max_detections)

@@ -14,6 +14,7 @@ NYU = SHARED_DATA / "nyu"
 def pytest_configure(config: pytest.Config) -> None:
     for marker in ("linter", "flake8", "pep257", "launch_test", "slow"):
         config.addinivalue_line("markers", f"{marker}: ament / featmap test category")
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU, skips with the reason without (bench/gpu_suite.sh)")
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 
-if ! $PY -c "import featmap_ros, moderngl, mcap_ros2, tensorboard, ruff" 2>/dev/null \
+if ! $PY -c "import featmap_ros, moderngl, mcap_ros2, tensorboard, ruff, onnx, onnxruntime, onnxscript" 2>/dev/null \
    || [ "$($PY -m pip show featmap_ros 2>/dev/null | grep -c '^Location')" = 0 ]; then
   echo "setup: installing featmap_ros and its Python dependencies"
   $PY -m pip install -q -e '.[render,train,test]'
 fi
-echo "setup: done ($($PY -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
+echo "setup: done ($($PY -c 'import torch, onnxruntime as ort; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu", "| onnxruntime", ort.__version__, ",".join(ort.get_available_providers()))'))"

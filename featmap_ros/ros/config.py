@@ -23,6 +23,7 @@ __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_conf
            "unknown_parameters"]
 
 TASKS = ("objects", "hands")
+BACKENDS = ("auto", "torch", "onnxruntime")  # featmap_ros.backends.BACKENDS, without importing the estimator
 # Durations longer than this (11.6 days) are no sensible slop, age or lifetime, and overflow ROS
 # Durations (int64 nanoseconds) long before float seconds run out.
 MAX_SECONDS = 1e6
@@ -58,8 +59,13 @@ class NodeConfig:
     task: str = _param("objects", "what to estimate: 'objects' (6-DoF poses from colour) or 'hands' (depth joints)")
     model_path: str = _param("", "checkpoint of the estimator; its task must match 'task'")
     device: str = _param("auto", "where the network runs: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    backend: str = _param(
+        "auto", "what runs the network: 'torch' (a checkpoint), 'onnxruntime' (its `featmap export`; needs no "
+        "torch; providers TensorRT, CUDA, CPU where available) or 'auto' (onnxruntime when installed and the "
+        "model has an export, else torch)"
+    )
     cpu_threads: int = _param(
-        1, "CPU threads for the network (0 = torch's default, one per core); 1 resists a busy CPU best "
+        1, "CPU threads for the network (0 = the backend's default, one per core); 1 resists a busy CPU best "
         "(docs/ros.md), raise it only on cores nothing else uses"
     )
     max_detections: int = _param(
@@ -102,6 +108,8 @@ class NodeConfig:
             raise ProcessorError("config", f"task {self.task!r} is unknown; expected one of {list(TASKS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ProcessorError("config", f"device {self.device!r} is unknown; expected auto, cpu, cuda or cuda:N")
+        if self.backend not in BACKENDS:
+            raise ProcessorError("config", f"backend {self.backend!r} is unknown; expected one of {list(BACKENDS)}")
         if self.task == "objects" and not self.use_detections:
             raise ProcessorError("config", "task objects crops around 2D detections: use_detections must be true")
         for name in ("image_topic", "camera_info_topic", "detections_topic", "markers_topic", "objects_topic",
@@ -113,7 +121,7 @@ class NodeConfig:
         if not 0.0 < self.sync_slop_s <= MAX_SECONDS:
             raise ProcessorError("config", f"sync_slop_s {self.sync_slop_s} must be in (0, {MAX_SECONDS:g}] seconds")
         if self.cpu_threads < 0:
-            raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = torch's default)")
+            raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = the backend's default)")
         if self.max_detections < 1:
             raise ProcessorError("config", f"max_detections {self.max_detections} must be >= 1")
         if self.queue_size < 1:

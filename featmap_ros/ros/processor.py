@@ -64,14 +64,14 @@ class Estimator(Protocol):
 
 
 def load_estimator_for(config: NodeConfig) -> Estimator:
-    """Load the checkpoint at config.model_path on config.device and check it does config.task."""
+    """Load the model at config.model_path on config.backend and config.device and check it does config.task."""
     if not config.model_path:
         raise ProcessorError("config", "model_path is empty; set it to a featmap checkpoint")
-    # torch lives behind this import: only a node that runs a model pays for it.
+    # The network's backend (torch or onnxruntime) lives behind this import: only a node that runs a model pays.
     from featmap_ros.estimator import load_estimator
 
     estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads,
-                               max_detections=config.max_detections)
+                               max_detections=config.max_detections, backend=config.backend)
     if estimator.task != config.task:
         raise ProcessorError("config", f"{config.model_path} is a {estimator.task!r} model but task is {config.task!r}")
     return estimator

@@ -1,0 +1,17 @@
+"""Where the network runs: torch (torch_net) or ONNX Runtime (onnx_net).
+
+Both give the estimator the same thing: `run(batch)` of (B, C, S, S) float32 crops -> outputs and
+out-of-domain scores as float64 numpy, with `device`, `head` and `n_outputs` beside it. Only
+torch_net imports torch; onnx_net imports onnxruntime when a network is built, so the ONNX
+Runtime path of the estimator and the node runs where torch is not installed.
+"""
+
+from __future__ import annotations
+
+from featmap_ros.errors import FeatmapError
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+class BackendError(FeatmapError, ValueError):
+    """A backend cannot run: missing package or device, or an ONNX export that is foreign or corrupt."""

@@ -1,0 +1,229 @@
+"""The ONNX Runtime backend: an exported run-time graph (featmap_ros.export) in an InferenceSession.
+
+No torch here, and onnxruntime is imported only when a network is built: the node runs this path
+with neither torch installed nor, until it loads a model, onnxruntime imported.
+
+An export is two files beside each other: `<stem>.onnx` (input `crops` (B, C, S, S) float32 with a
+dynamic batch axis; outputs `outputs`, `ood` (B,) and `features` (B, D)) and `<stem>.onnx.json`,
+the checkpoint's metadata plus the export's own section (file, sha256, names, opset) and the
+sha256 of the weights it was made from. Written next to its checkpoint (same stem), it is that
+checkpoint's export: load_estimator finds it there, and ignores it once the weights change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featmap_ros.backends import BackendError
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "featmap_ros.onnx_export"
+EXPORT_FORMAT_VERSION = 1
+EXPORT_SUFFIX = ".onnx.json"
+INPUT_NAME = "crops"
+OUTPUT_NAMES = ("outputs", "ood", "features")
+# The estimator's order of preference; each is used where onnxruntime offers it.
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+# Keys of the checkpoint metadata the estimator reads, per task (checkpoint.ESTIMATOR_KEYS, which imports torch).
+_TASK_KEYS = {"objects": ("objects", "crop"), "hands": ("hands", "crop")}
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime can be imported here (without importing it)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def is_export(path: str | os.PathLike[str]) -> bool:
+    """Whether a path names an export (its .onnx or .onnx.json file) rather than a checkpoint."""
+    name = Path(path).name
+    return name.endswith(EXPORT_SUFFIX) or name.endswith(".onnx")
+
+
+def export_json_of(path: str | os.PathLike[str]) -> Path:
+    """The export JSON for a checkpoint path (directory, stem, .json, .safetensors) or an export's .onnx.
+
+    Mirrors checkpoint.stem_of, which cannot be imported here (it imports torch).
+    """
+    p = Path(path)
+    if p.name.endswith(EXPORT_SUFFIX):
+        return p
+    if p.is_dir():
+        return p / ("model" + EXPORT_SUFFIX)
+    for suffix in (".onnx", ".safetensors", ".json"):
+        if p.name.endswith(suffix):
+            return p.with_name(p.name[: -len(suffix)] + EXPORT_SUFFIX)
+    return p.with_name(p.name + EXPORT_SUFFIX)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_export(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """Read an export's JSON and check its format, task keys and (verify) the ONNX file's sha256.
+
+    Raises:
+        BackendError: missing or foreign JSON, missing keys, missing or corrupt ONNX file.
+    """
+    json_path = export_json_of(path)
+    if not json_path.is_file():
+        raise BackendError(f"missing ONNX export description {json_path} (write one with `featmap export`)")
+    try:
+        doc = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BackendError(f"{json_path} is not valid JSON: {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise BackendError(f"{json_path} is not a featmap_ros ONNX export (format key {EXPORT_FORMAT!r} missing)")
+    if doc.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise BackendError(f"{json_path} has format_version {doc.get('format_version')}, "
+                           f"expected {EXPORT_FORMAT_VERSION}")
+    task = doc.get("task")
+    if task not in _TASK_KEYS:
+        raise BackendError(f"{json_path}: key 'task' is {task!r}, expected one of {list(_TASK_KEYS)}")
+    for key in (*_TASK_KEYS[task], "net", "onnx"):
+        kind = list if key == "objects" else dict
+        if not isinstance(doc.get(key), kind):
+            raise BackendError(f"{json_path}: key {key!r} must be a {kind.__name__}, got {doc.get(key)!r:.80}")
+    net = doc["net"]
+    if not isinstance(net.get("n_outputs"), int) or net.get("head", "bb8") not in ("bb8", "dense"):
+        raise BackendError(f"{json_path}: 'net' needs an integer n_outputs and head bb8 or dense, got {net!r:.120}")
+    # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
+    onnx_file = json_path.parent / Path(str(doc["onnx"].get("file", ""))).name
+    if not onnx_file.is_file():
+        raise BackendError(f"missing ONNX file {onnx_file} named by {json_path}")
+    if verify:
+        digest = _sha256_file(onnx_file)
+        if digest != doc["onnx"].get("sha256"):
+            raise BackendError(f"{onnx_file} has sha256 {digest}, {json_path} expects "
+                               f"{doc['onnx'].get('sha256')}: corrupted or replaced")
+    doc["onnx"] = {**doc["onnx"], "path": str(onnx_file)}
+    return doc
+
+
+def find_export(model_path: str | os.PathLike[str]) -> Path | None:
+    """The export JSON that belongs to model_path: the path itself if it is an export, else the
+    `<stem>.onnx.json` beside the checkpoint when it was made from the same weights; else None."""
+    if is_export(model_path):
+        return export_json_of(model_path)
+    json_path = export_json_of(model_path)
+    if not json_path.is_file():
+        return None
+    ckpt_json = json_path.with_name(json_path.name[: -len(EXPORT_SUFFIX)] + ".json")
+    try:
+        export_doc = json.loads(json_path.read_text())
+        weights = json.loads(ckpt_json.read_text()).get("weights") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    source = (export_doc.get("source") or {}).get("weights_sha256") if isinstance(export_doc, dict) else None
+    if source is None or source != weights.get("sha256"):
+        log.warning("ignoring %s: it was exported from other weights than %s (export again)", json_path, ckpt_json)
+        return None
+    return json_path
+
+
+def _device_id(device: str) -> int:
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    return int(m.group(1) or 0) if m else 0
+
+
+def choose_providers(device: str, available: Sequence[str]) -> list[str]:
+    """Execution providers for a device ('auto', 'cpu', 'cuda', 'cuda:N'): TensorRT, CUDA, CPU where offered.
+
+    Raises:
+        BackendError: a CUDA device asked for, but this onnxruntime has no GPU provider.
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in PROVIDERS[:2] if p in available]
+    if not gpu:
+        if device != "auto":
+            raise BackendError(f"device {device!r} asked for, but onnxruntime offers only {list(available)} "
+                               "(install onnxruntime-gpu for CUDA and TensorRT)")
+        log.warning("onnxruntime has no CUDA or TensorRT provider: running the network on the CPU")
+    return [*gpu, "CPUExecutionProvider"]
+
+
+def _provider_options(name: str, device_id: int, input_shape: tuple[int, int, int], max_batch: int,
+                      ) -> dict[str, Any]:
+    if name == "CUDAExecutionProvider":
+        return {"device_id": device_id}
+    if name == "TensorrtExecutionProvider":
+        c, s, _ = input_shape
+        # One optimisation profile over every batch the estimator sends (1 .. its chunk size); engines
+        # are cached, since building one takes tens of seconds.
+        cache = Path(os.environ.get("FEATMAP_TRT_CACHE", Path.home() / ".cache" / "featmap_ros" / "tensorrt"))
+        cache.mkdir(parents=True, exist_ok=True)
+        shape = f"{INPUT_NAME}:{{}}x{c}x{s}x{s}"
+        return {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache), "trt_profile_min_shapes": shape.format(1),
+                "trt_profile_opt_shapes": shape.format(max(1, max_batch // 2)),
+                "trt_profile_max_shapes": shape.format(max_batch)}
+    return {}
+
+
+class OnnxNetwork:
+    """An ONNX export in an onnxruntime InferenceSession on the best execution provider available.
+
+    `device` says where it runs: 'onnxruntime:tensorrt:0', 'onnxruntime:cuda:0' or 'onnxruntime:cpu'
+    (the provider onnxruntime actually took, which the node's diagnostics show).
+    """
+
+    def __init__(self, export_path: str | os.PathLike[str], device: str = "auto", cpu_threads: int = 0,
+                 max_batch: int = 16, providers: Sequence[str] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise BackendError("backend onnxruntime needs the onnxruntime package (pip install onnxruntime, or "
+                               "onnxruntime-gpu on a GPU machine)") from err
+        self.meta = read_export(export_path)
+        net = self.meta["net"]
+        self.head = str(net.get("head", "bb8"))
+        self.n_outputs = int(net["n_outputs"])
+        chosen = list(providers) if providers else choose_providers(device, ort.get_available_providers())
+        if chosen[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA and cuDNN from the nvidia-* wheels (torch's CUDA build brings them), where they are
+                ort.preload_dlls()
+            except Exception as err:  # the libraries may be on the system path instead
+                log.debug("onnxruntime.preload_dlls: %s", err)
+        device_id = _device_id(device)
+        c, s = int(net.get("in_channels") or 3), int(self.meta["crop"]["size"])
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = max(int(cpu_threads), 0)  # 0: onnxruntime's default, one per core
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                self.meta["onnx"]["path"], opts,
+                providers=[(p, _provider_options(p, device_id, (c, s, s), max_batch)) for p in chosen])
+        except Exception as err:  # onnxruntime raises its own untyped errors: wrap them at the boundary
+            raise BackendError(f"onnxruntime cannot load {self.meta['onnx']['path']}: {err}") from err
+        self.provider = self.session.get_providers()[0]
+        if device.startswith("cuda") and self.provider == "CPUExecutionProvider":
+            raise BackendError(f"device {device!r} asked for, but onnxruntime's GPU providers {chosen[:-1]} did not "
+                               "start (see onnxruntime's log above)")
+        short = _SHORT.get(self.provider, self.provider)
+        self.device = f"onnxruntime:{short}" + (f":{device_id}" if short != "cpu" else "")
+        self.input_name = self.session.get_inputs()[0].name
+        self._fetch = [OUTPUT_NAMES[0], OUTPUT_NAMES[1]]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        outputs, ood = self.session.run(self._fetch, {self.input_name: x})
+        return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)

@@ -1,0 +1,99 @@
+"""The torch backend: a checkpoint's run-time graph on a torch device.
+
+RunTimeGraph is the one definition of what runs on the robot: h(g(f_R(x))) and the out-of-domain
+score of the pooled feature under the synthetic feature statistics. TorchNetwork runs it here;
+featmap_ros.export writes the same module to ONNX, so both backends compute the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featmap_ros.backends import BackendError
+from featmap_ros.model import checkpoint
+from featmap_ros.model.nets import FeatureMappingModel, pooled_features
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU with one warning; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("no CUDA device found: running the network on the CPU")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class RunTimeGraph(nn.Module):
+    """(B, C, S, S) crops -> outputs (B, K) or (B, K, S/2, S/2), out-of-domain score (B,), pooled feature (B, D).
+
+    The score is the RMS z-score of the pooled mapped feature under the synthetic feature
+    distribution (diagonal Gaussian, meta feature_stats): about 1 in domain, growing as the image
+    leaves what the network was trained on; NaN when the checkpoint has no statistics.
+    """
+
+    def __init__(self, model: FeatureMappingModel, feature_stats: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        stats = feature_stats or {}
+        have = "mean" in stats and "std" in stats
+        self.register_buffer("feat_mean", torch.tensor(stats["mean"], dtype=torch.float32) if have else None)
+        self.register_buffer(
+            "feat_std", torch.tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6) if have else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) -> (outputs, ood, features), all float32."""
+        pred = self.model.predict_real(x)
+        feats = pooled_features(pred.features).float()
+        if self.feat_mean is None or self.feat_std is None:
+            ood = torch.full_like(feats[:, 0], float("nan"))
+        else:
+            ood = (((feats - self.feat_mean) / self.feat_std) ** 2).mean(dim=1).sqrt()
+        return pred.outputs.float(), ood, feats
+
+
+class TorchNetwork:
+    """A loaded model on a torch device (half precision on CUDA) with its out-of-domain statistics."""
+
+    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: torch.device) -> None:
+        self.meta = meta
+        self.device = device
+        self.half = device.type == "cuda"
+        self.head = model.cfg.head
+        self.n_outputs = int(model.cfg.n_outputs)
+        self.model = model.to(device).eval()
+        if self.half:
+            self.model = self.model.half()
+        # The statistics stay float32 when the model is half: the score is computed in float32.
+        self.graph = RunTimeGraph(self.model, meta.get("feature_stats")).to(device).eval()
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        outputs, ood, _ = self.graph(x.half() if self.half else x)
+        return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
+
+
+def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0) -> TorchNetwork:
+    """A checkpoint's network on `device`; cpu_threads > 0 caps torch's intra-op threads.
+
+    Raises:
+        featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
+        BackendError: a CUDA device asked for where torch sees none.
+    """
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
+    model, meta = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
+    return TorchNetwork(model, meta, resolve_device(device))

@@ -1,0 +1,129 @@
+"""`featmap export`: a checkpoint's run-time graph as ONNX, beside a JSON of its metadata.
+
+What is exported is backends.torch_net.RunTimeGraph, the module the torch backend runs: h(g(f_R(x)))
+(h(f_S(x)) for baselines) and the out-of-domain score computed in the graph from the checkpoint's
+feature statistics, so ONNX Runtime needs nothing but the two files (backends/onnx_net.py reads
+them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, hands).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featmap_ros.backends import onnx_net
+from featmap_ros.backends.torch_net import RunTimeGraph
+from featmap_ros.errors import FeatmapError
+from featmap_ros.model import checkpoint
+
+log = logging.getLogger(__name__)
+
+# Keys of the checkpoint JSON that describe its own files, not the model: the export has its own.
+_CHECKPOINT_ONLY = ("format", "format_version", "weights", "optimizer")
+
+
+class ExportError(FeatmapError, RuntimeError):
+    """The exporter failed on a model, or the exported graph does not compute what torch computes."""
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """Call write(tmp) for a temporary file beside path, then move it over path."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_with_onnxruntime(onnx_path: Path, graph: RunTimeGraph, example: torch.Tensor) -> dict[str, Any]:
+    """Max abs differences of ONNX Runtime (CPU) against torch on `example`, or a note where it is absent."""
+    if not onnx_net.onnxruntime_available():
+        return {"skipped": "onnxruntime not installed"}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(list(onnx_net.OUTPUT_NAMES), {onnx_net.INPUT_NAME: example.numpy()})
+    with torch.inference_mode():
+        want = [t.numpy() for t in graph(example)]
+    diffs = {}
+    for name, g, w in zip(onnx_net.OUTPUT_NAMES, got, want, strict=True):
+        if g.shape != w.shape:
+            raise ExportError(f"exported {name} has shape {g.shape}, torch gives {w.shape}")
+        # NaN on both sides agrees (no feature_stats); NaN on one side only is the largest difference.
+        d = np.where(np.isnan(g) & np.isnan(w), 0.0, np.abs(g.astype(np.float64) - w))
+        diffs[name] = float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
+    return {"batch": int(example.shape[0]), "max_abs_diff": diffs}
+
+
+def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                opset: int | None = None, tolerance: float = 1e-3) -> Path:
+    """Write `<out_dir>/<stem>.onnx` and `<stem>.onnx.json` for a checkpoint; return the JSON path.
+
+    Args:
+        model_path: the checkpoint (directory, stem or .json).
+        out_dir: where the two files go; the checkpoint's own folder makes the export its default.
+        opset: ONNX opset (None: the exporter's default).
+        tolerance: largest abs difference of ONNX Runtime's outputs from torch's on random crops
+            at a batch other than the one traced (checked when onnxruntime is installed).
+
+    Raises:
+        featmap_ros.model.checkpoint.CheckpointError: the checkpoint cannot be loaded.
+        ExportError: the exporter failed, or the exported graph disagrees with torch.
+    """
+    model, doc = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
+    cfg = model.cfg
+    graph = RunTimeGraph(model, doc.get("feature_stats")).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = checkpoint.stem_of(model_path).name
+    onnx_path = out / f"{stem}.onnx"
+    json_path = out / f"{stem}{onnx_net.EXPORT_SUFFIX}"
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    # Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
+    gen = torch.Generator().manual_seed(0)
+    trace_x = torch.rand(2, *shape, generator=gen) * 2 - 1
+    check_x = torch.rand(3, *shape, generator=gen) * 2 - 1
+    try:
+        program = torch.onnx.export(
+            graph, (trace_x,), dynamo=True, external_data=False, opset_version=opset, verbose=False,
+            input_names=[onnx_net.INPUT_NAME], output_names=list(onnx_net.OUTPUT_NAMES),
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}})
+    except Exception as err:  # the exporter raises many kinds: wrap them at the boundary
+        raise ExportError(f"torch.onnx.export failed on {model_path}: {type(err).__name__}: {err}") from err
+    _replace_atomically(onnx_path, lambda tmp: program.save(str(tmp), external_data=False))
+    check = _check_with_onnxruntime(onnx_path, graph, check_x)
+    worst = max((check.get("max_abs_diff") or {"": 0.0}).values())
+    if worst > tolerance:
+        raise ExportError(f"ONNX Runtime differs from torch by {worst:.3g} (> {tolerance:g}) on {onnx_path}: "
+                          f"{check['max_abs_diff']}")
+    import onnx
+
+    opsets = {o.domain or "ai.onnx": int(o.version) for o in onnx.load(str(onnx_path), load_external_data=False)
+              .opset_import}
+    meta = {k: v for k, v in doc.items() if k not in _CHECKPOINT_ONLY}
+    export_doc = {
+        "format": onnx_net.EXPORT_FORMAT,
+        "format_version": onnx_net.EXPORT_FORMAT_VERSION,
+        **meta,
+        "onnx": {"file": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                 "input": onnx_net.INPUT_NAME, "input_shape": ["batch", *shape],
+                 "outputs": list(onnx_net.OUTPUT_NAMES), "opset": opsets.get("ai.onnx"),
+                 "exporter": f"torch {torch.__version__} (dynamo)",
+                 "out_of_domain": "in the graph" if "feature_stats" in doc else "NaN (no feature_stats)"},
+        "source": {"checkpoint": checkpoint.stem_of(model_path).name + ".json",
+                   "weights_sha256": (doc.get("weights") or {}).get("sha256")},
+        "check": check,
+    }
+    _replace_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(export_doc, indent=2)))
+    log.info("exported %s -> %s (%s)", model_path, onnx_path, check)
+    return json_path
