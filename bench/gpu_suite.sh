@@ -56,7 +56,7 @@ skip() {
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "- host: $(uname -n), $(nproc) CPU cores"
+  echo "- host: $(uname -n), $(nproc --all) CPU cores"
   if have_gpu; then echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)"
   else echo "- GPU: none (nvidia-smi absent or lists no GPU): the GPU parts are skipped"; fi
   echo
