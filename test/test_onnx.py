@@ -367,3 +367,16 @@ def test_the_node_path_runs_on_onnxruntime_and_never_imports_torch(exported, kin
     assert got["torch_modules"] == [] and got["device"] == "onnxruntime:cpu"
     assert got["diagnostics_device"] == "onnxruntime:cpu"
     assert (got["hands"] == 1 and got["transforms"] == 14) if kind == "hands" else got["objects"] == 1
+
+
+def test_bag_replay_scores_the_same_on_both_backends(exported, tmp_path) -> None:
+    from featmap_ros.bag.make import hand_sequence, write_hand_frames
+    from featmap_ros.bag.replay import eval_bag
+
+    ckpt, export = exported["hands"]
+    bag = write_hand_frames(tmp_path / "hand", hand_sequence(4, seed=1, keyframe_every=15), NYU_INTRINSICS)
+    on_torch = eval_bag(bag, ckpt, tmp_path / "torch", device="cpu", backend="torch", write_output_bag=False)
+    on_ort = eval_bag(bag, export, tmp_path / "ort", device="cpu", write_output_bag=False)  # the config's auto
+    assert on_ort.metrics["device"] == "onnxruntime:cpu" and on_torch.metrics["device"] == "cpu"
+    assert on_ort.metrics["frames_scored"] == on_torch.metrics["frames_scored"] >= 3
+    assert on_ort.metrics["mean_error_mm"] == pytest.approx(on_torch.metrics["mean_error_mm"], abs=1e-3)
