@@ -41,9 +41,15 @@ class DenseDecodeConfig:
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
     ransac_iterations: int = 150
     ransac_confidence: float = 0.999
+    # The minimal solver inside RANSAC: "ap3p" (4 points, about 3x faster than EPnP's 5-point
+    # samples at equal accuracy) or "epnp"; Levenberg-Marquardt on all inliers polishes either.
+    ransac_solver: str = "ap3p"
     # Confidence = inlier ratio x min(1, visible locations / full_evidence): a handful of locations
     # (a false detection, a hidden object) fits any pose, so it cannot give full confidence.
     full_evidence: int = 24
+
+
+_SOLVERS = {"ap3p": cv2.SOLVEPNP_AP3P, "epnp": cv2.SOLVEPNP_EPNP}
 
 
 def model_coordinates(depth_m: np.ndarray, K_crop: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -105,7 +111,7 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
     K = np.asarray(K, np.float64)
     try:
         ok, rvec, tvec, inliers = cv2.solvePnPRansac(
-            np.ascontiguousarray(xyz), np.ascontiguousarray(uv), K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP,
+            np.ascontiguousarray(xyz), np.ascontiguousarray(uv), K, np.zeros(4), flags=_SOLVERS[cfg.ransac_solver],
             reprojectionError=threshold, iterationsCount=cfg.ransac_iterations, confidence=cfg.ransac_confidence)
         if not ok or inliers is None or len(inliers) < 4:
             raise geo.GeometryError(f"PnP-RANSAC found no pose from {len(keep)} correspondences")
