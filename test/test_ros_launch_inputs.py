@@ -12,16 +12,13 @@ pytest.importorskip("rclpy", reason="needs a ROS 2 installation (rclpy); run on 
 pytest.importorskip("launch_testing", reason="needs launch_testing (ROS 2); run on a ROS machine with launch_test")
 pytest.importorskip("torch", reason="the node's estimator needs PyTorch")
 
-import os  # noqa: E402 - after the skips, so collecting off-ROS needs none of these
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import launch  # noqa: E402
 import launch.actions  # noqa: E402
-import launch_ros.actions  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import rclpy  # noqa: E402
@@ -29,18 +26,13 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from test_ros_launch_sigint import tiny_hand_checkpoint  # noqa: E402
+from ros_launch_common import hand_node  # noqa: E402
 
 
 @pytest.mark.launch_test
 def generate_test_description() -> tuple[launch.LaunchDescription, dict]:
     """The node listening to /test/depth + /test/camera_info; only depth images are published."""
-    model = os.environ.get("FEATMAP_TEST_MODEL") or tiny_hand_checkpoint(Path(tempfile.mkdtemp()))
-    node = launch_ros.actions.Node(
-        package="featmap_ros", executable="featmap_node", name="featmap", output="screen",
-        parameters=[{"task": "hands", "model_path": model, "device": "cpu", "use_detections": False}],
-        remappings=[("image", "/test/depth"), ("camera_info", "/test/camera_info")],
-    )
+    node = hand_node()
     images_only = launch.actions.ExecuteProcess(
         cmd=[sys.executable, str(HERE / "ros_frame_publisher.py"), "--rate", "10", "--no-info"], output="screen",
     )

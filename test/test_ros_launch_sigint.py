@@ -15,16 +15,13 @@ pytest.importorskip("rclpy", reason="needs a ROS 2 installation (rclpy); run on 
 pytest.importorskip("launch_testing", reason="needs launch_testing (ROS 2); run on a ROS machine with launch_test")
 pytest.importorskip("torch", reason="the node's estimator needs PyTorch")
 
-import os  # noqa: E402 - after the skips, so collecting off-ROS needs none of these
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import launch  # noqa: E402
 import launch.actions  # noqa: E402
-import launch_ros.actions  # noqa: E402
 import launch_testing  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
@@ -33,30 +30,17 @@ import rclpy  # noqa: E402
 from featmap_ros.msg import HandJointsArray  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ros_launch_common import hand_node  # noqa: E402
+
 TRIES = range(5)
-
-
-def tiny_hand_checkpoint(folder: Path) -> str:
-    """A tiny untrained hands checkpoint: enough to run the whole path."""
-    from featmap_ros.datasets.nyu import JOINT_NAMES
-    from featmap_ros.model import checkpoint
-    from featmap_ros.model.nets import FeatureMappingModel, NetConfig
-
-    model = FeatureMappingModel(NetConfig(task="hands", input_size=32, width=4, feature_dim=32, dropout=0.0))
-    meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": 32}}
-    return str(checkpoint.save(folder / "tiny", model, meta))
 
 
 @pytest.mark.launch_test
 @launch_testing.parametrize("attempt", TRIES)
 def generate_test_description(attempt: int) -> tuple[launch.LaunchDescription, dict]:
     """The node (hands, CPU, tiny model) and a 30 Hz depth publisher."""
-    model = os.environ.get("FEATMAP_TEST_MODEL") or tiny_hand_checkpoint(Path(tempfile.mkdtemp()))
-    node = launch_ros.actions.Node(
-        package="featmap_ros", executable="featmap_node", name="featmap", output="screen",
-        parameters=[{"task": "hands", "model_path": model, "device": "cpu", "use_detections": False}],
-        remappings=[("image", "/test/depth"), ("camera_info", "/test/camera_info")],
-    )
+    node = hand_node()
     frames = launch.actions.ExecuteProcess(
         cmd=[sys.executable, str(HERE / "ros_frame_publisher.py"), "--rate", "30"], output="screen",
     )

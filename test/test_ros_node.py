@@ -12,15 +12,13 @@ pytest.importorskip("rclpy", reason="needs a ROS 2 installation (rclpy); run on 
 pytest.importorskip("launch_testing", reason="needs launch_testing (ROS 2); run on a ROS machine with colcon test")
 pytest.importorskip("torch", reason="the node's estimator needs PyTorch")
 
-import os  # noqa: E402 - after the skips, so collecting off-ROS needs none of these
-import tempfile  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import launch  # noqa: E402
-import launch_ros.actions  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,30 +30,17 @@ from featmap_ros.geometry import Intrinsics  # noqa: E402
 from featmap_ros.msg import HandJointsArray  # noqa: E402
 from featmap_ros.ros.messages import MessageFactory  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ros_launch_common import hand_node  # noqa: E402
+
 FRAME = "camera_depth_optical_frame"
 INTR = Intrinsics(fx=240.0, fy=240.0, cx=79.5, cy=59.5, width=160, height=120)
-
-
-def tiny_hand_checkpoint(folder: Path) -> str:
-    """Write a tiny untrained hands checkpoint (enough to run the whole path) and return its path."""
-    from featmap_ros.datasets.nyu import JOINT_NAMES
-    from featmap_ros.model import checkpoint
-    from featmap_ros.model.nets import FeatureMappingModel, NetConfig
-
-    model = FeatureMappingModel(NetConfig(task="hands", input_size=32, width=4, feature_dim=32, dropout=0.0))
-    meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": 32}}
-    return str(checkpoint.save(folder / "tiny", model, meta))
 
 
 @pytest.mark.launch_test
 def generate_test_description() -> tuple[launch.LaunchDescription, dict]:
     """The node on CPU with the tiny model, hands without detections, inputs on /test/*."""
-    model = os.environ.get("FEATMAP_TEST_MODEL") or tiny_hand_checkpoint(Path(tempfile.mkdtemp()))
-    node = launch_ros.actions.Node(
-        package="featmap_ros", executable="featmap_node", name="featmap", output="screen",
-        parameters=[{"task": "hands", "model_path": model, "device": "cpu", "use_detections": False}],
-        remappings=[("image", "/test/depth"), ("camera_info", "/test/camera_info")],
-    )
+    node = hand_node()
     return launch.LaunchDescription([node, launch_testing.actions.ReadyToTest()]), {"featmap": node}
 
 
