@@ -79,8 +79,8 @@ def _finite_score(score: float) -> float:
     return s if np.isfinite(s) else -np.inf
 
 
-def usable_box(det: Detection2D, intrinsics: geo.Intrinsics) -> np.ndarray | None:
-    """The detection's (x, y, w, h) as float64 when finite, larger than a pixel and on the image; else None."""
+def usable_box(det: Detection2D, width: int, height: int) -> np.ndarray | None:
+    """The detection's (x, y, w, h) as float64 when finite, larger than a pixel and on a width x height image."""
     try:
         box = np.asarray(det.box_xywh, dtype=np.float64).reshape(4)
     except (TypeError, ValueError):
@@ -90,7 +90,7 @@ def usable_box(det: Detection2D, intrinsics: geo.Intrinsics) -> np.ndarray | Non
     if not (np.isfinite(box).all() and w > 1 and h > 1):
         log.debug("skipping detection with degenerate box %s", box)
         return None
-    if x + w <= 0 or y + h <= 0 or x >= intrinsics.width or y >= intrinsics.height:
+    if x + w <= 0 or y + h <= 0 or x >= width or y >= height:
         log.debug("skipping detection with box %s off the image", box)
         return None
     return box
@@ -165,7 +165,7 @@ class ObjectEstimator:
                 self.skipped["unknown_object"] += 1
                 log.debug("skipping detection of unknown object %r", det.class_id)
                 continue
-            box = usable_box(det, intrinsics)
+            box = usable_box(det, intrinsics.width, intrinsics.height)
             if box is None:
                 self.skipped["bad_box"] += 1
                 continue
@@ -268,8 +268,7 @@ class HandEstimator:
                                     max_depth_m=self.max_depth_m)]
         centres = []
         h_img, w_img = depth_m.shape[:2]
-        intr = geo.Intrinsics(1.0, 1.0, 0.0, 0.0, w_img, h_img)
-        boxes = [b for b in (usable_box(d, intr) for d in detections)]
+        boxes = [usable_box(d, w_img, h_img) for d in detections]
         self.skipped["bad_box"] += sum(b is None for b in boxes)
         order = sorted((i for i, b in enumerate(boxes) if b is not None),
                        key=lambda i: -_finite_score(detections[i].score))

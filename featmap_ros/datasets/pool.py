@@ -35,6 +35,7 @@ from featmap_ros.datasets.streams import (
     extreme_vertices,
     random_background,
     random_shape_mask,
+    random_square_crop,
     random_texture,
     sample_pose,
 )
@@ -188,11 +189,7 @@ class ArrayPhotos:
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """A random (size, size, 3) uint8 crop of a random photo."""
-        img = self.images[int(rng.integers(len(self.images)))]
-        h, w = img.shape[:2]
-        side = int(rng.uniform(0.2, 1.0) * min(h, w))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        return cv2.resize(img[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+        return random_square_crop(rng, self.images[int(rng.integers(len(self.images)))], size)
 
 
 def photos_without_objects(scene: BopScene, im_ids: Sequence[int], renderer: ObjectRenderer,

@@ -291,11 +291,15 @@ class PhotoBackgrounds:
             self._images[i] = read_rgb(self.paths[i])
             if len(self._images) > self.cache:
                 self._images.popitem(last=False)
-        img = self._images[i]
-        h, w = img.shape[:2]
-        side = int(rng.uniform(0.2, 1.0) * min(h, w))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        return cv2.resize(img[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+        return random_square_crop(rng, self._images[i], size)
+
+
+def random_square_crop(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
+    """A random square of 20-100% of the image's short side, resized to (size, size)."""
+    h, w = img.shape[:2]
+    side = int(rng.uniform(0.2, 1.0) * min(h, w))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return cv2.resize(img[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
 def random_background(

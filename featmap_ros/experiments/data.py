@@ -202,10 +202,9 @@ def objects_pool_task_data(
             pools["pairs"] = render_pair_pool(scene, train_ids, infos, renderer, obj_ids, S, stream_cfg.window_margin,
                                               pool_cfg.pair_oversize, canonical_symmetry=stream_cfg.canonical_symmetry)
             # Photos that are the scene's own training frames get their annotated objects painted out.
-            own = {str(f.rgb_path) for f in scene.frames(train_ids)}
+            by_path = {str(f.rgb_path): f.im_id for f in scene.frames(train_ids)}
             photos = None
-            if stream_cfg.photo_paths and set(stream_cfg.photo_paths) <= own:
-                by_path = {str(f.rgb_path): f.im_id for f in scene.frames(train_ids)}
+            if stream_cfg.photo_paths and set(stream_cfg.photo_paths) <= set(by_path):
                 photos = ArrayPhotos(photos_without_objects(scene, [by_path[p] for p in stream_cfg.photo_paths],
                                                             renderer))
             pools["backgrounds"] = background_bank(pool_cfg.n_backgrounds, S, stream_cfg, seed=seed, photos=photos)
@@ -451,8 +450,9 @@ def seed_from_stage1(stage1_json: Path, out_dir: Path, cfg: Any, method: str) ->
     return ckpt.save(Path(out_dir) / "model", model, meta, optimizer)
 
 
-def train_all(cfg: Any, data: TaskData, out: Path, methods: Sequence[str], share_stage1: bool = True
-              ) -> tuple[dict[str, Path], dict[str, float]]:
+def train_all(cfg: Any, data: TaskData, out: Path, methods: Sequence[str], share_stage1: bool = True,
+              every: int = 0, probe: Callable[[Path, int], dict[str, float]] | None = None,
+              curves: dict[str, list[dict[str, float]]] | None = None) -> tuple[dict[str, Path], dict[str, float]]:
     """Train each method into out/<method>/ with cfg's budget; return checkpoints and wall seconds per method.
 
     With share_stage1, stage 1 (stage1_steps synthetic steps) is trained once into out/stage1 (the
@@ -460,25 +460,45 @@ def train_all(cfg: Any, data: TaskData, out: Path, methods: Sequence[str], share
     (seed_from_stage1); each method still spends stage1_steps + stage2_steps steps. synthetic then
     continues on its own single-stage schedule from that step. Stage 1's seconds are counted once,
     under "stage1". Reruns resume.
+
+    Learning curves: with every > 0 and a probe, training runs in segments of `every` steps
+    (train()'s time-boxed resume, so the schedule is an uninterrupted run's) and probe(checkpoint,
+    step) after each fills curves[method] (and curves["stage1"]); wall seconds exclude the probes.
     """
     import time
 
     from featmap_ros.train import train
 
     out = Path(out)
+    curves = {} if curves is None else curves
+    total = cfg.stage1_steps + cfg.stage2_steps
+
+    def run(folder: Path, method: str, start: int, end: int, curve: list[dict[str, float]]) -> tuple[Path, float]:
+        stops = sorted({*range(start + every, end, every), end}) if every > 0 and probe else [end]
+        spent, path = 0.0, folder / "model.json"
+        for stop in stops:
+            t0 = time.perf_counter()
+            path = train(dataclasses.replace(cfg, max_steps=stop), data, folder, method)
+            spent += time.perf_counter() - t0
+            if every > 0 and probe:
+                curve.append(probe(path, stop))
+        return path, spent
+
     paths: dict[str, Path] = {}
     wall: dict[str, float] = {}
     shared = [m for m in methods if m in SHARED_STAGE1] if share_stage1 and cfg.stage1_steps > 0 else []
     stage1 = None
     if shared:
-        t0 = time.perf_counter()
-        stage1 = train(dataclasses.replace(cfg, max_steps=cfg.stage1_steps), data, out / "stage1", "finetune")
-        wall["stage1"] = time.perf_counter() - t0
+        curves["stage1"] = []
+        stage1, wall["stage1"] = run(out / "stage1", "finetune", 0, cfg.stage1_steps, curves["stage1"])
     for method in methods:
-        t0 = time.perf_counter()
         folder = out / method
-        if method in shared and not (folder / "model.json").is_file():
-            seed_from_stage1(stage1, folder, cfg, method)
-        paths[method] = train(cfg, data, folder, method)
-        wall[method] = time.perf_counter() - t0
+        start = 0
+        curves[method] = []
+        if method in shared:
+            curves[method] = list(curves["stage1"])
+            start = cfg.stage1_steps
+            if not (folder / "model.json").is_file():
+                seed_from_stage1(stage1, folder, cfg, method)
+        paths[method], wall[method] = run(folder, method, start, total, curves[method])
     return paths, wall
