@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,9 @@ from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS, ObjectStreamConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
 from featmap_ros.evaluation import score_objects
 from featmap_ros.experiments import data as xdata
-from featmap_ros.experiments.data import SHARED_STAGE1, seed_from_stage1
 from featmap_ros.model.nets import DENSE_CHANNELS, ExemplarBank, FeatureMappingModel, NetConfig
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
-from featmap_ros.train import METHODS, OptimConfig, TaskData, TrainConfig, build_exemplar_bank, train
+from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
 
 DEFAULT_TRAIN_FRAMES = "0-300"
 DEFAULT_TEST_FRAMES = "301-611"
@@ -252,53 +251,6 @@ def split_validation(train_ids: Sequence[int], n_val: int) -> tuple[list[int], l
     return ids[:-n_val], ids[-n_val:]
 
 
-def train_with_curves(cfg: TrainConfig, data: TaskData, out: Path, methods: Sequence[str], every: int,
-                      probe: Callable[[Path, int], dict[str, float]]
-                      ) -> tuple[dict[str, Path], dict[str, float], dict[str, list[dict[str, float]]]]:
-    """train_all (stage 1 shared), run in segments of `every` steps with probe(checkpoint, step) after each.
-
-    Segments are train()'s time-boxed resume (max_steps), so the schedule is the one of an
-    uninterrupted run. Wall seconds count training only, not the probes. Returns (checkpoint per
-    method, wall seconds per method and "stage1", curve per method and "stage1").
-    """
-    total = cfg.stage1_steps + cfg.stage2_steps
-
-    def stops(start: int, end: int) -> list[int]:
-        return sorted({*range(start + every, end, every), end}) if every > 0 else [end]
-
-    def run(folder: Path, method: str, start: int, end: int, curve: list[dict[str, float]]) -> tuple[Path, float]:
-        spent, path = 0.0, folder / "model.json"
-        for stop in stops(start, end):
-            t0 = time.perf_counter()
-            path = train(dataclasses.replace(cfg, max_steps=stop), data, folder, method)
-            spent += time.perf_counter() - t0
-            if every > 0:
-                curve.append(probe(path, stop))
-                with open(out / "curves.jsonl", "a") as f:  # visible while the experiment runs
-                    f.write(json.dumps({"run": folder.name, **curve[-1]}) + "\n")
-        return path, spent
-
-    paths: dict[str, Path] = {}
-    wall: dict[str, float] = {}
-    curves: dict[str, list[dict[str, float]]] = {}
-    shared = [m for m in methods if m in SHARED_STAGE1] if cfg.stage1_steps > 0 else []
-    stage1 = None
-    if shared:
-        curves["stage1"] = []
-        stage1, wall["stage1"] = run(out / "stage1", "finetune", 0, cfg.stage1_steps, curves["stage1"])
-    for method in methods:
-        folder = out / method
-        start = 0
-        curves[method] = []
-        if method in shared:
-            curves[method] = list(curves["stage1"])
-            start = cfg.stage1_steps
-            if not (folder / "model.json").is_file():
-                seed_from_stage1(stage1, folder, cfg, method)
-        paths[method], wall[method] = run(folder, method, start, total, curves[method])
-    return paths, wall, curves
-
-
 def write_learning_curves(out: Path, curves: dict[str, list[dict[str, float]]]) -> Path | None:
     """learning_curves.png: validation-frame and synthetic-crop 2D-proj@5px against the step, per method."""
     import matplotlib
@@ -445,9 +397,12 @@ def run_lmo_experiment(
         records, _ = run_bop(est, bop_root, scene_id, val_spec, detections="gt")
         metrics, _ = score_objects(records, infos, meshes, names)
         syn = synthetic_crop_accuracy(model_json, held_out, obj_ids, infos, meshes)
-        return {"step": step, "val_proj_5px": metrics[SPLITS[1]]["mean_over_objects"]["proj_5px"],
-                "val_proj_5px_all": metrics["all"]["mean_over_objects"]["proj_5px"],
-                "synthetic_proj_5px": syn["proj_5px"]}
+        point = {"step": step, "val_proj_5px": metrics[SPLITS[1]]["mean_over_objects"]["proj_5px"],
+                 "val_proj_5px_all": metrics["all"]["mean_over_objects"]["proj_5px"],
+                 "synthetic_proj_5px": syn["proj_5px"]}
+        with open(out / "curves.jsonl", "a") as f:  # visible while the experiment runs
+            f.write(json.dumps({"run": model_json.parent.name, **point}) + "\n")
+        return point
 
     runs = [(budget.head, methods, out)]
     if budget.bb8_row and budget.head != "bb8" and "fm" in methods:
@@ -458,7 +413,9 @@ def run_lmo_experiment(
     for head, run_methods, folder in runs:
         cfg = lmo_train_config(budget, len(obj_ids), device, head=head)
         head_data = dataclasses.replace(data, meta={**data.meta, "head": head})
-        p, w, c = train_with_curves(cfg, head_data, folder, run_methods, budget.curve_every if val_ids else 0, probe)
+        c: dict[str, list[dict[str, float]]] = {}
+        p, w = xdata.train_all(cfg, head_data, folder, run_methods, every=budget.curve_every if val_ids else 0,
+                               probe=probe, curves=c)
         suffix = "" if head == budget.head else f"_{head}"
         paths.update({f"{m}{suffix}": v for m, v in p.items()})
         wall.update({f"{m}{suffix}": v for m, v in w.items()})
