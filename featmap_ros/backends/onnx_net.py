@@ -40,6 +40,10 @@ _SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cud
 _TASK_KEYS = {"objects": ("objects", "crop"), "hands": ("hands", "crop")}
 
 
+# nets.HEADS, and "bb8" of hand exports written before hands had a head of their own (nets imports torch).
+_HEADS = ("bb8", "dense", "fc", "vote")
+
+
 def onnxruntime_available() -> bool:
     """Whether onnxruntime can be imported here (without importing it)."""
     return importlib.util.find_spec("onnxruntime") is not None
@@ -101,8 +105,8 @@ def read_export(path: str | os.PathLike[str], verify: bool = True) -> dict[str, 
         if not isinstance(doc.get(key), kind):
             raise BackendError(f"{json_path}: key {key!r} must be a {kind.__name__}, got {doc.get(key)!r:.80}")
     net = doc["net"]
-    if not isinstance(net.get("n_outputs"), int) or net.get("head", "bb8") not in ("bb8", "dense"):
-        raise BackendError(f"{json_path}: 'net' needs an integer n_outputs and head bb8 or dense, got {net!r:.120}")
+    if not isinstance(net.get("n_outputs"), int) or net.get("head", "bb8") not in _HEADS:
+        raise BackendError(f"{json_path}: 'net' needs an integer n_outputs and a head of {_HEADS}, got {net!r:.120}")
     # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
     onnx_file = json_path.parent / Path(str(doc["onnx"].get("file", ""))).name
     if not onnx_file.is_file():
