@@ -10,7 +10,9 @@ Checkpoint metadata this module reads (written by featmap_ros.train):
   meta["crop"] = {"size": S, "window_scale": s}; the head (net.head) has, per object in this order,
   16 outputs (bb8: corners, PnP) or 4 channels of a dense map (dense: visibility and model
   coordinates, PnP-RANSAC; heads/dense.py).
-- hands: meta["hands"] = {"joint_names": [...], "cube_m": 0.3}, meta["crop"] = {"size": S}.
+- hands: meta["hands"] = {"joint_names": [...], "cube_m": 0.3, optional "refiner": {"input_size",
+  "iterations", "cube_m", ...} (model/refiner.py: its network runs on the backend's refine())},
+  meta["crop"] = {"size": S}.
 - both, optional: meta["feature_stats"] = {"mean": [D], "std": [D]} of synthetic features (f_S),
   for the out-of-domain score.
 """
@@ -240,13 +242,27 @@ class ObjectEstimator:
 
 
 class HandEstimator:
-    """DeepPrior++ with Feature Mapping: locate the hand, metric cube crop, h(g(f_R(crop))) -> joints."""
+    """DeepPrior++ with Feature Mapping: locate the hand, refine the centre, cube crop, h(g(f_R(crop))) -> joints.
+
+    The centre refiner runs when the checkpoint carries one (meta hands.refiner) and `refine` is on:
+    from the located centre, `iterations` times, crop the refiner's cube there and move the centre
+    by its predicted offset to the palm (DeepPrior++'s refinement step).
+    """
 
     task = "hands"
 
     def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
-                 max_depth_m: float = 1.5, min_pixels: int = 200, max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
-        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends)."""
+                 max_depth_m: float = 1.5, min_pixels: int = 200, max_detections: int = DEFAULT_MAX_DETECTIONS,
+                 refine: bool = True) -> None:
+        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
+
+        refine: use the checkpoint's centre refiner, where it has one (False: the located centre, as
+        without one).
+
+        Raises:
+            EstimatorError: another task, a head that does not fit the joints, or a refiner the
+                network cannot run (a bare torch model: load it with load_estimator).
+        """
         if meta.get("task") != "hands":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'hands'")
         self.net = _network(model, meta, device)
@@ -259,6 +275,60 @@ class HandEstimator:
         self.skipped: Counter[str] = Counter()
         if self.net.n_outputs != 3 * len(self.joint_names):
             raise EstimatorError(f"head has {self.net.n_outputs} outputs for {len(self.joint_names)} joints")
+        refiner = meta["hands"].get("refiner")
+        self.refine = bool(refine) and refiner is not None
+        self.refine_iterations = int(refiner["iterations"]) if refiner else 0
+        self.refine_cube_m = float(refiner["cube_m"]) if refiner else self.cube_m
+        self.refine_size = int(refiner["input_size"]) if refiner else 0
+        if self.refine and not getattr(self.net, "has_refiner", False):
+            raise EstimatorError("the checkpoint describes a centre refiner but this network cannot run it (a bare "
+                                 "torch model or an export made before it was attached): load the model with "
+                                 "load_estimator, export it again, or pass refine=False")
+
+    def refine_centres(self, depth_m: np.ndarray, K: np.ndarray, centres: list[np.ndarray]) -> list[np.ndarray]:
+        """Move each located centre (3,) metres towards the palm with the refiner, `iterations` crop-and-move steps.
+
+        A hand whose offset is non-finite keeps its last finite centre and is not moved again (counted
+        as skipped 'non_finite_refine'); so is one whose step would put the centre too close to the
+        camera for a cube ('refine_out_of_range').
+        """
+        current = [np.asarray(c, dtype=np.float64) for c in centres]
+        moving = list(range(len(current)))
+        half = self.refine_cube_m / 2.0
+        nearest = max(self.cube_m, self.refine_cube_m) / 2.0
+        for _ in range(self.refine_iterations):
+            if not moving:
+                break
+            crops, croppable = [], []
+            for k in moving:
+                try:
+                    crop, _ = geo.crop_depth_cube(depth_m, K, current[k], cube_m=self.refine_cube_m,
+                                                  out=self.refine_size)
+                except geo.GeometryError as err:  # a located centre closer than the refiner's half cube
+                    self.skipped["refine_out_of_range"] += 1
+                    log.debug("no refiner crop at %s: %s", current[k], err)
+                    continue
+                crops.append(depth_to_input(crop))
+                croppable.append(k)
+            if not crops:
+                break
+            moving = croppable
+            offsets = np.concatenate([self.net.refine(np.stack(crops[i:i + NETWORK_CHUNK]))
+                                      for i in range(0, len(crops), NETWORK_CHUNK)])
+            still = []
+            for k, offset in zip(moving, offsets, strict=True):
+                moved = current[k] + offset * half
+                if not np.isfinite(offset).all():
+                    self.skipped["non_finite_refine"] += 1
+                    log.debug("refiner offset for the hand at %s is not finite; keeping that centre", current[k])
+                elif moved[2] <= nearest:
+                    self.skipped["refine_out_of_range"] += 1
+                    log.debug("refiner moved the hand at %s to %s, too close for a cube; keeping it", current[k], moved)
+                else:
+                    current[k] = moved
+                    still.append(k)
+            moving = still
+        return current
 
     def locate(self, depth_m: np.ndarray, intrinsics: geo.Intrinsics,
                detections: list[Detection2D] | None) -> list[np.ndarray]:
@@ -314,6 +384,8 @@ class HandEstimator:
             return []
         if not centres:
             return []
+        if self.refine:
+            centres = self.refine_centres(depth_m, intrinsics.K, centres)
         crops, cubes = [], []
         for c in centres:
             crop, cube = geo.crop_depth_cube(depth_m, intrinsics.K, c, cube_m=self.cube_m, out=self.crop_size)
@@ -403,14 +475,14 @@ def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
 
 def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
                    max_detections: int = DEFAULT_MAX_DETECTIONS,
-                   backend: str | None = None) -> ObjectEstimator | HandEstimator:
+                   backend: str | None = None, refine: bool = True) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
 
     backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
     None, for library callers: onnxruntime for an export's path, torch for a checkpoint's, whatever
     lies beside it. cpu_threads > 0 caps the network's intra-op threads: with other busy processes
     on the same cores, a default thread pool can stall for many times the work (seen with torch:
-    10-40x slower).
+    10-40x slower). refine: hands only, use the checkpoint's centre refiner where it has one.
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
@@ -426,5 +498,6 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
         from featmap_ros.backends import torch_net
 
         net = torch_net.load(model_path, device, cpu_threads=cpu_threads)
-    cls = ObjectEstimator if net.meta["task"] == "objects" else HandEstimator
-    return cls(net, net.meta, device=device, max_detections=max_detections)
+    if net.meta["task"] == "objects":
+        return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections)
+    return HandEstimator(net, net.meta, device=device, max_detections=max_detections, refine=refine)

@@ -4,6 +4,9 @@ What is exported is backends.torch_net.RunTimeGraph, the module the torch backen
 (h(f_S(x)) for baselines) and the out-of-domain score computed in the graph from the checkpoint's
 feature statistics, so ONNX Runtime needs nothing but the two files (backends/onnx_net.py reads
 them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, hands).
+A hand checkpoint's centre refiner (model/refiner.py) goes to a second graph, `<stem>.refiner.onnx`
+(input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named with its sha256 in the JSON's
+`refiner_onnx` section and checked against torch the same way.
 """
 
 from __future__ import annotations
@@ -45,18 +48,20 @@ def _replace_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def _check_with_onnxruntime(onnx_path: Path, graph: RunTimeGraph, example: torch.Tensor) -> dict[str, Any]:
+def _check_with_onnxruntime(onnx_path: Path, graph: torch.nn.Module, example: torch.Tensor,
+                            output_names: tuple[str, ...] = onnx_net.OUTPUT_NAMES) -> dict[str, Any]:
     """Max abs differences of ONNX Runtime (CPU) against torch on `example`, or a note where it is absent."""
     if not onnx_net.onnxruntime_available():
         return {"skipped": "onnxruntime not installed"}
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(list(onnx_net.OUTPUT_NAMES), {onnx_net.INPUT_NAME: example.numpy()})
+    got = session.run(list(output_names), {onnx_net.INPUT_NAME: example.numpy()})
     with torch.inference_mode():
-        want = [t.numpy() for t in graph(example)]
+        out = graph(example)
+        want = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
     diffs = {}
-    for name, g, w in zip(onnx_net.OUTPUT_NAMES, got, want, strict=True):
+    for name, g, w in zip(output_names, got, want, strict=True):
         if g.shape != w.shape:
             raise ExportError(f"exported {name} has shape {g.shape}, torch gives {w.shape}")
         # NaN on both sides agrees (no feature_stats); NaN on one side only is the largest difference.
@@ -65,9 +70,43 @@ def _check_with_onnxruntime(onnx_path: Path, graph: RunTimeGraph, example: torch
     return {"batch": int(example.shape[0]), "max_abs_diff": diffs}
 
 
+def _export_checked(graph: torch.nn.Module, shape: tuple[int, int, int], onnx_path: Path,
+                    output_names: tuple[str, ...], opset: int | None, tolerance: float, source: Any,
+                    ) -> dict[str, Any]:
+    """Export graph on (batch, *shape) crops to onnx_path (atomically) and check it; return the export section.
+
+    Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
+    """
+    gen = torch.Generator().manual_seed(0)
+    trace_x = torch.rand(2, *shape, generator=gen) * 2 - 1
+    check_x = torch.rand(3, *shape, generator=gen) * 2 - 1
+    try:
+        program = torch.onnx.export(
+            graph, (trace_x,), dynamo=True, external_data=False, opset_version=opset, verbose=False,
+            input_names=[onnx_net.INPUT_NAME], output_names=list(output_names),
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}})
+    except Exception as err:  # the exporter raises many kinds: wrap them at the boundary
+        raise ExportError(f"torch.onnx.export failed on {source}: {type(err).__name__}: {err}") from err
+    _replace_atomically(onnx_path, lambda tmp: program.save(str(tmp), external_data=False))
+    check = _check_with_onnxruntime(onnx_path, graph, check_x, output_names)
+    worst = max((check.get("max_abs_diff") or {"": 0.0}).values())
+    if worst > tolerance:
+        raise ExportError(f"ONNX Runtime differs from torch by {worst:.3g} (> {tolerance:g}) on {onnx_path}: "
+                          f"{check['max_abs_diff']}")
+    import onnx
+
+    opsets = {o.domain or "ai.onnx": int(o.version) for o in onnx.load(str(onnx_path), load_external_data=False)
+              .opset_import}
+    return {"file": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+            "input": onnx_net.INPUT_NAME, "input_shape": ["batch", *shape], "outputs": list(output_names),
+            "opset": opsets.get("ai.onnx"), "exporter": f"torch {torch.__version__} (dynamo)", "check": check}
+
+
 def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                 opset: int | None = None, tolerance: float = 1e-3) -> Path:
     """Write `<out_dir>/<stem>.onnx` and `<stem>.onnx.json` for a checkpoint; return the JSON path.
+
+    A hand checkpoint with a centre refiner also gets `<stem>.refiner.onnx`.
 
     Args:
         model_path: the checkpoint (directory, stem or .json).
@@ -88,42 +127,25 @@ def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     stem = checkpoint.stem_of(model_path).name
     onnx_path = out / f"{stem}.onnx"
     json_path = out / f"{stem}{onnx_net.EXPORT_SUFFIX}"
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    # Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
-    gen = torch.Generator().manual_seed(0)
-    trace_x = torch.rand(2, *shape, generator=gen) * 2 - 1
-    check_x = torch.rand(3, *shape, generator=gen) * 2 - 1
-    try:
-        program = torch.onnx.export(
-            graph, (trace_x,), dynamo=True, external_data=False, opset_version=opset, verbose=False,
-            input_names=[onnx_net.INPUT_NAME], output_names=list(onnx_net.OUTPUT_NAMES),
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}})
-    except Exception as err:  # the exporter raises many kinds: wrap them at the boundary
-        raise ExportError(f"torch.onnx.export failed on {model_path}: {type(err).__name__}: {err}") from err
-    _replace_atomically(onnx_path, lambda tmp: program.save(str(tmp), external_data=False))
-    check = _check_with_onnxruntime(onnx_path, graph, check_x)
-    worst = max((check.get("max_abs_diff") or {"": 0.0}).values())
-    if worst > tolerance:
-        raise ExportError(f"ONNX Runtime differs from torch by {worst:.3g} (> {tolerance:g}) on {onnx_path}: "
-                          f"{check['max_abs_diff']}")
-    import onnx
-
-    opsets = {o.domain or "ai.onnx": int(o.version) for o in onnx.load(str(onnx_path), load_external_data=False)
-              .opset_import}
+    section = _export_checked(graph, (cfg.in_channels, cfg.input_size, cfg.input_size), onnx_path,
+                              onnx_net.OUTPUT_NAMES, opset, tolerance, model_path)
+    check = section.pop("check")
     meta = {k: v for k, v in doc.items() if k not in _CHECKPOINT_ONLY}
     export_doc = {
         "format": onnx_net.EXPORT_FORMAT,
         "format_version": onnx_net.EXPORT_FORMAT_VERSION,
         **meta,
-        "onnx": {"file": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-                 "input": onnx_net.INPUT_NAME, "input_shape": ["batch", *shape],
-                 "outputs": list(onnx_net.OUTPUT_NAMES), "opset": opsets.get("ai.onnx"),
-                 "exporter": f"torch {torch.__version__} (dynamo)",
-                 "out_of_domain": "in the graph" if "feature_stats" in doc else "NaN (no feature_stats)"},
+        "onnx": {**section, "out_of_domain": "in the graph" if "feature_stats" in doc else "NaN (no feature_stats)"},
         "source": {"checkpoint": checkpoint.stem_of(model_path).name + ".json",
                    "weights_sha256": (doc.get("weights") or {}).get("sha256")},
         "check": check,
     }
+    found = checkpoint.load_refiner(model_path) if doc["task"] == "hands" else None
+    if found is not None:
+        refiner, rcfg = found
+        export_doc[onnx_net.REFINER_KEY] = _export_checked(
+            refiner.eval(), (1, rcfg.input_size, rcfg.input_size), out / f"{stem}{onnx_net.REFINER_SUFFIX}",
+            (onnx_net.REFINER_OUTPUT,), opset, tolerance, f"{model_path} (centre refiner)")
     _replace_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(export_doc, indent=2)))
     log.info("exported %s -> %s (%s)", model_path, onnx_path, check)
     return json_path

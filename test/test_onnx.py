@@ -4,6 +4,7 @@ never imports torch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from featmap_ros.estimator import HandEstimator, ObjectEstimator, choose_backend
 from featmap_ros.export import export_onnx  # noqa: E402
 from featmap_ros.model import checkpoint  # noqa: E402
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig  # noqa: E402
+from featmap_ros.model.refiner import CentreRefiner, RefinerConfig  # noqa: E402
 from featmap_ros.results import Detection2D  # noqa: E402
 from featmap_ros.ros.config import NodeConfig, ProcessorError  # noqa: E402
 
@@ -53,7 +55,7 @@ def object_meta(n_objects: int, head: str) -> dict:
 
 
 def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) -> Path:
-    """A tiny random checkpoint (input 32, width 4) of kind bb8, dense or hands; return its JSON.
+    """A tiny random checkpoint (input 32, width 4) of kind bb8, dense, hands or hands_refined; return its JSON.
 
     Both object nets are made to give sensible poses, which a pose-parity check needs (PnP-RANSAC on
     random correspondences picks between near-equal hypotheses, so 1e-6 apart may give another):
@@ -62,6 +64,11 @@ def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) 
     (ramp_image) to a consistent correspondence field (planar_dense).
     """
     torch.manual_seed(seed)
+    if kind == "hands_refined":  # the hand net with a centre refiner attached, in its own folder
+        ckpt = tiny_checkpoint(folder / "refined", "hands", seed, stats)
+        refiner = CentreRefiner(RefinerConfig(input_size=32, width=4, iterations=2))
+        torch.nn.init.normal_(refiner.head[-1].weight, std=0.05)  # an offset that depends on the crop
+        return checkpoint.attach_refiner(ckpt, refiner)
     if kind == "hands":
         cfg = NetConfig(task="hands", input_size=SIZE, width=4, feature_dim=16, mapping=True, dropout=0.0)
         meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": SIZE}, "method": "fm"}
@@ -138,14 +145,14 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """kind -> (checkpoint JSON, export JSON written beside it)."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
-    for kind in ("bb8", "dense", "hands"):
+    for kind in ("bb8", "dense", "hands", "hands_refined"):
         ckpt = tiny_checkpoint(folder, kind)
-        out[kind] = (ckpt, export_onnx(ckpt, folder))
+        out[kind] = (ckpt, export_onnx(ckpt, ckpt.parent))
     return out
 
 
 def crops_for(kind: str, n: int = 5) -> np.ndarray:
-    channels = 1 if kind == "hands" else 3
+    channels = 1 if kind.startswith("hands") else 3
     return np.random.default_rng(1).uniform(-1, 1, (n, channels, SIZE, SIZE)).astype(np.float32)
 
 
@@ -248,6 +255,76 @@ def test_hand_joints_agree_across_backends(exported) -> None:
     print(f"hand: max joint difference {diff * 1e3:.2e} mm, {uv_diff:.2e} px projected")
     assert diff < 1e-5 and uv_diff < 0.5
     assert np.allclose(ho.confidences, ht.confidences) and ho.out_of_domain == pytest.approx(ht.out_of_domain, 1e-4)
+
+
+# ---- the hand-centre refiner's graph
+
+
+def test_a_hand_checkpoints_refiner_is_exported_as_a_second_graph_named_with_its_hash(exported) -> None:
+    import onnx
+
+    ckpt, export = exported["hands_refined"]
+    doc = json.loads(export.read_text())
+    section = doc[onnx_net.REFINER_KEY]
+    refiner_file = export.parent / section["file"]
+    assert section["file"] == "hands_model.refiner.onnx" and refiner_file.is_file()
+    assert section["sha256"] == hashlib.sha256(refiner_file.read_bytes()).hexdigest()
+    assert doc["hands"]["refiner"] == json.loads(ckpt.read_text())["hands"]["refiner"]
+    assert section["check"]["batch"] == 3 and section["check"]["max_abs_diff"]["offsets"] < OUTPUT_ATOL
+    graph = onnx.load(str(refiner_file)).graph
+    assert [i.name for i in graph.input] == [onnx_net.INPUT_NAME] and [o.name for o in graph.output] == ["offsets"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
+    assert onnx_net.REFINER_KEY not in json.loads(exported["hands"][1].read_text())  # none without a refiner
+
+
+def test_onnxruntime_refines_like_torch_and_both_estimators_move_the_centre_alike(exported) -> None:
+    ckpt, export = exported["hands_refined"]
+    t_net, o_net = torch_net.load(ckpt, "cpu"), onnx_net.OnnxNetwork(export, "cpu")
+    assert t_net.has_refiner and o_net.has_refiner and not onnx_net.OnnxNetwork(exported["hands"][1], "cpu").has_refiner
+    for n in (1, 5, 16):
+        x = crops_for("hands", n)
+        got, want = o_net.refine(x), t_net.refine(x)
+        assert got.shape == want.shape == (n, 3) and got.dtype == np.float64
+        assert float(np.abs(got - want).max()) < OUTPUT_ATOL and (n == 1 or np.ptp(want, axis=0).max() > 1e-3)
+    est_t = load_estimator(ckpt, device="cpu", backend="torch")
+    est_o = load_estimator(export, device="cpu", backend="onnxruntime")
+    plain = load_estimator(export, device="cpu", backend="onnxruntime", refine=False)
+    (ht,), (ho,), (hp,) = (e.estimate(hand_depth(), NYU_INTRINSICS) for e in (est_t, est_o, plain))
+    moved = float(np.linalg.norm(ho.centre - hp.centre))
+    print(f"refined hand: centre moved {moved * 1e3:.2f} mm; backends differ by "
+          f"{np.abs(ho.centre - ht.centre).max() * 1e3:.2e} mm (centre), "
+          f"{np.abs(ho.joints_xyz - ht.joints_xyz).max() * 1e3:.2e} mm (joints)")
+    assert moved > 1e-3 and np.abs(ho.centre - ht.centre).max() < 1e-5
+    assert np.abs(ho.joints_xyz - ht.joints_xyz).max() < 1e-5
+
+
+def test_an_export_without_the_refiners_graph_or_with_a_replaced_one_is_refused(exported, tmp_path) -> None:
+    ckpt, export = exported["hands_refined"]
+    doc = json.loads(export.read_text())
+    for name in (doc["onnx"]["file"], doc[onnx_net.REFINER_KEY]["file"]):
+        (tmp_path / name).write_bytes((export.parent / name).read_bytes())
+    (tmp_path / export.name).write_text(json.dumps({k: v for k, v in doc.items() if k != onnx_net.REFINER_KEY}))
+    with pytest.raises(BackendError, match="does not name its graph"):
+        onnx_net.read_export(tmp_path / export.name)
+    (tmp_path / export.name).write_text(json.dumps(doc))
+    onnx_net.read_export(tmp_path / export.name)
+    refiner_file = tmp_path / doc[onnx_net.REFINER_KEY]["file"]
+    refiner_file.write_bytes(refiner_file.read_bytes()[:-1] + b"\0")
+    with pytest.raises(BackendError, match="corrupted or replaced"):
+        onnx_net.read_export(tmp_path / export.name)
+    (tmp_path / export.name).write_text(json.dumps({**doc, "hands": {**doc["hands"], "refiner": {"input_size": 0}}}))
+    with pytest.raises(BackendError, match="hands.refiner needs positive integers"):
+        onnx_net.read_export(tmp_path / export.name)
+
+
+def test_attaching_a_refiner_makes_the_export_beside_the_checkpoint_stale(tmp_path) -> None:
+    ckpt = tiny_checkpoint(tmp_path, "hands")
+    export_onnx(ckpt, tmp_path)
+    assert choose_backend(ckpt) == "onnxruntime"
+    checkpoint.attach_refiner(ckpt, CentreRefiner(RefinerConfig(input_size=32, width=4)))
+    assert choose_backend(ckpt) == "torch"  # exported from other weights: export again
+    export_onnx(ckpt, tmp_path)
+    assert choose_backend(ckpt) == "onnxruntime" and load_estimator(ckpt, device="cpu", backend="auto").refine
 
 
 # ---- choosing the backend
@@ -358,15 +435,15 @@ def run_without_torch(task: str, model: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("kind", ["bb8", "dense", "hands"])
+@pytest.mark.parametrize("kind", ["bb8", "dense", "hands", "hands_refined"])
 def test_the_node_path_runs_on_onnxruntime_and_never_imports_torch(exported, kind) -> None:
     _, export = exported[kind]
-    proc = run_without_torch("hands" if kind == "hands" else "objects", export)
+    proc = run_without_torch("hands" if kind.startswith("hands") else "objects", export)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["torch_modules"] == [] and got["device"] == "onnxruntime:cpu"
     assert got["diagnostics_device"] == "onnxruntime:cpu"
-    assert (got["hands"] == 1 and got["transforms"] == 14) if kind == "hands" else got["objects"] == 1
+    assert (got["hands"] == 1 and got["transforms"] == 14) if kind.startswith("hands") else got["objects"] == 1
 
 
 def test_bag_replay_scores_the_same_on_both_backends(exported, tmp_path) -> None:

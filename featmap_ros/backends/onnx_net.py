@@ -8,6 +8,9 @@ dynamic batch axis; outputs `outputs`, `ood` (B,) and `features` (B, D)) and `<s
 the checkpoint's metadata plus the export's own section (file, sha256, names, opset) and the
 sha256 of the weights it was made from. Written next to its checkpoint (same stem), it is that
 checkpoint's export: load_estimator finds it there, and ignores it once the weights change.
+A hand checkpoint's centre refiner, when it has one (meta hands.refiner), is a third file,
+`<stem>.refiner.onnx` (input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named with its
+sha256 in the JSON's `refiner_onnx` section.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +37,9 @@ EXPORT_FORMAT_VERSION = 1
 EXPORT_SUFFIX = ".onnx.json"
 INPUT_NAME = "crops"
 OUTPUT_NAMES = ("outputs", "ood", "features")
+REFINER_KEY = "refiner_onnx"  # the export JSON's section for the centre refiner's graph
+REFINER_SUFFIX = ".refiner.onnx"
+REFINER_OUTPUT = "offsets"
 # The estimator's order of preference; each is used where onnxruntime offers it.
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
@@ -65,7 +72,7 @@ def export_json_of(path: str | os.PathLike[str]) -> Path:
         return p
     if p.is_dir():
         return p / ("model" + EXPORT_SUFFIX)
-    for suffix in (".onnx", ".safetensors", ".json"):
+    for suffix in (REFINER_SUFFIX, ".onnx", ".safetensors", ".json"):
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)] + EXPORT_SUFFIX)
     return p.with_name(p.name + EXPORT_SUFFIX)
@@ -107,17 +114,37 @@ def read_export(path: str | os.PathLike[str], verify: bool = True) -> dict[str, 
     net = doc["net"]
     if not isinstance(net.get("n_outputs"), int) or net.get("head", "bb8") not in _HEADS:
         raise BackendError(f"{json_path}: 'net' needs an integer n_outputs and a head of {_HEADS}, got {net!r:.120}")
-    # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
-    onnx_file = json_path.parent / Path(str(doc["onnx"].get("file", ""))).name
-    if not onnx_file.is_file():
-        raise BackendError(f"missing ONNX file {onnx_file} named by {json_path}")
-    if verify:
-        digest = _sha256_file(onnx_file)
-        if digest != doc["onnx"].get("sha256"):
-            raise BackendError(f"{onnx_file} has sha256 {digest}, {json_path} expects "
-                               f"{doc['onnx'].get('sha256')}: corrupted or replaced")
-    doc["onnx"] = {**doc["onnx"], "path": str(onnx_file)}
+    sections = ["onnx"]
+    if task == "hands" and "refiner" in doc["hands"]:
+        _check_refiner(doc["hands"]["refiner"], json_path)
+        if not isinstance(doc.get(REFINER_KEY), dict):
+            raise BackendError(f"{json_path}: hands.refiner describes a centre refiner but {REFINER_KEY!r} does not "
+                               f"name its graph (export again with `featmap export`)")
+        sections.append(REFINER_KEY)
+    for key in sections:
+        # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
+        onnx_file = json_path.parent / Path(str(doc[key].get("file", ""))).name
+        if not onnx_file.is_file():
+            raise BackendError(f"missing ONNX file {onnx_file} named by {json_path}")
+        if verify:
+            digest = _sha256_file(onnx_file)
+            if digest != doc[key].get("sha256"):
+                raise BackendError(f"{onnx_file} has sha256 {digest}, {json_path} expects "
+                                   f"{doc[key].get('sha256')}: corrupted or replaced")
+        doc[key] = {**doc[key], "path": str(onnx_file)}
     return doc
+
+
+def _check_refiner(refiner: Any, json_path: Path) -> None:
+    """The fields of hands.refiner the estimator reads (model.refiner.RefinerConfig, which imports torch)."""
+    def positive(key: str, kinds: tuple[type, ...]) -> bool:
+        v = refiner.get(key)
+        return not isinstance(v, bool) and isinstance(v, kinds) and math.isfinite(v) and v > 0
+
+    if not (isinstance(refiner, dict) and all(positive(k, (int,)) for k in ("input_size", "iterations"))
+            and positive("cube_m", (int, float))):
+        raise BackendError(f"{json_path}: hands.refiner needs positive integers input_size and iterations and a "
+                           f"positive cube_m, got {refiner!r:.120}")
 
 
 def find_export(model_path: str | os.PathLike[str]) -> Path | None:
@@ -211,12 +238,19 @@ class OnnxNetwork:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = max(int(cpu_threads), 0)  # 0: onnxruntime's default, one per core
         opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                self.meta["onnx"]["path"], opts,
-                providers=[(p, _provider_options(p, device_id, (c, s, s), max_batch)) for p in chosen])
-        except Exception as err:  # onnxruntime raises its own untyped errors: wrap them at the boundary
-            raise BackendError(f"onnxruntime cannot load {self.meta['onnx']['path']}: {err}") from err
+
+        def session(path: str, shape: tuple[int, int, int]) -> Any:
+            try:
+                return ort.InferenceSession(
+                    path, opts, providers=[(p, _provider_options(p, device_id, shape, max_batch)) for p in chosen])
+            except Exception as err:  # onnxruntime raises its own untyped errors: wrap them at the boundary
+                raise BackendError(f"onnxruntime cannot load {path}: {err}") from err
+
+        self.session = session(self.meta["onnx"]["path"], (c, s, s))
+        self.refiner_session = None
+        if REFINER_KEY in self.meta and "refiner" in (self.meta.get("hands") or {}):
+            rs = int(self.meta["hands"]["refiner"]["input_size"])
+            self.refiner_session = session(self.meta[REFINER_KEY]["path"], (1, rs, rs))
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider == "CPUExecutionProvider":
             raise BackendError(f"device {device!r} asked for, but onnxruntime's GPU providers {chosen[:-1]} did not "
@@ -231,3 +265,22 @@ class OnnxNetwork:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         outputs, ood = self.session.run(self._fetch, {self.input_name: x})
         return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
+
+    @property
+    def has_refiner(self) -> bool:
+        """Whether refine() can run (the export carries the centre refiner's graph)."""
+        return self.refiner_session is not None
+
+    def refine(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) float32 refiner crops -> (B, 3) float64 palm offsets over the refiner's cube_m / 2.
+
+        Raises:
+            BackendError: the export has no refiner graph.
+        """
+        if self.refiner_session is None:
+            raise BackendError("this export has no centre refiner graph")
+        if len(batch) == 0:
+            return np.zeros((0, 3))
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        (offsets,) = self.refiner_session.run([REFINER_OUTPUT], {INPUT_NAME: x})
+        return np.asarray(offsets, dtype=np.float64)

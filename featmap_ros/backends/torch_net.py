@@ -2,7 +2,9 @@
 
 RunTimeGraph is the one definition of what runs on the robot: h(g(f_R(x))) and the out-of-domain
 score of the pooled feature under the synthetic feature statistics. TorchNetwork runs it here;
-featmap_ros.export writes the same module to ONNX, so both backends compute the same thing.
+featmap_ros.export writes the same module to ONNX, so both backends compute the same thing. A hand
+checkpoint's centre refiner (model/refiner.py), when it has one, runs beside it (refine()), in
+float32 whatever the device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from featmap_ros.backends import BackendError
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, pooled_features
+from featmap_ros.model.refiner import OFFSET_DIM, CentreRefiner
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ class RunTimeGraph(nn.Module):
 class TorchNetwork:
     """A loaded model on a torch device (half precision on CUDA) with its out-of-domain statistics."""
 
-    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: torch.device,
+                 refiner: CentreRefiner | None = None) -> None:
         self.meta = meta
         self.device = device
         self.half = device.type == "cuda"
@@ -77,6 +81,26 @@ class TorchNetwork:
             self.model = self.model.half()
         # The statistics stay float32 when the model is half: the score is computed in float32.
         self.graph = RunTimeGraph(self.model, meta.get("feature_stats")).to(device).eval()
+        self.refiner = None if refiner is None else refiner.to(device).eval()
+
+    @property
+    def has_refiner(self) -> bool:
+        """Whether refine() can run (the checkpoint carries a centre refiner)."""
+        return self.refiner is not None
+
+    @torch.inference_mode()
+    def refine(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) float32 refiner crops -> (B, 3) float64 palm offsets over the refiner's cube_m / 2.
+
+        Raises:
+            BackendError: the checkpoint has no refiner.
+        """
+        if self.refiner is None:
+            raise BackendError("this checkpoint has no centre refiner (model.checkpoint.attach_refiner adds one)")
+        if len(batch) == 0:
+            return np.zeros((0, OFFSET_DIM))
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        return self.refiner(x).cpu().numpy().astype(np.float64)
 
     @torch.inference_mode()
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,4 +120,5 @@ def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0) -> 
     if cpu_threads > 0:
         torch.set_num_threads(cpu_threads)
     model, meta = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
-    return TorchNetwork(model, meta, resolve_device(device))
+    found = checkpoint.load_refiner(model_path) if meta["task"] == "hands" else None
+    return TorchNetwork(model, meta, resolve_device(device), refiner=None if found is None else found[0])

@@ -7,6 +7,9 @@ holds its tensors (param_groups go into the JSON), so a run resumes without pick
 written to a temporary name and moved into place; the JSON goes last, so a reader either sees
 the previous checkpoint whole or a hash mismatch (a kill between the renames), never a mix.
 Exemplar banks (features and targets of synthetic exemplars) use `<stem>.exemplars.safetensors`.
+A hand checkpoint may also carry a centre refiner (model/refiner.py): its tensors in the same
+weights file under REFINER_PREFIX, its RefinerConfig in meta['hands']['refiner'] (attach_refiner,
+load_refiner); checkpoints without one load as before.
 
 Kill safety (save(..., keep_previous=True), as training saves): before the new files move in, the
 current checkpoint, if complete, becomes the previous generation `<stem>.prev.*` (hard links, so
@@ -38,6 +41,7 @@ from safetensors.torch import save as st_save
 import featmap_ros
 from featmap_ros.errors import FeatmapError
 from featmap_ros.model.nets import TASKS, FeatureMappingModel, NetConfig
+from featmap_ros.model.refiner import REFINER_PREFIX, CentreRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +206,26 @@ def save(
         text = json.dumps(doc, indent=2, sort_keys=False)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"meta is not JSON-serialisable: {err}") from err
+    return _write_generation(stem, text, weights, blob if optimizer is not None else None,
+                             link_previous=keep_previous, keep_previous=keep_previous)
+
+
+def _write_generation(stem: Path, text: str, weights: bytes, optimizer_blob: bytes | None,
+                      link_previous: bool, keep_previous: bool) -> Path:
+    """Move a new generation (weights, optional optimiser state, then the JSON) into place at stem.
+
+    link_previous: first make the current checkpoint, if complete, the previous generation, so a
+    kill before the JSON's rename leaves a complete one. keep_previous: leave the previous
+    generation afterwards (else it is removed once the new one is whole).
+    """
     json_path = stem.with_name(stem.name + ".json")
     prev = previous_stem(stem)
-    if keep_previous and _complete(stem):
+    if link_previous and _complete(stem):
         _link_generation(stem, prev)
     # From here until the JSON's rename the current generation is torn and the previous one whole.
     _atomic_write(stem.with_name(stem.name + ".safetensors"), weights)
-    if optimizer is not None:
-        _atomic_write(stem.with_name(stem.name + ".optim.safetensors"), blob)
+    if optimizer_blob is not None:
+        _atomic_write(stem.with_name(stem.name + ".optim.safetensors"), optimizer_blob)
     _atomic_write(json_path, text.encode())
     if not keep_previous:
         for suffix in (".json", ".safetensors", ".optim.safetensors"):  # the JSON first: never a torn pair
@@ -348,22 +364,118 @@ def load(
     if cfg.task != doc["task"]:
         raise CheckpointError(f"{stem}.json says task {doc['task']!r} but its net is for {cfg.task!r}")
     validate_meta(doc, cfg, require=require_estimator_meta, where=f"{stem}.json")
+    state, refiner_state = _split_refiner(_read_weights(stem, doc))
+    model = FeatureMappingModel(cfg)
+    _load_fitting(model, state, f"{stem}")
+    _refiner_from(doc, refiner_state, f"{stem}")  # a hand checkpoint's refiner must fit too
+    return model.to(device).eval(), doc
+
+
+def _read_weights(stem: Path, doc: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's verified weight tensors (model and refiner)."""
     weights = doc.get("weights") or {}
     # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
-    state = _read_verified(stem.parent / Path(str(weights.get("file", ""))).name, weights.get("sha256") or "missing")
-    model = FeatureMappingModel(cfg)
-    expected = model.state_dict()
+    return _read_verified(stem.parent / Path(str(weights.get("file", ""))).name, weights.get("sha256") or "missing")
+
+
+def _split_refiner(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model tensors, refiner tensors without REFINER_PREFIX) of a checkpoint's weights."""
+    n = len(REFINER_PREFIX)
+    refiner = {k[n:]: v for k, v in state.items() if k.startswith(REFINER_PREFIX)}
+    return {k: v for k, v in state.items() if not k.startswith(REFINER_PREFIX)}, refiner
+
+
+def _load_fitting(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
+    """Load state into module after checking its keys and shapes; CheckpointError naming what does not fit."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{stem}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{where}: {what} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     bad = [
         f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if v.shape != state[k].shape
     ]
     if bad:
-        raise CheckpointError(f"{stem}: shape mismatches (checkpoint vs model): {bad[:5]}")
-    model.load_state_dict(state)
-    return model.to(device).eval(), doc
+        raise CheckpointError(f"{where}: {what} shape mismatches (checkpoint vs model): {bad[:5]}")
+    module.load_state_dict(state)
+
+
+def _refiner_from(doc: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> CentreRefiner | None:
+    """The refiner described by doc['hands']['refiner'] with its tensors loaded (eval mode), None without one.
+
+    Raises:
+        CheckpointError: refiner tensors without a description, a description without tensors, or
+            tensors that do not fit the described refiner.
+    """
+    hands = doc.get("hands")
+    described = isinstance(hands, dict) and "refiner" in hands
+    if not described:
+        if state:
+            raise CheckpointError(f"{where}: the weights hold {len(state)} {REFINER_PREFIX}* tensors but the JSON "
+                                  "has no hands.refiner to describe them")
+        return None
+    if not state:
+        raise CheckpointError(f"{where}: hands.refiner describes a centre refiner but the weights hold no "
+                              f"{REFINER_PREFIX}* tensors")
+    refiner = CentreRefiner(_refiner_config(hands["refiner"], where))
+    _load_fitting(refiner, state, where, "refiner weights")
+    return refiner.eval()
+
+
+def _refiner_config(value: Any, where: str) -> RefinerConfig:
+    try:
+        return RefinerConfig.from_dict(value)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: hands.refiner is not a usable RefinerConfig: {err}") from err
+
+
+def load_refiner(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                 ) -> tuple[CentreRefiner, RefinerConfig] | None:
+    """The hand checkpoint's centre refiner (eval mode, on device) and its config; None when it has none.
+
+    Raises:
+        CheckpointError: missing or foreign checkpoint, hash mismatch, or a malformed refiner section.
+    """
+    stem = stem_of(path)
+    doc = read_meta(stem)
+    refiner = _refiner_from(doc, _split_refiner(_read_weights(stem, doc))[1], f"{stem}")
+    return None if refiner is None else (refiner.to(device), refiner.config)
+
+
+def attach_refiner(model_path: str | os.PathLike[str], refiner: CentreRefiner,
+                   config: RefinerConfig | None = None, keep_previous: bool = False) -> Path:
+    """Rewrite a saved hand checkpoint so it carries a centre refiner; return the JSON path.
+
+    The refiner's tensors join the weights under REFINER_PREFIX (replacing a refiner attached
+    before) and its RefinerConfig goes to meta['hands']['refiner']. Kill-safe like
+    save(keep_previous=True): the checkpoint being rewritten stays complete as <stem>.prev.* until
+    the new JSON is in place (recover() goes back to it after a kill); keep_previous leaves it there.
+    The weights' hash changes, so an ONNX export made before is stale: export again.
+
+    Args:
+        model_path: a hand checkpoint with the estimator's metadata (directory, stem or .json).
+        refiner: the trained refiner.
+        config: its RefinerConfig (default refiner.config); must equal refiner.config.
+
+    Raises:
+        CheckpointError: not a complete hand checkpoint the estimator can run, or a config that
+            does not describe the refiner.
+    """
+    stem = stem_of(model_path)
+    config = refiner.config if config is None else config
+    if config != refiner.config:
+        raise CheckpointError(f"attach_refiner: config {config} does not describe the refiner ({refiner.config})")
+    doc = verify(stem)  # the hashes of every file, the optimiser's too
+    load(stem, expect_task="hands", require_estimator_meta=True)  # the whole checkpoint, validated
+    state, _ = _split_refiner(_read_weights(stem, doc))
+    state.update({REFINER_PREFIX + k: v for k, v in refiner.state_dict().items()})
+    weights = _tensors_bytes(state)
+    doc["hands"] = {**doc["hands"], "refiner": config.to_dict()}
+    doc["weights"] = {"file": stem.name + ".safetensors", "sha256": _sha256(weights)}
+    doc["code_version"] = featmap_ros.__version__
+    _refiner_from(doc, _split_refiner(state)[1], f"{stem}")  # fails here, not at the next load
+    return _write_generation(stem, json.dumps(doc, indent=2), weights, None,
+                             link_previous=True, keep_previous=keep_previous)
 
 
 def _numbers(value: Any, where: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -400,7 +512,8 @@ def validate_meta(doc: dict[str, Any], cfg: NetConfig, require: bool = False, wh
 
     objects: 'objects' [{obj_id, name, corners_m (8, 3), extent_m (3,), symmetric?}], 'crop' {size
     (= net input_size), window_scale?}, 'head' (default 'bb8': 16 outputs per object). hands:
-    'hands' {joint_names, cube_m}, 'crop' {size}. Both: optional 'feature_stats' {mean, std}.
+    'hands' {joint_names, cube_m, refiner? (RefinerConfig fields)}, 'crop' {size}. Both: optional
+    'feature_stats' {mean, std}.
     Keys this function does not know are allowed. With require False and none of the task's
     keys present (a training checkpoint), only feature_stats is checked.
     """
@@ -477,6 +590,8 @@ def _validate_hands(doc: dict[str, Any], cfg: NetConfig, where: str) -> None:
     if len(set(names)) != len(names):
         raise CheckpointError(f"{where}: hands.joint_names names a joint twice")
     _positive(hands.get("cube_m"), f"{where}: hands.cube_m")
+    if "refiner" in hands:
+        _refiner_config(hands["refiner"], where)
     if "head" not in doc and cfg.n_outputs != 3 * len(names):
         raise CheckpointError(f"{where}: the head has {cfg.n_outputs} outputs for {len(names)} joints; expected 3 each")
 
