@@ -99,10 +99,11 @@ def test_flipping_a_crop_moves_its_target_where_the_mirrored_scene_puts_the_palm
 
     half = 0.15
     crop, _ = geo.crop_depth_cube(disc_at(P), K, c, cube_m=0.3, out=64)
-    offset = torch.tensor([(P - c) / half], dtype=torch.float32)
+    offset = torch.tensor(((P - c) / half)[None], dtype=torch.float32)
+    centre = torch.tensor(c[None], dtype=torch.float32)
     for fu, fv in ((True, False), (False, True), (True, True)):
-        image, target = flip_batch(torch.from_numpy(crop[None, None]), offset, torch.tensor([c], dtype=torch.float32),
-                                   torch.tensor([fu]), torch.tensor([fv]))
+        image, target = flip_batch(torch.from_numpy(crop[None, None]), offset, centre, torch.tensor([fu]),
+                                   torch.tensor([fv]))
         mirrored_palm = c + target[0].double().numpy() * half
         want, _ = geo.crop_depth_cube(disc_at(mirrored_palm), K, c, cube_m=0.3, out=64)
         assert np.abs(disc_centre(image[0, 0].numpy()) - disc_centre(want)).max() < 0.5

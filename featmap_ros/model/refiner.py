@@ -152,12 +152,13 @@ def flip_batch(image: torch.Tensor, offset: torch.Tensor, centre: torch.Tensor, 
 
 
 def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig(), steps: int = 2000,
-                  batch: int = 64, lr: float = 1e-3, seed: int = 0, flip: bool = True) -> CentreRefiner:
+                  batch: int = 64, lr: float = 1e-3, seed: int = 0, flip: bool = False) -> CentreRefiner:
     """Fit a CentreRefiner to a pool of crops (datasets.hand_refine.refine_pool) on the CPU; deterministic for a seed.
 
     Adam with a cosine decay to zero, Huber loss on the normalised offsets. flip: mirror crops at
-    random with their exact targets (flip_batch), which doubles the hands' shapes seen. Torch's
-    global random state is left as it was.
+    random with their exact targets (flip_batch); off by default, since a mirrored right hand is a
+    left one (on 1,080 crops of 180 frames it gave 15.0 mm median held-out error against 14.0
+    without, at 1,500 steps). Torch's global random state is left as it was.
 
     Args:
         pool: {'image': (N, 1, S, S), 'offset': (N, 3), 'centre': (N, 3) metres}, numpy or torch.
