@@ -95,14 +95,16 @@ def test_hands_quick_run_writes_one_table_of_every_method(tmp_path):
     from featmap_ros.experiments.hands import HAND_METHODS, run_hands_experiment
 
     doc = run_hands_experiment(tmp_path, quick=True, nyu_dir=NYU)
-    assert tuple(doc["methods"]) == HAND_METHODS
+    assert tuple(doc["methods"]) == (*HAND_METHODS, "fm_fc")  # every method on the vote head, plus the FC fm row
     for m, t in doc["methods"].items():
+        assert t["head"] == ("fc" if m == "fm_fc" else "vote")
         assert t["mean_error_mm"] > 0 and math.isfinite(t["mean_error_mm"])
+        assert math.isfinite(t["validation_mm"]) and math.isfinite(t["runtime"]["centre_error_mm_median"])
         assert len(t["per_joint_mm"]) == 14
         assert all(0.0 <= v <= 1.0 for v in t["max_error_fraction"].values())
         assert (tmp_path / m / "eval" / "metrics.json").is_file()
     table = (tmp_path / "table.md").read_text()
-    assert all(f"| {m} |" in table for m in HAND_METHODS) and "Per-joint" in table
+    assert all(f"| {m} |" in table for m in doc["methods"]) and "Per-joint" in table
     assert (tmp_path / "curves_max_error.png").is_file() and (tmp_path / "bars_per_joint.png").is_file()
     frame = doc["header"]["nyu_frame"]
     if (NYU / "test" / "depth_1_0000001.png").is_file():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featmap_ros.datasets.hand_augment import HandAugmentConfig, augmented
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet, SyntheticHandStream
 from featmap_ros.datasets.nyu import JOINT_NAMES
 from featmap_ros.datasets.pool import (
@@ -316,6 +317,8 @@ def hands_task_data(
     synthetic_pool: int = 0,
     num_workers: int = 0,
     feature_stats_batches: int = 8,
+    augment: HandAugmentConfig | None = None,
+    holdout: int = 0,
 ) -> TaskData:
     """Clean synthetic hands and n_real sensor-domain "real" frames of real_shape paired with nominal renders.
 
@@ -323,35 +326,89 @@ def hands_task_data(
     synthetic_pool crops rendered once and reshuffled (a CPU budget: rendering is the bottleneck).
     pairs: {'real', 'syn', 'target'} with target = the real hand's joints in its cube; all frames are
     made on first use and kept in memory, so every method trains on the very same frames.
+    augment: one random rotation / offset / scale per sample (datasets.hand_augment), the same for a
+    pair's real crop and render; applied to the pool and the pairs, not to online renders.
+    holdout: the last `holdout` of the n_real frames are left out of the pairs (a validation split of
+    the training person: `validation_frames`).
     """
     cfg = stream_cfg or HandStreamConfig()
+    if not 0 <= holdout < n_real:
+        raise DataError(f"holdout must be in [0, n_real), got {holdout} of {n_real}")
+    augment = augment or HandAugmentConfig()
     real_set = SensorHandSet(n_real, real_shape, sensor_cfg or sensor.SensorConfig.nominal(), seed, cfg)
+    n_fit = n_real - holdout
     shared: dict[str, Any] = {}
 
     def pairs(ctx: StreamContext) -> Iterator[Batch]:
         if "pairs" not in shared:
-            shared["pairs"] = stack_items(real_set, ("real", "syn", "target"), "sensor hand pairs")
+            shared["pairs"] = stack_items(_Head(real_set, n_fit), ("real", "syn", "target"), "sensor hand pairs")
             # Recorded in every checkpoint trained on these pairs: frames whose crop centre is the palm + noise.
             meta["data"]["pair_fallbacks"] = real_set.fallbacks
-        return batches_from_memory(shared["pairs"], seed, ctx)
+        batches = batches_from_memory(shared["pairs"], seed, ctx)
+        return augmented(batches, augment, (seed, ctx.seed, ctx.rank, 1), ctx.start_step, ("real", "syn"),
+                         ("target",))
 
-    meta = {**hands_meta(cfg), "data": {"n_real": int(n_real), "seed": int(seed), "synthetic_pool": synthetic_pool,
+    meta = {**hands_meta(cfg), "data": {"n_real": int(n_real), "holdout": int(holdout), "seed": int(seed),
+                                        "synthetic_pool": synthetic_pool, "augment": dataclasses.asdict(augment),
                                         "real_shape": dataclasses.asdict(real_shape)}}
-    return TaskData(synthetic=hand_synthetic_factory(cfg, seed, synthetic_pool, num_workers), pairs=pairs,
+    return TaskData(synthetic=hand_synthetic_factory(cfg, seed, synthetic_pool, num_workers, augment), pairs=pairs,
                     labels=tuple(JOINT_NAMES), normalisation=HAND_NORMALISATION, meta=meta,
                     feature_stats_batches=feature_stats_batches)
 
 
-def hand_synthetic_factory(cfg: HandStreamConfig, seed: int, pool: int = 0, num_workers: int = 0
-                           ) -> Callable[[StreamContext], Iterator[Batch]]:
-    """The synthetic hand stream: online renders (pool = 0) or a pool of `pool` renders made on first use."""
+def hand_validation_set(n_real: int, holdout: int, real_shape: HandShape,
+                        sensor_cfg: sensor.SensorConfig | None = None, seed: int = HAND_TRAIN_SEED,
+                        stream_cfg: HandStreamConfig | None = None) -> Any:
+    """The `holdout` frames hands_task_data(n_real, ..., holdout=holdout) leaves out (frames are made from
+    (seed, index), so these are exactly the held-out ones): a map-style dataset of SensorHandSet items."""
+    real_set = SensorHandSet(n_real, real_shape, sensor_cfg or sensor.SensorConfig.nominal(), seed,
+                             stream_cfg or HandStreamConfig())
+    return _Tail(real_set, n_real - holdout)
+
+
+class _Head:
+    """The first n items of a map-style dataset."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
+class _Tail(_Head):
+    """The items of a map-style dataset from `start` on."""
+
+    def __init__(self, dataset: Any, start: int) -> None:
+        super().__init__(dataset, len(dataset) - int(start))
+        self.start = int(start)
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[self.start + i]
+
+
+def hand_synthetic_factory(cfg: HandStreamConfig, seed: int, pool: int = 0, num_workers: int = 0,
+                           augment: HandAugmentConfig | None = None) -> Callable[[StreamContext], Iterator[Batch]]:
+    """The synthetic hand stream: online renders (pool = 0) or a pool of `pool` renders made on first use.
+
+    augment applies to the pool's batches (online renders already vary without end).
+    """
     shared: dict[str, Any] = {}
+    augment = augment or HandAugmentConfig()
 
     def synthetic(ctx: StreamContext) -> Iterator[Batch]:
         if pool > 0:
             if "pool" not in shared:
                 shared["pool"] = render_synthetic_pool(pool, _derived_seed(seed, 7), cfg)
-            return batches_from_memory(shared["pool"], _derived_seed(seed, 8), ctx)
+            batches = batches_from_memory(shared["pool"], _derived_seed(seed, 8), ctx)
+            return augmented(batches, augment, (seed, ctx.seed, ctx.rank, 2), ctx.start_step, ("image",), ("target",))
         stream = SyntheticHandStream(_derived_seed(seed, ctx.seed, ctx.rank, ctx.start_step), cfg)
         loader = torch.utils.data.DataLoader(stream, batch_size=ctx.batch_size, num_workers=num_workers)
         return _select(iter(loader), ("image", "target"))

@@ -35,6 +35,7 @@ import torch
 from featmap_ros import evaluation as ev
 from featmap_ros import geometry as geo
 from featmap_ros.datasets import nyu
+from featmap_ros.datasets.hand_augment import HandAugmentConfig
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
 from featmap_ros.estimator import HandEstimator, load_estimator
 from featmap_ros.experiments import data as xdata
@@ -51,31 +52,55 @@ DEFAULT_NYU = Path(__file__).resolve().parents[3] / "shared" / "data" / "nyu"
 
 @dataclass(frozen=True)
 class HandsBudget:
-    """Sizes of one hands experiment: net, steps, batch, frames."""
+    """Sizes of one hands experiment: net, steps, batch, frames, augmentation."""
 
+    head: str = "vote"  # every method's head; the paper's FC head keeps its row (fm_fc) when fc_row
+    fc_row: bool = True
     input_size: int = 64
     width: int = 8
-    feature_dim: int = 256
-    dropout: float = 0.3
+    feature_dim: int = 256  # the FC head's feature vector
+    vote_feature_dim: int = 32  # the vote head's channels of its S/4 feature map
+    dropout: float = 0.3  # FC head only (between f's two FC layers); the vote head has none
     batch_size: int = 32
     stage1_steps: int = 2500
     stage2_steps: int = 2500
     lr: float = 1e-3
     warmup_steps: int = 100
     n_real: int = 2000
+    validation_frames: int = 200  # the last of the n_real frames: a validation split of the training person
     n_test: int = 500
     runtime_frames: int = 150  # test frames also run through the full run-time path (locate + crop)
     synthetic_pool: int = 12000  # 0: render online (the paper's way), slower on a CPU
+    # The centre refiner (model/refiner.py), trained once per data regime on crops rendered once: clean
+    # renders for the synthetic method, clean renders + the training frames for every other method.
+    refine_synthetic_frames: int = 1500
+    refine_sensor_frames: int = 1000
+    refine_steps: int = 3000
+    # On-the-fly augmentation of the pool and the pairs (datasets.hand_augment), half-cube units.
+    rotation_deg: float = 0.0
+    shift_sigma: float = 0.0
+    depth_sigma: float = 0.0
+    scale: float = 0.0
+
+    def augment(self) -> HandAugmentConfig:
+        """The augmentation these settings describe."""
+        return HandAugmentConfig(rotation_deg=self.rotation_deg, shift_sigma=self.shift_sigma,
+                                 depth_sigma=self.depth_sigma, scale=self.scale)
 
 
-QUICK = HandsBudget(input_size=32, width=4, feature_dim=32, dropout=0.1, batch_size=4, stage1_steps=4,
-                    stage2_steps=3, warmup_steps=2, n_real=8, n_test=6, runtime_frames=2, synthetic_pool=16)
+QUICK = HandsBudget(input_size=32, width=4, feature_dim=32, vote_feature_dim=8, dropout=0.1, batch_size=4,
+                    stage1_steps=4, stage2_steps=3, warmup_steps=2, n_real=10, validation_frames=2, n_test=6,
+                    runtime_frames=2, synthetic_pool=16, refine_synthetic_frames=4, refine_sensor_frames=3,
+                    refine_steps=5, rotation_deg=20.0, shift_sigma=0.03)
 
 
-def hands_train_config(budget: HandsBudget, device: str = "cpu") -> TrainConfig:
-    """The TrainConfig every method of the experiment shares (method is set per run)."""
-    net = NetConfig(task="hands", input_size=budget.input_size, width=budget.width, feature_dim=budget.feature_dim,
-                    dropout=budget.dropout)
+def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | None = None) -> TrainConfig:
+    """The TrainConfig every method of the experiment shares (method is set per run); head: budget.head."""
+    head = head or budget.head
+    vote = head == "vote"
+    net = NetConfig(task="hands", input_size=budget.input_size, width=budget.width, head=head,
+                    feature_dim=budget.vote_feature_dim if vote else budget.feature_dim,
+                    dropout=0.0 if vote else budget.dropout)
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
@@ -97,22 +122,27 @@ def predict_crops(model_json: Path, crops: torch.Tensor, centres: np.ndarray, cu
 
 
 def runtime_path(estimators: dict[str, HandEstimator], test: SensorHandSet, n: int) -> dict[str, dict[str, Any]]:
-    """Run each estimator on the first n full test frames (locate, crop, joints); found fraction and errors."""
+    """Run each estimator on the first n full test frames (locate, crop, joints); found fraction, joint errors
+    and the located centre's distance to the palm (mm, median and 90th percentile)."""
     from tqdm import tqdm
 
     K = test.intrinsics
     errs: dict[str, list[float]] = {m: [] for m in estimators}
+    centre_errs: dict[str, list[float]] = {m: [] for m in estimators}
     for i in tqdm(range(n), desc="run-time path", unit="frame", mininterval=5.0):
         depth, joints, _ = test.frame(i)
         for m, est in estimators.items():
             hands = est.estimate(depth, K)
             errs[m].append(float(np.linalg.norm(hands[0].joints_xyz - joints, axis=1).mean()) if hands else np.nan)
+            centre_errs[m].append(float(np.linalg.norm(hands[0].centre - joints[nyu.PALM])) if hands else np.nan)
     out = {}
     for m, e in errs.items():
-        a = np.asarray(e)
+        a, c = np.asarray(e), np.asarray(centre_errs[m])
         found = np.isfinite(a)
         out[m] = {"frames": int(n), "found": float(found.mean()) if n else float("nan"),
-                  "mean_error_mm_found": 1000.0 * float(a[found].mean()) if found.any() else float("nan")}
+                  "mean_error_mm_found": 1000.0 * float(a[found].mean()) if found.any() else float("nan"),
+                  "centre_error_mm_median": 1000.0 * float(np.median(c[found])) if found.any() else float("nan"),
+                  "centre_error_mm_p90": 1000.0 * float(np.percentile(c[found], 90)) if found.any() else float("nan")}
     return out
 
 
@@ -138,21 +168,76 @@ def nyu_frame_check(model_json: Path, nyu_dir: Path, device: str = "cpu") -> dic
             "out_of_domain": float(hand.out_of_domain)}
 
 
+def train_refiners(budget: HandsBudget, real_set: SensorHandSet | None, n_fit: int, seed: int = 0
+                   ) -> dict[str, Any]:
+    """The centre refiners of the experiment: 'synthetic' (clean renders only) and 'real' (+ up to
+    refine_sensor_frames of the first n_fit frames of real_set: the training frames, never the validation ones).
+
+    Each is trained once and attached to every checkpoint of its data regime; returns the refiners
+    and their held-out centre errors (the last tenth of the pool's frames, one refinement step).
+    """
+    from featmap_ros.datasets.hand_refine import refine_pool
+    from featmap_ros.model.refiner import RefinerConfig, centre_errors_m, train_refiner
+
+    cfg = RefinerConfig(input_size=budget.input_size, cube_m=HandStreamConfig().cube_m)
+    out: dict[str, Any] = {}
+    for name, sensor_set in (("synthetic", None), ("real", real_set)):
+        n_sensor = min(budget.refine_sensor_frames, n_fit) if sensor_set is not None else 0
+        pool = refine_pool(budget.refine_synthetic_frames, sensor_set, n_sensor, config=cfg, seed=seed)
+        # Held out: the last tenth of the frames of each source (frame ids: synthetic first, then sensor).
+        frame = pool["frame"]
+        held = np.zeros(len(frame), bool)
+        for src in np.unique(pool["source"]):
+            ids = np.unique(frame[pool["source"] == src])
+            held |= (pool["source"] == src) & (frame >= ids[int(0.9 * len(ids))])
+        fit = {k: (v[~held] if np.ndim(v) and len(v) == len(frame) else v) for k, v in pool.items()}
+        val = {k: (v[held] if np.ndim(v) and len(v) == len(frame) else v) for k, v in pool.items()}
+        refiner = train_refiner(fit, cfg, steps=budget.refine_steps, seed=seed)
+        before, after = centre_errors_m(refiner, val) if held.any() else (np.full(1, np.nan), np.full(1, np.nan))
+        out[name] = {"refiner": refiner, "crops": int(len(frame)),
+                     "held_out_mm": {"before_median": 1000 * float(np.median(before)),
+                                     "after_median": 1000 * float(np.median(after)),
+                                     "after_p90": 1000 * float(np.percentile(after, 90))}}
+    return out
+
+
+def _refinement_lines(header: dict[str, Any]) -> list[str]:
+    """The centre refiners' held-out errors and the fm model's run-time path without refinement."""
+    lines = []
+    for name, r in (header.get("refiners") or {}).items():
+        h = r["held_out_mm"]
+        lines.append(f"- Centre refiner '{name}' ({r['crops']} crops): held-out centre to palm "
+                     f"{h['before_median']:.1f} mm -> {h['after_median']:.1f} mm median after one step "
+                     f"(p90 {h['after_p90']:.1f} mm).")
+    without = header.get("runtime_without_refinement")
+    if without:
+        lines.append(f"- fm on the run-time path without refinement (the located centre of mass): mean "
+                     f"{without['mean_error_mm_found']:.1f} mm, centre to palm {without['centre_error_mm_median']:.1f} "
+                     f"/ {without['centre_error_mm_p90']:.1f} mm (median / p90).")
+    return ["\n## Hand centre\n", *lines] if lines else []
+
+
 def write_hands_table(out: Path, table: dict[str, Any], header: dict[str, Any]) -> str:
     """table.md: methods side by side (mean error, success fractions, run-time path), then per-joint errors."""
-    cols = ["method", "mean error (mm)"] + [f"max err <= {t} (%)" for t in THRESHOLDS] + [
-        "run-time path: found (%)", "run-time path: mean (mm)", "train s"]
-    rows = [[m, t["mean_error_mm"]] + [100.0 * t["max_error_fraction"][k] for k in THRESHOLDS]
-            + [100.0 * t["runtime"]["found"], t["runtime"]["mean_error_mm_found"], f"{t['train_s']:.0f}"]
+    cols = ["method", "head", "validation (mm)", "mean error (mm)"] + [
+        f"max err <= {t} (%)" for t in THRESHOLDS] + [
+        "run-time path: found (%)", "run-time path: mean (mm)", "centre to palm: median / p90 (mm)", "train s"]
+    rows = [[m, t.get("head", ""), t.get("validation_mm", float("nan")), t["mean_error_mm"]]
+            + [100.0 * t["max_error_fraction"][k] for k in THRESHOLDS]
+            + [100.0 * t["runtime"]["found"], t["runtime"]["mean_error_mm_found"],
+               f"{t['runtime']['centre_error_mm_median']:.1f} / {t['runtime']['centre_error_mm_p90']:.1f}",
+               f"{t['train_s']:.0f}"]
             for m, t in table.items()]
     joints = list(nyu.JOINT_NAMES)
     per = [[j] + [table[m]["per_joint_mm"][j] for m in table] for j in joints]
     text = ["# Hands: every method on one budget (simulated sensor frames)\n",
-            f"Training: {header['n_real']} sensor frames of person A (nominal sensor) + clean renders of the nominal "
-            f"hand. Test: {header['n_test']} frames of person B, other poses, test-time sensor. Crops at the located "
+            f"Training: {header['n_real'] - header['validation_frames']} sensor frames of person A (nominal sensor) + "
+            f"clean renders of the nominal hand; validation: the last {header['validation_frames']} frames of person A. "
+            f"Test: {header['n_test']} frames of person B, other poses, test-time sensor. Crops at the located "
             f"centre ({header['test_fallbacks']} of {header['n_test']} test frames fell back to the palm + 1 cm "
             f"noise). Run-time path: HandEstimator on {header['runtime_frames']} full frames.\n",
             f"Budget: {header['budget']}\n", markdown_table(cols, rows),
+            *_refinement_lines(header),
             "\n## Per-joint mean error (mm)\n", markdown_table(["joint", *table], per)]
     frame = header.get("nyu_frame", {})
     if frame.get("found"):
@@ -197,15 +282,46 @@ def run_hands_experiment(
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
     stream_cfg = HandStreamConfig(crop_px=budget.input_size)
-    data = xdata.hands_task_data(budget.n_real, xdata.hand_train_shape(), sensor.SensorConfig.nominal(),
-                                 stream_cfg=stream_cfg, synthetic_pool=budget.synthetic_pool)
-    cfg = hands_train_config(budget, device)
-    paths, wall = xdata.train_all(cfg, data, out, methods)
+    shape, sensor_cfg = xdata.hand_train_shape(), sensor.SensorConfig.nominal()
+    data = xdata.hands_task_data(budget.n_real, shape, sensor_cfg, stream_cfg=stream_cfg,
+                                 synthetic_pool=budget.synthetic_pool, augment=budget.augment(),
+                                 holdout=budget.validation_frames)
+    runs = [(budget.head, methods, out)]
+    if budget.fc_row and budget.head != "fc" and "fm" in methods:
+        runs.append(("fc", ("fm",), out / "fc"))
+    paths: dict[str, Path] = {}
+    wall: dict[str, float] = {}
+    for head, run_methods, folder in runs:
+        p, w = xdata.train_all(hands_train_config(budget, device, head), data, folder, run_methods)
+        suffix = "" if head == budget.head else f"_{head}"
+        paths.update({f"{m}{suffix}": v for m, v in p.items() if m != "stage1"})
+        wall.update({f"{m}{suffix}": v for m, v in w.items()})
+
+    # The centre refiners, trained once per data regime and attached to each checkpoint.
+    t_ref = time.perf_counter()
+    train_set = SensorHandSet(budget.n_real, shape, sensor_cfg, xdata.HAND_TRAIN_SEED, stream_cfg)
+    refiners = train_refiners(budget, train_set, budget.n_real - budget.validation_frames)
+    refine_s = time.perf_counter() - t_ref
+    for m, p in paths.items():
+        checkpoint.attach_refiner(p, refiners["synthetic" if m == "synthetic" else "real"]["refiner"])
+
+    # Settings are chosen on these: held-out frames of the training person (crops at the located centre).
+    validation = {}
+    if budget.validation_frames:
+        val_set = xdata.hand_validation_set(budget.n_real, budget.validation_frames, shape, sensor_cfg,
+                                            stream_cfg=stream_cfg)
+        val = xdata.stack_items(val_set, ("real", "centre", "joints"), "validation frames")
+        vc, vgt = val["centre"].numpy().astype(np.float64), val["joints"].numpy().astype(np.float64)
+        for m, p in paths.items():
+            est = predict_crops(p, val["real"], vc, stream_cfg.cube_m, device)
+            validation[m] = ev.score_hands(est, vgt, nyu.JOINT_NAMES)["mean_error_mm"]
 
     test = xdata.hand_test_set(budget.n_test, stream_cfg=stream_cfg)
     items = xdata.stack_items(test, ("real", "centre", "joints"), "test frames")
     centres, gt = items["centre"].numpy().astype(np.float64), items["joints"].numpy().astype(np.float64)
     estimators = {m: load_estimator(p, device=device) for m, p in paths.items()}
+    if "fm" in paths:  # the same fm model on the located centre alone: the refiner's share of the result
+        estimators["fm (no refinement)"] = load_estimator(paths["fm"], device=device, refine=False)
     runtime = runtime_path(estimators, test, min(budget.runtime_frames, budget.n_test))  # type: ignore[arg-type]
 
     table: dict[str, Any] = {}
@@ -219,15 +335,21 @@ def run_hands_experiment(
         folder = out / m / "eval"
         folder.mkdir(parents=True, exist_ok=True)
         ev.write_json(folder / "metrics.json", {**scores, "curve": curve, "runtime_path": runtime[m]})
-        table[m] = {**scores, "runtime": runtime[m], "train_s": wall.get(m, 0.0), "eval_s": time.perf_counter() - t0}
+        table[m] = {**scores, "runtime": runtime[m], "train_s": wall.get(m, 0.0), "eval_s": time.perf_counter() - t0,
+                    "validation_mm": validation.get(m, float("nan")),
+                    "head": json.loads(Path(p).read_text())["net"]["head"]}
 
     nyu_dir = Path(nyu_dir) if nyu_dir is not None else DEFAULT_NYU
     nyu_check = nyu_frame_check(paths["fm"], nyu_dir, device) if "fm" in paths else {}
-    header = {"n_real": budget.n_real, "n_test": budget.n_test, "test_fallbacks": test.fallbacks,
+    header = {"n_real": budget.n_real, "validation_frames": budget.validation_frames, "n_test": budget.n_test,
+              "test_fallbacks": test.fallbacks,
               "train_fallbacks": data.meta["data"].get("pair_fallbacks"),
               "runtime_frames": min(budget.runtime_frames, budget.n_test),
               "budget": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(budget).items()),
-              "stage1_s": wall.get("stage1", 0.0), "nyu_frame": nyu_check}
+              "stage1_s": wall.get("stage1", 0.0), "nyu_frame": nyu_check,
+              "augment": dataclasses.asdict(budget.augment()), "refine_s": refine_s,
+              "refiners": {k: {kk: vv for kk, vv in v.items() if kk != "refiner"} for k, v in refiners.items()},
+              "runtime_without_refinement": runtime.get("fm (no refinement)")}
     write_hands_table(out, table, header)
     plot_curves(out / "curves_max_error.png", curves, "max joint error threshold (mm)", "fraction of frames",
                 title="Hands: frames within a max joint error")
@@ -235,7 +357,7 @@ def run_hands_experiment(
               {m: [t["per_joint_mm"][j] for j in nyu.JOINT_NAMES] for m, t in table.items()}, "mean error (mm)",
               title="Hands: per-joint error")
     doc = {"header": header, "methods": table, "quick": quick, "budget": dataclasses.asdict(budget),
-           "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=list)),
+           "train_config": json.loads(json.dumps(dataclasses.asdict(hands_train_config(budget, device)), default=list)),
            "wall_s": time.perf_counter() - t_start}
     ev.write_json(out / "table.json", doc)
     return doc

@@ -26,7 +26,12 @@ TASKS = ("objects", "hands")
 # Object heads: "bb8" regresses the 8 box corners from a global feature (the paper's configuration);
 # "dense" predicts, at every location of a spatial feature map, a visibility logit and the object's
 # normalised model coordinates (pose by PnP-RANSAC over the correspondences, featmap_ros/heads/dense.py).
-HEADS = ("bb8", "dense")
+# Hand heads: "fc" regresses the joints from a global feature (the paper's DeepPrior++ configuration);
+# "vote" lets every location of a spatial feature map vote for every joint (VoteHead).
+OBJECT_HEADS = ("bb8", "dense")
+HAND_HEADS = ("fc", "vote")
+HEADS = OBJECT_HEADS + HAND_HEADS
+SPATIAL_HEADS = ("dense", "vote")
 
 # What "paper-like" means per task when a field is left as None: VGG-16 convolutions for objects
 # (BB8), a DeepPrior++-like ResNet (5x5 stem of 32, stages 64/128/256/256) for hands.
@@ -54,17 +59,28 @@ class NetConfig:
     # Feature Mapping: a separate real-domain extractor f_R and the mapping g exist only when True.
     mapping: bool = False
     mapping_blocks: int = 2
-    # Objects only: which pose head (HEADS). "dense" keeps f spatial: n_outputs is then the number of
-    # output channels, DENSE_CHANNELS per object.
+    # Which pose head: OBJECT_HEADS or HAND_HEADS. "dense" keeps f spatial: n_outputs is then the number
+    # of output channels, DENSE_CHANNELS per object. "vote" keeps f spatial too; n_outputs stays 3 per joint.
+    # For hands "bb8" (the field's old default, in checkpoints of earlier versions) means "fc".
     head: str = "bb8"
+    # Spatial heads: the feature map's stride (2: S/2 x S/2 locations, 4: S/4). The dense object head
+    # needs DENSE_STRIDE; the hand vote head defaults to 4 (a quarter of the locations, enough to vote).
+    stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.head not in HEADS or (self.task == "hands" and self.head != "bb8"):
-            raise ValueError(f"head must be one of {HEADS} (objects) or 'bb8' (hands' FC head), got {self.head!r}")
+        if self.task == "hands" and self.head == "bb8":
+            object.__setattr__(self, "head", "fc")
+        allowed = OBJECT_HEADS if self.task == "objects" else HAND_HEADS
+        if self.head not in allowed:
+            raise ValueError(f"{self.task} head must be one of {allowed}, got {self.head!r}")
         if self.head == "dense" and self.n_outputs is None:
             object.__setattr__(self, "n_outputs", DENSE_CHANNELS)  # one object; a caller sets 4 per object
+        if self.stride is None:
+            object.__setattr__(self, "stride", 4 if self.head == "vote" else DENSE_STRIDE)
+        if self.stride not in (2, 4) or (self.head == "dense" and self.stride != DENSE_STRIDE):
+            raise ValueError(f"stride must be 2 or 4 (the dense object head: {DENSE_STRIDE}), got {self.stride}")
         for name, value in _TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -80,10 +96,12 @@ class NetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if min(self.width, self.feature_dim, self.n_outputs, self.in_channels) < 1:
             raise ValueError(f"width, feature_dim, n_outputs, in_channels must be positive: {self}")
-        if self.head == "dense" and self.feature_dim > 256:
+        if self.head == "vote" and self.n_outputs % 3:
+            raise ValueError(f"a vote head has 3 outputs per joint, got n_outputs={self.n_outputs}")
+        if self.spatial and self.feature_dim > 256:
             # The dense feature is a full-resolution map: 1024 channels (the FC default) at S/2 would need
             # gigabytes of activations; the experiments use 32 (CPU) to 64 (paper size).
-            raise ValueError(f"a dense head's feature_dim is the channel count of its S/2 map; "
+            raise ValueError(f"a spatial head's feature_dim is the channel count of its S/{self.stride} map; "
                              f"expected <= 256, got {self.feature_dim}")
         if self.head == "dense" and self.n_outputs % DENSE_CHANNELS:
             raise ValueError(f"a dense head has {DENSE_CHANNELS} channels per object, got n_outputs={self.n_outputs}")
@@ -91,7 +109,7 @@ class NetConfig:
     @property
     def spatial(self) -> bool:
         """True when f gives a feature map (B, feature_dim, S/stride, S/stride), not a vector."""
-        return self.head == "dense"
+        return self.head in SPATIAL_HEADS
 
     def to_dict(self) -> dict[str, Any]:
         """Return the resolved fields as plain JSON/YAML values."""
@@ -230,10 +248,11 @@ class Head(nn.Module):
 
 
 class SpatialExtractor(nn.Module):
-    """f for the dense head: a small U-Net; (B, C, S, S) -> (B, feature_dim, S/2, S/2) feature map (post-ReLU).
+    """f for the spatial heads: a small U-Net; (B, C, S, S) -> (B, feature_dim, S/k, S/k) (post-ReLU), k = cfg.stride.
 
     Encoder stages of width (w, 2w, 4w, 8w) with cfg.blocks[:4] convolutions each, at S, S/2, S/4,
-    S/8; the decoder upsamples twice with skip connections to S/2 (DENSE_STRIDE). Every output
+    S/8; the decoder upsamples with skip connections to S/2 (stride 2, the dense head's
+    DENSE_STRIDE) or once to S/4 (stride 4). Every output
     location sees the whole 64x64 crop (receptive field over 100 px), and the map is translation
     equivariant, so a shifted object gives shifted correspondences: what makes it sample-efficient
     next to a global FC feature.
@@ -250,19 +269,23 @@ class SpatialExtractor(nn.Module):
                                             for i in range(k))))
             c_in = c_out
         self.pool = nn.MaxPool2d(2)
-        self.up3 = _conv_block(widths[3] + widths[2], widths[2], 3, 1, cfg.norm)  # S/8 -> S/4
-        self.up2 = _conv_block(widths[2] + widths[1], cfg.feature_dim, 3, 1, cfg.norm)  # S/4 -> S/2
+        self.stride = int(cfg.stride)
+        s4 = self.stride == 4
+        # S/8 -> S/4, then (stride 2) S/4 -> S/2
+        self.up3 = _conv_block(widths[3] + widths[2], cfg.feature_dim if s4 else widths[2], 3, 1, cfg.norm)
+        self.up2 = None if s4 else _conv_block(widths[2] + widths[1], cfg.feature_dim, 3, 1, cfg.norm)
         self.out = _conv_block(cfg.feature_dim, cfg.feature_dim, 3, 1, cfg.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) images in [-1, 1] -> (B, feature_dim, S/2, S/2)."""
+        """(B, C, S, S) images in [-1, 1] -> (B, feature_dim, S/stride, S/stride)."""
         skips = []
         for i, stage in enumerate(self.enc):
             x = stage(x if i == 0 else self.pool(x))
             skips.append(x)
         up = nn.functional.interpolate
         x = self.up3(torch.cat([up(x, scale_factor=2.0, mode="nearest"), skips[2]], 1))
-        x = self.up2(torch.cat([up(x, scale_factor=2.0, mode="nearest"), skips[1]], 1))
+        if self.up2 is not None:
+            x = self.up2(torch.cat([up(x, scale_factor=2.0, mode="nearest"), skips[1]], 1))
         return self.out(x)
 
 
@@ -293,6 +316,44 @@ class DenseHead(nn.Module):
         return self.conv(x)
 
 
+class VoteHead(nn.Module):
+    """h for the vote head: every location of a feature map votes for every joint (A2J-like integral regression).
+
+    A 1x1 convolution gives, per joint and location, a weight logit and a 3D offset. A joint is the
+    softmax-weighted mean over locations of (location + offset): x, y are the location's crop
+    coordinates in [-1, 1] (the cube's x, y over its half edge, as the crop views the cube) plus the
+    offset, z is the offset alone. Outputs are cube-normalised joints (B, 3J), the same as the FC
+    head's, so losses, the estimator and the export do not depend on the head. The offsets start
+    at zero, so at initialisation every joint is a soft-argmax over the map.
+    """
+
+    def __init__(self, dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.n_joints = n_outputs // 3
+        self.weights = nn.Conv2d(dim, self.n_joints, 1)
+        self.offsets = nn.Conv2d(dim, 3 * self.n_joints, 1)
+        nn.init.zeros_(self.offsets.weight)
+        nn.init.zeros_(self.offsets.bias)
+
+    @staticmethod
+    def grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(2, H*W) crop coordinates in [-1, 1] (x right, y down) of the location centres of an H x W map."""
+        ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2.0 / height) - 1.0
+        xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2.0 / width) - 1.0
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([gx.reshape(-1), gy.reshape(-1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, 3J) joints over half the cube, ordered (x, y, z) per joint."""
+        b, _, h, w = x.shape
+        weights = torch.softmax(self.weights(x).reshape(b, self.n_joints, 1, h * w).float(), dim=-1)
+        votes = self.offsets(x).reshape(b, self.n_joints, 3, h * w).float()
+        grid = self.grid(h, w, x.device, votes.dtype)
+        anchors = torch.cat([grid, torch.zeros_like(grid[:1])]).expand(b, self.n_joints, 3, h * w)
+        joints = ((anchors + votes) * weights).sum(dim=-1)  # (B, J, 3)
+        return joints.reshape(b, 3 * self.n_joints).to(x.dtype)
+
+
 def pooled_features(features: torch.Tensor) -> torch.Tensor:
     """(B, D) vectors as they are; (B, D, H, W) feature maps averaged over locations to (B, D)."""
     return features.mean(dim=(2, 3)) if features.dim() == 4 else features
@@ -314,8 +375,7 @@ class FeatureMappingModel(nn.Module):
         self.cfg = cfg
         extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
         self.f_S: nn.Module = extractor(cfg)
-        self.h: nn.Module = DenseHead(cfg.feature_dim, cfg.n_outputs) if cfg.spatial else Head(cfg.feature_dim,
-                                                                                                  cfg.n_outputs)
+        self.h: nn.Module = {"dense": DenseHead, "vote": VoteHead}.get(cfg.head, Head)(cfg.feature_dim, cfg.n_outputs)
         self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping else None
         self.g: nn.Module | None = None
         if cfg.mapping:
