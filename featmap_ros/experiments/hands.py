@@ -50,6 +50,10 @@ THRESHOLDS = ("20mm", "30mm", "40mm", "50mm", "80mm")
 DEFAULT_NYU = Path(__file__).resolve().parents[3] / "shared" / "data" / "nyu"
 
 
+# The augmentation of the hand pool and pairs, chosen on the validation frames (docs/results.md).
+HANDS_AUGMENT = HandAugmentConfig(rotation_deg=30.0, shift_sigma=0.05, depth_sigma=0.05, scale=0.1)
+
+
 @dataclass(frozen=True)
 class HandsBudget:
     """Sizes of one hands experiment: net, steps, batch, frames, augmentation."""
@@ -77,10 +81,10 @@ class HandsBudget:
     refine_sensor_frames: int = 1000
     refine_steps: int = 3000
     # On-the-fly augmentation of the pool and the pairs (datasets.hand_augment), half-cube units.
-    rotation_deg: float = 0.0
-    shift_sigma: float = 0.0
-    depth_sigma: float = 0.0
-    scale: float = 0.0
+    rotation_deg: float = HANDS_AUGMENT.rotation_deg
+    shift_sigma: float = HANDS_AUGMENT.shift_sigma
+    depth_sigma: float = HANDS_AUGMENT.depth_sigma
+    scale: float = HANDS_AUGMENT.scale
 
     def augment(self) -> HandAugmentConfig:
         """The augmentation these settings describe."""

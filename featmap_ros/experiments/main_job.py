@@ -36,14 +36,20 @@ class MainJobSize:
     batch_size: int = 32
     input_size: int = 64
     width: int = 16
-    feature_dim: int = 256  # hands' FC feature
-    dense_feature_dim: int = 32  # objects: channels of the dense head's feature map
+    feature_dim: int = 256  # the FC feature (hand_head "fc")
+    dense_feature_dim: int = 32  # channels of the spatial heads' feature maps (objects' dense, hands' vote)
     object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
+    hand_head: str = "vote"
+    hand_width: int = 8
+    # The hand centre refiner: crops of clean renders and of the sensor pairs' frames, rendered once.
+    refine_synthetic_frames: int = 400
+    refine_sensor_frames: int = 200
+    refine_steps: int = 1500
 
 
 TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4, stage1_steps=3,
                    stage2_steps=2, batch_size=4, input_size=32, width=4, feature_dim=32, dense_feature_dim=8,
-                   object_pool=8)
+                   object_pool=8, hand_width=4, refine_synthetic_frames=3, refine_sensor_frames=2, refine_steps=3)
 
 
 def _train_config(task: str, size: MainJobSize, device: str):
@@ -87,16 +93,31 @@ def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Pat
 def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     import numpy as np
 
-    from featmap_ros.datasets.hand_streams import HandStreamConfig
+    from featmap_ros.datasets.hand_refine import refine_pool
+    from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
     from featmap_ros.experiments.data import hands_task_data
+    from featmap_ros.experiments.hands import HANDS_AUGMENT
+    from featmap_ros.model import checkpoint
+    from featmap_ros.model.refiner import RefinerConfig, train_refiner
     from featmap_ros.render.hand import HandShape
     from featmap_ros.render.sensor import SensorConfig
     from featmap_ros.train import train
 
     cfg = _train_config("hands", size, device)
-    data = hands_task_data(size.hand_pairs, HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal(),
-                           seed=1, stream_cfg=HandStreamConfig(crop_px=size.input_size), synthetic_pool=size.hand_pool)
-    return train(cfg, data, out)
+    vote = size.hand_head == "vote"
+    cfg = dataclasses.replace(cfg, net=dataclasses.replace(
+        cfg.net, head=size.hand_head, width=size.hand_width,
+        feature_dim=size.dense_feature_dim if vote else size.feature_dim, dropout=0.0 if vote else cfg.net.dropout))
+    stream_cfg = HandStreamConfig(crop_px=size.input_size)
+    shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
+    data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
+                           synthetic_pool=size.hand_pool, augment=HANDS_AUGMENT)
+    path = train(cfg, data, out)
+    # The centre refiner (DeepPrior++'s step) from clean renders and the pairs' own frames.
+    refiner_cfg = RefinerConfig(input_size=size.input_size, cube_m=stream_cfg.cube_m)
+    pool = refine_pool(size.refine_synthetic_frames, SensorHandSet(size.hand_pairs, shape, sensor_cfg, 1, stream_cfg),
+                       min(size.refine_sensor_frames, size.hand_pairs), config=refiner_cfg, seed=1)
+    return checkpoint.attach_refiner(path, train_refiner(pool, refiner_cfg, steps=size.refine_steps, seed=1))
 
 
 def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: bool = False) -> dict:
