@@ -393,10 +393,20 @@ def crop_depth_cube(
     u_hi, v_hi = project(np.array([[c[0] + half, c[1] + half, c[2]]]), K)[0]
     sx, sy = out / (u_hi - u_lo), out / (v_hi - v_lo)
     A = np.array([[sx, 0.0, -sx * u_lo - 0.5], [0.0, sy, -sy * v_lo - 0.5]])
-    depth = np.where(np.isfinite(depth_m) & (depth_m > 0), depth_m, 0.0).astype(np.float32)
-    crop = cv2.warpAffine(
-        depth, A, (out, out), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0
-    )
+    # Only the window (and a margin for the sampler's rounding) is read, as float32, and invalid pixels
+    # (NaN, <= 0) are cleaned in the crop afterwards: nearest-neighbour sampling copies source pixels,
+    # so this is the crop of the whole cleaned frame without touching the frame's other pixels.
+    h_img, w_img = depth_m.shape[:2]
+    x0, x1 = max(int(np.floor(min(u_lo, u_hi))) - 2, 0), min(int(np.ceil(max(u_lo, u_hi))) + 3, w_img)
+    y0, y1 = max(int(np.floor(min(v_lo, v_hi))) - 2, 0), min(int(np.ceil(max(v_lo, v_hi))) + 3, h_img)
+    if x1 <= x0 or y1 <= y0:  # the window lies off the image: nothing in the cube
+        crop = np.zeros((out, out), np.float32)
+    else:
+        A_roi = A.copy()
+        A_roi[:, 2] += A[:, :2] @ np.array([x0, y0], dtype=np.float64)
+        crop = cv2.warpAffine(np.ascontiguousarray(depth_m[y0:y1, x0:x1], dtype=np.float32), A_roi, (out, out),
+                              flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        crop = np.where(np.isfinite(crop) & (crop > 0), crop, np.float32(0.0))
     norm = (crop - c[2]) / half
     norm[(crop <= 0) | (norm > 1.0)] = 1.0
     norm = np.clip(norm, -1.0, 1.0).astype(np.float32)

@@ -184,3 +184,39 @@ def test_nearest_rotation_snaps_a_noisy_matrix_to_a_rotation():
     assert np.allclose(snapped @ snapped.T, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(snapped), 1.0)
     assert np.degrees(g.rotation_angle(snapped, R)) < 0.2
     assert np.allclose(g.nearest_rotation(R), R, atol=1e-12)
+
+
+def _crop_of_the_cleaned_frame(depth_m, K, c, cube_m, out):
+    """crop_depth_cube as it was first written: clean the whole frame, then warp it (the reference)."""
+    import cv2
+
+    half = cube_m / 2.0
+    u_lo, v_lo = g.project(np.array([[c[0] - half, c[1] - half, c[2]]]), K)[0]
+    u_hi, v_hi = g.project(np.array([[c[0] + half, c[1] + half, c[2]]]), K)[0]
+    sx, sy = out / (u_hi - u_lo), out / (v_hi - v_lo)
+    A = np.array([[sx, 0.0, -sx * u_lo - 0.5], [0.0, sy, -sy * v_lo - 0.5]])
+    clean = np.where(np.isfinite(depth_m) & (depth_m > 0), depth_m, 0.0).astype(np.float32)
+    crop = cv2.warpAffine(clean, A, (out, out), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0.0)
+    norm = (crop - c[2]) / half
+    norm[(crop <= 0) | (norm > 1.0)] = 1.0
+    return np.clip(norm, -1.0, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depth_cube_crop_reads_only_its_window_and_equals_the_whole_frame_crop(dtype):
+    rng = np.random.default_rng(0)
+    K = np.array([[588.0, 0, 320], [0, 587.0, 240], [0, 0, 1]])
+    checked = 0
+    for _ in range(120):
+        depth = rng.uniform(0.3, 1.5, (480, 640))
+        depth[rng.random(depth.shape) < 0.1] = np.nan
+        depth[rng.random(depth.shape) < 0.02] = -1.0
+        depth[rng.random(depth.shape) < 0.01] = np.inf
+        # Centres near and beyond the image edges too, so windows are cut by the border.
+        c = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.6), rng.uniform(0.3, 1.4)])
+        out = int(rng.choice([32, 64, 128]))
+        crop, _ = g.crop_depth_cube(depth.astype(dtype), K, c, cube_m=0.3, out=out)
+        np.testing.assert_array_equal(crop, _crop_of_the_cleaned_frame(depth.astype(dtype), K, c, 0.3, out))
+        checked += 1
+    assert checked == 120
