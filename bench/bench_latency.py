@@ -4,12 +4,14 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
-                                     [--heads dense bb8] [--backends torch onnxruntime] [--threads 0]
+                                     [--heads dense bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
+                                     [--threads 0]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them. Backends run side by side on the same
 frames: torch on the checkpoint, onnxruntime on its `featmap export` (providers by availability:
-TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each.
+TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
+vote head (the default) carry a centre refiner, so their frames include its two crop-and-move steps.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from featmap_ros.export import export_onnx
 from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
+from featmap_ros.model.refiner import CentreRefiner, RefinerConfig
 from featmap_ros.results import Detection2D
 from featmap_ros.ros.config import NodeConfig
 from featmap_ros.ros.messages import MessageFactory
@@ -41,7 +44,8 @@ _PINNED = {"ort-cuda": ["CUDAExecutionProvider"], "ort-tensorrt": ["TensorrtExec
 LMO = Intrinsics(572.4114, 573.57043, 325.2611, 242.04899, 640, 480)
 
 
-def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, head: str = "bb8") -> Path:
+def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, head: str = "bb8",
+                    refiner: bool = False) -> Path:
     """A random-weight checkpoint of the given size and head.
 
     The network's time does not depend on the weights. The dense head's PnP-RANSAC does: random
@@ -59,10 +63,14 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
                              "symmetric": False} for i in range(n_objects)],
                 "crop": {"size": cfg.input_size, "window_scale": 1.2}}
     else:
-        cfg = NetConfig(task="hands", mapping=True, **kw)
+        if head == "vote":  # the experiments' vote net: width 8, a 32-channel S/4 map (64 at paper size)
+            kw.update(width=8, feature_dim=32) if preset == "deploy" else kw.update(feature_dim=64)
+        cfg = NetConfig(task="hands", mapping=True, head=head, **kw)
         meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": cfg.input_size}}
     name = f"{task}_{preset}_{head}"
     checkpoint.save(folder / name, FeatureMappingModel(cfg), {"method": "fm", **meta})
+    if refiner:
+        checkpoint.attach_refiner(folder / name, CentreRefiner(RefinerConfig(input_size=cfg.input_size)))
     return folder / name
 
 
@@ -122,6 +130,8 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "bb8"],
                         help="object heads: dense (the default model) and bb8 (the paper's), side by side")
+    parser.add_argument("--hand-heads", nargs="+", default=["vote", "fc"], choices=["vote", "fc"],
+                        help="hand heads: vote (the default model, with its centre refiner) and fc (the paper's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS,
                         default=["torch"] + (["onnxruntime"] if onnxruntime_available() else []),
                         help="what runs the network, side by side on the same frames (onnxruntime exports first)")
@@ -175,9 +185,13 @@ def main() -> None:
                     size = PRESETS[preset]["input_size"]
                     crops = rng.uniform(-1, 1, (8, 3, size, size)).astype(np.float32)
                     row(device, preset, f"network only, 8 crops, {head} head", procs, ("network", crops))
-                ckpt = make_checkpoint(Path(tmp), "hands", preset)
-                procs = processors(ckpt, device, NodeConfig(task="hands", use_detections=False, publish_overlay=False))
-                row(device, preset, "hand", procs, hand_frame(f))
+                for head in args.hand_heads:
+                    refine = head == "vote"
+                    ckpt = make_checkpoint(Path(tmp), "hands", preset, head=head, refiner=refine)
+                    procs = processors(ckpt, device, NodeConfig(task="hands", use_detections=False,
+                                                                publish_overlay=False))
+                    row(device, preset, f"hand, {head} head" + (" + centre refiner" if refine else ""), procs,
+                        hand_frame(f))
 
 if __name__ == "__main__":
     main()
