@@ -96,18 +96,21 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     from featmap_ros.datasets.hand_refine import refine_pool
     from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
     from featmap_ros.experiments.data import hands_task_data
-    from featmap_ros.experiments.hands import HANDS_AUGMENT
+    from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget
     from featmap_ros.model import checkpoint
     from featmap_ros.model.refiner import RefinerConfig, train_refiner
     from featmap_ros.render.hand import HandShape
     from featmap_ros.render.sensor import SensorConfig
-    from featmap_ros.train import train
+    from featmap_ros.train import LossConfig, train
 
     cfg = _train_config("hands", size, device)
     vote = size.hand_head == "vote"
-    cfg = dataclasses.replace(cfg, net=dataclasses.replace(
-        cfg.net, head=size.hand_head, width=size.hand_width,
-        feature_dim=size.dense_feature_dim if vote else size.feature_dim, dropout=0.0 if vote else cfg.net.dropout))
+    budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
+    cfg = dataclasses.replace(
+        cfg, net=dataclasses.replace(cfg.net, head=size.hand_head, width=size.hand_width,
+                                     feature_dim=size.dense_feature_dim if vote else size.feature_dim,
+                                     dropout=0.0 if vote else cfg.net.dropout),
+        optim=dataclasses.replace(cfg.optim, lr=budget.lr), loss=LossConfig(pose=budget.pose_loss))
     stream_cfg = HandStreamConfig(crop_px=size.input_size)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
     data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
