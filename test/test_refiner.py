@@ -308,3 +308,16 @@ def test_a_bare_torch_model_cannot_run_the_checkpoints_refiner(tmp_path) -> None
     with pytest.raises(EstimatorError, match="cannot run it"):
         HandEstimator(model, meta, device="cpu")
     assert not HandEstimator(model, meta, device="cpu", refine=False).refine
+
+
+def test_the_node_parameter_refine_centre_reaches_the_estimator(tmp_path) -> None:
+    from featmap_ros.ros.config import NodeConfig
+    from featmap_ros.ros.processor import load_estimator_for
+
+    ckpt = checkpoint.attach_refiner(hand_checkpoint(tmp_path), constant_refiner((0.1, 0.0, 0.0)))
+    on = load_estimator_for(NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu"))
+    off = load_estimator_for(NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu",
+                                        refine_centre=False))
+    assert on.refine and not off.refine
+    (moved,), (located,) = on.estimate(blob_depth(), NYU_INTRINSICS), off.estimate(blob_depth(), NYU_INTRINSICS)
+    assert moved.centre[0] - located.centre[0] == pytest.approx(2 * 0.15 * 0.1, abs=1e-6)

@@ -71,6 +71,10 @@ class NodeConfig:
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
     )
+    refine_centre: bool = _param(
+        True, "hands: move the located hand centre towards the palm with the checkpoint's centre refiner "
+        "(where it has one; off: the centre of mass, as DeepPrior++ without its refinement)"
+    )
     image_topic: str = _param("image", "input image: colour for objects, depth (16UC1 mm or 32FC1 m) for hands")
     camera_info_topic: str = _param("camera_info", "sensor_msgs/CameraInfo of the image (rectified pinhole)")
     detections_topic: str = _param("detections", "vision_msgs/Detection2DArray of 2D boxes to estimate in")

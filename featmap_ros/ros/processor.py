@@ -71,7 +71,8 @@ def load_estimator_for(config: NodeConfig) -> Estimator:
     from featmap_ros.estimator import load_estimator
 
     estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads,
-                               max_detections=config.max_detections, backend=config.backend)
+                               max_detections=config.max_detections, backend=config.backend,
+                               refine=config.refine_centre)
     if estimator.task != config.task:
         raise ProcessorError("config", f"{config.model_path} is a {estimator.task!r} model but task is {config.task!r}")
     return estimator
