@@ -41,6 +41,7 @@ import yaml
 
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense_train import dense_loss
+from featmap_ros.heap import heap_for_training
 from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
 from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig, pooled_features
@@ -551,7 +552,10 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
             dist.barrier()
         return json_path
 
+    heap = contextlib.ExitStack()
     try:
+        # Built above, outside: the streams' data (where a cached set pins glibc's mmap threshold).
+        heap.enter_context(heap_for_training())
         # ---- loop
         while step < stop:
             stage = next(s for s in stages if s.start <= step < s.end)
@@ -608,6 +612,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
 
         return save_checkpoint(step, final=step >= total)
     finally:
+        heap.close()
         bar.close()
         if writer is not None:
             writer.close()

@@ -12,7 +12,6 @@ a CPU, through Mesa's llvmpipe). Depth is z along the optical axis, NaN for back
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -27,6 +26,7 @@ from featmap_ros.datasets.nyu import JOINT_NAMES as NYU_JOINT_NAMES
 from featmap_ros.datasets.nyu import NYU_INTRINSICS
 from featmap_ros.errors import FeatmapError
 from featmap_ros.geometry import Intrinsics
+from featmap_ros.heap import pin_mmap_threshold
 
 if TYPE_CHECKING:
     from featmap_ros.render.capsules_gl import GLCapsuleRenderer
@@ -512,19 +512,8 @@ def render_capsules(
 
 @functools.cache
 def pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
-    """Keep glibc serving large blocks (our frames) by mmap, so they never fragment the heap.
-
-    glibc raises its mmap threshold after the first large block is freed; from then on every
-    19 MB frame batch comes from the heap, and small crops *kept* between them (a cached set of
-    samples) pin it: the process grew by ~0.8 MB per kept crop (13 GB for 16,000). Fixing the
-    threshold stops that, at a price: fresh mmaps make rendering ~2.7x slower (99 -> 36 frames/s
-    here). So only code that keeps many rendered samples calls it. A no-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    """featmap_ros.heap.pin_mmap_threshold (kept here for callers of earlier versions)."""
+    return pin_mmap_threshold(threshold)
 
 
 RENDER_BACKENDS = ("auto", "gl", "torch")

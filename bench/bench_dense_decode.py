@@ -1,0 +1,71 @@
+"""The dense head's decoding settings: accuracy on LM-O validation frames against PnP-RANSAC time, in one run.
+
+Usage: python3 bench/bench_dense_decode.py MODEL_JSON [--bop ../shared/data/lmo]
+       [--frames 249,254,258,263,266,268,277,283] [--threads 1]
+
+MODEL_JSON: a trained dense-head object checkpoint (e.g. out/lmo/fm/model.json of `featmap experiment
+lmo`). The network runs once per frame; each row decodes the same outputs with other settings
+(most correspondences kept, RANSAC iterations) and reports the mean 2D-proj@5px over the objects
+(visib >= 0.5) and the decode time per object. The default frames are the experiment's
+validation frames (the last 8 training frames): settings are never chosen on the test frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from featmap_ros import estimator as est_mod
+from featmap_ros.bop_scoring import run_bop
+from featmap_ros.estimator import load_estimator
+from featmap_ros.evaluation import score_objects
+from featmap_ros.experiments import data as xdata
+from featmap_ros.experiments.lmo import _eval_models
+from featmap_ros.heads.dense import DenseDecodeConfig
+
+SWEEP = [(400, 150), (200, 150), (100, 150), (200, 60), (100, 60), (64, 40)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--bop", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"))
+    parser.add_argument("--frames", default="249,254,258,263,266,268,277,283")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.bop)
+    infos, meshes = _eval_models(root)
+    names = {**xdata.LMO_NAMES}
+    est = load_estimator(args.model, device="cpu", cpu_threads=args.threads, backend="torch")
+    decode = est_mod.decode_dense
+    spent = {"s": 0.0, "n": 0}
+
+    def timed(*a, **kw):  # the decode alone, per object
+        t0 = time.perf_counter()
+        try:
+            return decode(*a, **kw)
+        finally:
+            spent["s"] += time.perf_counter() - t0
+            spent["n"] += 1
+
+    est_mod.decode_dense = timed
+    print(f"torch {torch.__version__}, {args.threads} thread(s); frames {args.frames}")
+    print("| max points | RANSAC iterations | 2D-proj@5px (visib >= 0.5) | decode ms per object |\n|---|---|---|---|")
+    for max_points, iters in SWEEP:
+        est.dense_cfg = dataclasses.replace(DenseDecodeConfig(), max_points=max_points, ransac_iterations=iters)
+        spent.update(s=0.0, n=0)
+        records, _ = run_bop(est, root, 2, args.frames, detections="gt")
+        metrics, _ = score_objects(records, infos, meshes, names)
+        acc = metrics["visib>=0.5"]["mean_over_objects"]["proj_5px"]
+        print(f"| {max_points} | {iters} | {100 * acc:.1f}% | {1e3 * spent['s'] / max(spent['n'], 1):.2f} |",
+              flush=True)
+    est_mod.decode_dense = decode
+
+
+if __name__ == "__main__":
+    main()

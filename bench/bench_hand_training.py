@@ -1,0 +1,93 @@
+"""Trained hand crops per second, before and after the pool and augmentation, in one run (stage-1 steps).
+
+Usage: python3 bench/bench_hand_training.py [--steps 40] [--threads 0] [--pool 600]
+
+Rows, each a stage-1 training step (forward, backward, AdamW) at batch 32, input 64, width 8, smooth
+L1 loss, measured over --steps steps after 5 warm-up steps, with the data time and the step time apart:
+  online/fc       clean renders made online by one DataLoader worker (the paper's way, the old default)
+  pool/fc         the same net fed from a pool of clean renders made once
+  pool+aug/fc     the pool with datasets.hand_augment's rotation, offset and scale per sample
+  pool+aug/vote   the vote head (the new default) from the augmented pool
+Pool rendering is timed once, apart (it is paid once per experiment, shared by every method).
+Run it alone: on 2 cores a second torch process slows both many times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from featmap_ros.datasets.hand_augment import augmented
+from featmap_ros.datasets.hand_streams import HandStreamConfig, SyntheticHandStream
+from featmap_ros.experiments.data import render_synthetic_pool
+from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget, hands_train_config
+from featmap_ros.model.losses import pose_loss
+from featmap_ros.model.nets import FeatureMappingModel
+
+
+def net(head: str) -> FeatureMappingModel:
+    """The experiment's net for a head (HandsBudget's sizes)."""
+    return FeatureMappingModel(hands_train_config(HandsBudget(), head=head).net).train()
+
+
+def measure(model: FeatureMappingModel, batches, steps: int) -> tuple[float, float, float]:
+    """(crops/s, data ms per batch, step ms per batch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data_s = step_s = 0.0
+    n = 0
+    for i in range(steps + 5):
+        t0 = time.perf_counter()
+        b = next(batches)
+        t1 = time.perf_counter()
+        loss = pose_loss(model.predict_syn(b["image"]).outputs.float(), b["target"].float(), "smooth_l1")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if i >= 5:
+            data_s, step_s, n = data_s + t1 - t0, step_s + t2 - t1, n + len(b["image"])
+    return n / (data_s + step_s), 1e3 * data_s / steps, 1e3 * step_s / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--pool", type=int, default=600, help="clean crops rendered once")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = HandStreamConfig(crop_px=64)
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, batch 32, input 64, width 8")
+    t0 = time.perf_counter()
+    pool = render_synthetic_pool(args.pool, 0, cfg)
+    render_s = time.perf_counter() - t0
+    print(f"pool: {args.pool} crops rendered in {render_s:.1f} s ({args.pool / render_s:.0f} crops/s), once per "
+          "experiment")
+    g = torch.Generator().manual_seed(0)
+
+    def pool_batches():
+        while True:
+            pick = torch.randint(args.pool, (32,), generator=g)
+            yield {k: v[pick] for k, v in pool.items()}
+
+    def augmented_batches():
+        return augmented(pool_batches(), HANDS_AUGMENT, (0,), 0, ("image",), ("target",))
+
+    def online_batches():
+        loader = torch.utils.data.DataLoader(SyntheticHandStream(1, cfg), batch_size=32, num_workers=1)
+        return iter(loader)
+
+    print("| pipeline | head | crops/s | data ms/batch | step ms/batch |\n|---|---|---|---|---|")
+    rows = [("online (1 render worker)", "fc", online_batches), ("pool", "fc", pool_batches),
+            ("pool + augmentation", "fc", augmented_batches), ("pool + augmentation", "vote", augmented_batches)]
+    for name, head, source in rows:
+        torch.manual_seed(0)
+        ips, data_ms, step_ms = measure(net(head), source(), args.steps)
+        print(f"| {name} | {head} | {ips:.0f} | {data_ms:.1f} | {step_ms:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
