@@ -27,7 +27,8 @@ from featmap_ros.experiments import data as xdata
 from featmap_ros.experiments.lmo import _eval_models
 from featmap_ros.heads.dense import DenseDecodeConfig
 
-SWEEP = [(400, 150), (200, 150), (100, 150), (200, 60), (100, 60), (64, 40)]
+# (most correspondences, RANSAC iterations; 0: no RANSAC, EPnP then LM on shrinking inlier sets)
+SWEEP = [(400, 150), (200, 150), (100, 150), (200, 60), (100, 60), (400, 0), (200, 0), (100, 0)]
 
 
 def main() -> None:

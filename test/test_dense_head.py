@@ -67,6 +67,29 @@ def test_render_targets_decode_recovers_the_pose_to_under_a_pixel(lmo_pool) -> N
     assert max(errors) < 1.0, errors
 
 
+@pytest.mark.parametrize("iterations", [150, 0])
+def test_decode_recovers_the_pose_through_outliers_with_and_without_ransac(lmo_pool, iterations: int) -> None:
+    pool, infos, meshes, cfg = lmo_pool
+    P = pool["rgb"].shape[1]
+    identity = geo.CropWindow(P / 2 - 0.5, P / 2 - 0.5, float(P), P)
+    rng = np.random.default_rng(0)
+    decode_cfg = dense.DenseDecodeConfig(ransac_iterations=iterations)
+    errors = []
+    for i in range(len(pool["rgb"])):
+        oid = cfg.obj_ids[int(pool["obj_index"][i])]
+        K = pool["K_crop"][i].double().numpy()
+        channels = _perfect_channels(pool["coords"][i], pool["mask"][i])
+        visible = np.flatnonzero(channels[0].ravel() > 0)
+        wrong = rng.choice(visible, size=len(visible) // 5, replace=False)  # 20% gross outliers
+        flat = channels[1:].reshape(3, -1)
+        flat[:, wrong] = rng.uniform(-1, 1, (3, len(wrong)))
+        found = dense.decode(channels, identity, K, infos[oid].min_xyz, infos[oid].size_xyz, decode_cfg)
+        errors.append(proj_2d(found.R, found.t, pool["R"][i].double().numpy(), pool["t"][i].double().numpy(), K,
+                              meshes[oid].vertices))
+        assert 0.7 < found.inlier_ratio <= 0.85  # the outliers are found out
+    assert max(errors) < 1.0, errors
+
+
 def test_decode_through_a_window_maps_crop_points_back_to_the_image(lmo_pool) -> None:
     """The same correspondences seen through a window of a 640x480 image give the image-frame pose."""
     pool, infos, meshes, cfg = lmo_pool

@@ -39,6 +39,8 @@ class DenseDecodeConfig:
     min_points: int = 6  # fewer than this above threshold: take the most visible locations instead
     max_points: int = 400  # RANSAC samples at most this many (the most visible) correspondences
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
+    # 0: no RANSAC: EPnP on every kept correspondence, then Levenberg-Marquardt on the ones within a
+    # shrinking reprojection threshold (8x, 4x, 2x, 1x), a few OpenCV calls instead of 150 hypotheses.
     ransac_iterations: int = 150
     ransac_confidence: float = 0.999
     # The minimal solver inside RANSAC: "ap3p" (4 points, about 3x faster than EPnP's 5-point
@@ -89,6 +91,29 @@ class DenseDecoded:
     confidence: float
 
 
+def _shrinking_lm(xyz: np.ndarray, uv: np.ndarray, K: np.ndarray, threshold: float, n: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EPnP on all correspondences, then LM on those within 8, 4, 2, 1 x threshold; (rvec, tvec, inlier indices)."""
+    xyz, uv = np.ascontiguousarray(xyz), np.ascontiguousarray(uv)
+    ok, rvec, tvec = cv2.solvePnP(xyz, uv, K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP)
+    if not ok:
+        raise geo.GeometryError(f"EPnP found no pose from {n} correspondences")
+    idx = np.arange(len(xyz))
+    for scale in (8.0, 4.0, 2.0, 1.0):
+        proj, _ = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))
+        err = np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1)
+        within = np.flatnonzero(err < scale * threshold)
+        if len(within) < 4:
+            break
+        idx = within
+        rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
+    proj, _ = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))
+    idx = np.flatnonzero(np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1) < threshold)
+    if len(idx) < 4:
+        raise geo.GeometryError(f"no pose fits 4 of {n} correspondences within {threshold:.2f} px")
+    return rvec, tvec, idx
+
+
 def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz: np.ndarray, size_xyz: np.ndarray,
            cfg: DenseDecodeConfig = DenseDecodeConfig()) -> DenseDecoded:
     """One object's (4, H, W) head output in a crop window -> pose in the camera of K.
@@ -110,13 +135,17 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
     threshold = cfg.ransac_threshold_crop_px / window.scale
     K = np.asarray(K, np.float64)
     try:
-        ok, rvec, tvec, inliers = cv2.solvePnPRansac(
-            np.ascontiguousarray(xyz), np.ascontiguousarray(uv), K, np.zeros(4), flags=_SOLVERS[cfg.ransac_solver],
-            reprojectionError=threshold, iterationsCount=cfg.ransac_iterations, confidence=cfg.ransac_confidence)
-        if not ok or inliers is None or len(inliers) < 4:
-            raise geo.GeometryError(f"PnP-RANSAC found no pose from {len(keep)} correspondences")
-        idx = inliers[:, 0]
-        rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
+        if cfg.ransac_iterations > 0:
+            ok, rvec, tvec, inliers = cv2.solvePnPRansac(
+                np.ascontiguousarray(xyz), np.ascontiguousarray(uv), K, np.zeros(4),
+                flags=_SOLVERS[cfg.ransac_solver], reprojectionError=threshold,
+                iterationsCount=cfg.ransac_iterations, confidence=cfg.ransac_confidence)
+            if not ok or inliers is None or len(inliers) < 4:
+                raise geo.GeometryError(f"PnP-RANSAC found no pose from {len(keep)} correspondences")
+            idx = inliers[:, 0]
+            rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
+        else:
+            rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep))
     except cv2.error as err:  # degenerate correspondences (all 3D points equal, early in training)
         raise geo.GeometryError(f"OpenCV PnP-RANSAC failed on {len(keep)} correspondences: {err}") from err
     R, _ = cv2.Rodrigues(rvec)
