@@ -191,9 +191,16 @@ def train_refiners(budget: HandsBudget, real_set: SensorHandSet | None, n_fit: i
 
     cfg = RefinerConfig(input_size=budget.input_size, cube_m=HandStreamConfig().cube_m)
     out: dict[str, Any] = {}
-    for name, sensor_set in (("synthetic", None), ("real", real_set)):
-        n_sensor = min(budget.refine_sensor_frames, n_fit) if sensor_set is not None else 0
-        pool = refine_pool(budget.refine_synthetic_frames, sensor_set, n_sensor, config=cfg, seed=seed)
+    # The clean renders' crops are made once and shared; the sensor frames' are added for 'real'.
+    synthetic = refine_pool(budget.refine_synthetic_frames, config=cfg, seed=seed)
+    n_sensor = min(budget.refine_sensor_frames, n_fit) if real_set is not None else 0
+    sensor_part = refine_pool(0, real_set, n_sensor, config=cfg, seed=seed) if n_sensor else None
+    pools = {"synthetic": synthetic, "real": synthetic if sensor_part is None else {
+        k: (np.concatenate([v, sensor_part[k]]) if np.ndim(v) else v) for k, v in synthetic.items()}}
+    for name, pool in pools.items():
+        if name == "real" and sensor_part is None:  # no training frames: the same refiner
+            out[name] = out["synthetic"]
+            continue
         # Held out: the last tenth of the frames of each source (frame ids: synthetic first, then sensor).
         frame = pool["frame"]
         held = np.zeros(len(frame), bool)
