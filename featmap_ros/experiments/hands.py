@@ -13,10 +13,12 @@ per-joint errors and the fraction of frames whose largest joint error is within 
 Also the run-time path (HandEstimator on the full frame: locate, crop, joints) on a subset, and
 the real NYU frame in ../shared/data/nyu through the fm model.
 
-Budget (default full run, about 45 minutes on an otherwise idle 2-core CPU): DeepPrior++-like
-ResNet, input 64, width 8 (stages 16/32/64/64), feature 256, batch 32, stage 1 2500 + stage 2 2500
-= 5000 steps per method; 2000 "real" frames; synthetic crops come from a pool of 12000 clean
-renders made once (online rendering at about 65 crops/s would be the bottleneck on a CPU).
+Budget (default full run, 58 minutes on an otherwise idle 2-core CPU): the vote head (a small
+U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, stage 1
+2500 + stage 2 2500 = 5000 steps per method, fm_fc (the paper's FC head) at twice the steps (the
+same CPU time); 2000 "real" frames (the last 200 are the validation split); synthetic crops from a
+pool of 12000 clean renders made once; pool and pairs augmented on the fly (HANDS_AUGMENT); two
+centre refiners (clean renders only, and with the training frames) attached to the checkpoints.
 """
 
 from __future__ import annotations
