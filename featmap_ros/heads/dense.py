@@ -11,8 +11,9 @@ are averaged over each stride x stride block of pixels (coordinates over the vis
 
 How it decodes: the locations whose visibility passes a threshold give 2D points (block centres,
 mapped from the crop to the image) and 3D points (the predicted coordinates, de-normalised);
-OpenCV's PnP-RANSAC gives the pose; the confidence is the inlier ratio, scaled down when
-few locations are visible (DenseDecodeConfig.full_evidence).
+OpenCV's EPnP on all of them, then Levenberg-Marquardt on shrinking inlier sets, gives the pose
+(PnP-RANSAC with DenseDecodeConfig.ransac_iterations > 0); the confidence is the inlier ratio,
+scaled down when few locations are visible (DenseDecodeConfig.full_evidence).
 
 This module is numpy and OpenCV only, so run time (the ONNX Runtime backend included) needs no
 torch; the training half (block targets, the loss) is heads/dense_train.py.
@@ -39,9 +40,11 @@ class DenseDecodeConfig:
     min_points: int = 6  # fewer than this above threshold: take the most visible locations instead
     max_points: int = 400  # RANSAC samples at most this many (the most visible) correspondences
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
-    # 0: no RANSAC: EPnP on every kept correspondence, then Levenberg-Marquardt on the ones within a
-    # shrinking reprojection threshold (8x, 4x, 2x, 1x), a few OpenCV calls instead of 150 hypotheses.
-    ransac_iterations: int = 150
+    # 0 (the default): no RANSAC: EPnP on every kept correspondence, then Levenberg-Marquardt on the
+    # ones within a shrinking reprojection threshold (8x, 4x, 2x, 1x), a few OpenCV calls instead of
+    # hypotheses. On the LM-O validation frames (bench/bench_dense_decode.py, docs/results.md) it
+    # scored 38.1% 2D-proj@5px at 3.4 ms per object, RANSAC with 150 AP3P hypotheses 36.5% at 5.6 ms.
+    ransac_iterations: int = 0
     ransac_confidence: float = 0.999
     # The minimal solver inside RANSAC: "ap3p" (4 points, about 3x faster than EPnP's 5-point
     # samples at equal accuracy) or "epnp"; Levenberg-Marquardt on all inliers polishes either.
