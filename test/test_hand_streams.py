@@ -82,3 +82,14 @@ def test_sensor_pairs_share_the_cube_and_differ_by_the_sensor() -> None:
         data[3]
     with pytest.raises(HandStreamError):
         SensorHandSet(0, shape)
+
+
+def test_pairs_rendered_with_the_frames_own_hand_have_its_joints() -> None:
+    shape = HandShape.sample(np.random.default_rng(1))
+    cfg = HandStreamConfig(crop_px=32, pair_shape="same")
+    item = SensorHandSet(1, shape, seed=2, config=cfg)[0]
+    nominal = SensorHandSet(1, shape, seed=2, config=replace(cfg, pair_shape="nominal"))[0]
+    assert torch.allclose(item["syn_target"], item["target"], atol=1e-5)  # the same hand at the same pose
+    assert torch.equal(item["real"], nominal["real"]) and not torch.equal(item["syn"], nominal["syn"])
+    with pytest.raises(HandStreamError, match="pair_shape"):
+        SensorHandSet(1, shape, seed=2, config=replace(cfg, pair_shape="fitted"))[0]

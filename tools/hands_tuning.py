@@ -46,8 +46,12 @@ ap.add_argument("--loss", default="mse")
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--tag", default="run")
+ap.add_argument("--lambda-feat", type=float, default=1.0)
+ap.add_argument("--pair-shape", default="nominal", choices=["nominal", "same"])
 a = ap.parse_args()
-cfgs = HandStreamConfig(crop_px=64)
+cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
+if a.pair_shape != "nominal":
+    C = C.with_name(f"cache_{a.pair_shape}")
 C.mkdir(parents=True, exist_ok=True)
 if not (C / "pool.safetensors").exists():
     pool = xd.render_synthetic_pool(a.pool, 123, cfgs)
@@ -98,7 +102,7 @@ tc = TrainConfig(
     method=a.method,
     net=net,
     optim=OptimConfig(lr=a.lr, warmup_steps=100),
-    loss=LossConfig(pose=a.loss),
+    loss=LossConfig(pose=a.loss, lambda_feat=a.lambda_feat),
     batch_size=a.batch,
     stage1_steps=a.s1,
     stage2_steps=a.s2,

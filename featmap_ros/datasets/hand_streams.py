@@ -47,6 +47,9 @@ class HandStreamConfig:
     device: str = "cpu"  # where the renderer runs
     locate_max_error_m: float = 0.06  # a located centre further than this from the palm counts as failed
     fallback_sigma_m: float = 0.01  # offset of the fallback centre (GT palm + noise)
+    # The shape of a pair's clean render: "nominal" (the synthetic stream's hand, as so far) or "same"
+    # (the frame's own hand: what a hand model fitted to the real person gives, as in the paper).
+    pair_shape: str = "nominal"
     poses: PoseSamplerConfig = field(default_factory=PoseSamplerConfig)
     scene: sensor.SceneConfig = field(default_factory=sensor.SceneConfig)
 
@@ -169,8 +172,10 @@ class SensorHandSet(Dataset):
             centre = palm + cfg.fallback_sigma_m * rng.standard_normal(3)
         self._fallback[index] = failed
         real, cube = crop_depth_cube(noisy, K, centre, cube_m=cfg.cube_m, out=cfg.crop_px)
-        nominal = HandShape.nominal()
-        # The same articulation and orientation on the nominal hand, with its palm where the real palm is.
+        if cfg.pair_shape not in ("nominal", "same"):
+            raise HandStreamError(f"pair_shape must be 'nominal' or 'same', got {cfg.pair_shape!r}")
+        nominal = HandShape.nominal() if cfg.pair_shape == "nominal" else self.shape
+        # The same articulation and orientation on the pair's hand, with its palm where the real palm is.
         syn_pose = HandPose(pose.articulation, pose.R_h2c, palm[None] - pose.R_h2c @ nominal.palm_centre())
         syn_out = self._renderer.render(nominal, syn_pose)
         syn, _ = crop_depth_cube(syn_out.depth[0], K, centre, cube_m=cfg.cube_m, out=cfg.crop_px)
