@@ -47,6 +47,7 @@ ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--tag", default="run")
 ap.add_argument("--lambda-feat", type=float, default=1.0)
+ap.add_argument("--n-fit", type=int, default=0, help="train on only the first N of the fit frames (0: all)")
 ap.add_argument("--pair-shape", default="nominal", choices=["nominal", "same"])
 a = ap.parse_args()
 cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
@@ -65,7 +66,7 @@ if not (C / "pairs.safetensors").exists():
 pool = load_file(C / "pool.safetensors")
 pairs = load_file(C / "pairs.safetensors")
 n_fit = len(pairs["real"]) - a.holdout
-fit = {k: pairs[k][:n_fit] for k in ("real", "syn", "target")}
+fit = {k: pairs[k][: min(n_fit, a.n_fit or n_fit)] for k in ("real", "syn", "target")}
 val = {k: pairs[k][n_fit:] for k in ("real", "target", "centre", "joints")}
 aug = HandAugmentConfig(rotation_deg=a.rot, shift_sigma=a.shift, depth_sigma=a.dshift, scale=a.scale)
 
