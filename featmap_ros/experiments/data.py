@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from featmap_ros.datasets.hand_augment import HandAugmentConfig, augmented
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet, SyntheticHandStream
@@ -341,7 +342,8 @@ def hands_task_data(
 
     def pairs(ctx: StreamContext) -> Iterator[Batch]:
         if "pairs" not in shared:
-            shared["pairs"] = stack_items(_Head(real_set, n_fit), ("real", "syn", "target"), "sensor hand pairs")
+            shared["pairs"] = stack_items(Subset(real_set, range(n_fit)), ("real", "syn", "target"),
+                                         "sensor hand pairs")
             # Recorded in every checkpoint trained on these pairs: frames whose crop centre is the palm + noise.
             meta["data"]["pair_fallbacks"] = real_set.fallbacks
         batches = batches_from_memory(shared["pairs"], seed, ctx)
@@ -363,35 +365,7 @@ def hand_validation_set(n_real: int, holdout: int, real_shape: HandShape,
     (seed, index), so these are exactly the held-out ones): a map-style dataset of SensorHandSet items."""
     real_set = SensorHandSet(n_real, real_shape, sensor_cfg or sensor.SensorConfig.nominal(), seed,
                              stream_cfg or HandStreamConfig())
-    return _Tail(real_set, n_real - holdout)
-
-
-class _Head:
-    """The first n items of a map-style dataset."""
-
-    def __init__(self, dataset: Any, n: int) -> None:
-        self.dataset, self.n = dataset, int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[i]
-
-
-class _Tail(_Head):
-    """The items of a map-style dataset from `start` on."""
-
-    def __init__(self, dataset: Any, start: int) -> None:
-        super().__init__(dataset, len(dataset) - int(start))
-        self.start = int(start)
-
-    def __getitem__(self, i: int) -> Any:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[self.start + i]
+    return Subset(real_set, range(n_real - holdout, n_real))
 
 
 def hand_synthetic_factory(cfg: HandStreamConfig, seed: int, pool: int = 0, num_workers: int = 0,
