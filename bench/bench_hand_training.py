@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from timing import time_steps
 
 from featmap_ros.datasets.hand_augment import augmented
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SyntheticHandStream
@@ -35,20 +36,15 @@ def net(head: str) -> FeatureMappingModel:
 def measure(model: FeatureMappingModel, batches, steps: int) -> tuple[float, float, float]:
     """(crops/s, data ms per batch, step ms per batch)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data_s = step_s = 0.0
-    n = 0
-    for i in range(steps + 5):
-        t0 = time.perf_counter()
-        b = next(batches)
-        t1 = time.perf_counter()
+
+    def step(b) -> int:
         loss = pose_loss(model.predict_syn(b["image"]).outputs.float(), b["target"].float(), "smooth_l1")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        t2 = time.perf_counter()
-        if i >= 5:
-            data_s, step_s, n = data_s + t1 - t0, step_s + t2 - t1, n + len(b["image"])
-    return n / (data_s + step_s), 1e3 * data_s / steps, 1e3 * step_s / steps
+        return len(b["image"])
+
+    return time_steps(batches, step, steps)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import time_steps
 
 from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
 from featmap_ros.datasets.pool import AugmentConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
@@ -44,12 +45,8 @@ def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data_s = step_s = 0.0
-    n_img = 0
-    for i in range(steps + 5):
-        t0 = time.perf_counter()
-        b = next(batches)
-        t1 = time.perf_counter()
+
+    def step(b) -> int:
         x = b["image"].contiguous(memory_format=torch.channels_last) if channels_last else b["image"]
         out = model.predict_syn(x).outputs
         if model.cfg.head == "dense":
@@ -59,10 +56,9 @@ def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        t2 = time.perf_counter()
-        if i >= 5:
-            data_s, step_s, n_img = data_s + t1 - t0, step_s + t2 - t1, n_img + len(x)
-    return n_img / (data_s + step_s), 1e3 * data_s / steps, 1e3 * step_s / steps
+        return len(x)
+
+    return time_steps(batches, step, steps)
 
 
 def main() -> None:
