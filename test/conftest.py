@@ -31,3 +31,29 @@ def nyu_root() -> Path:
     if not (NYU / "test" / "depth_1_0000001.png").is_file():
         pytest.skip(f"real NYU frame not found at {NYU} (it lives in ../shared/data beside the project)")
     return NYU
+
+
+@pytest.fixture
+def die_at_rename(monkeypatch: pytest.MonkeyPatch):
+    """die_at_rename(n, exc): the n-th os.replace from now raises exc instead (a kill between renames).
+
+    Returns a function that puts the real os.replace back (monkeypatch also does at the test's end).
+    """
+    import os
+
+    real = os.replace
+
+    def arm(kill_at: int, exc: type[BaseException] = KeyboardInterrupt):
+        calls = 0
+
+        def dying_replace(src: object, dst: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == kill_at:
+                raise exc
+            real(src, dst)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "replace", dying_replace)
+        return lambda: monkeypatch.setattr(os, "replace", real)
+
+    return arm

@@ -172,25 +172,15 @@ def _saved_generations(tmp_path: Path) -> tuple[Path, torch.nn.Module, torch.opt
 
 @pytest.mark.parametrize("kill_at", range(1, 7))  # 2 links + the previous JSON, then weights, optimiser, JSON
 def test_a_kill_between_the_renames_of_a_save_falls_back_to_the_newest_complete_generation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int
+    tmp_path: Path, die_at_rename, kill_at: int
 ) -> None:
     stem, model, opt = _saved_generations(tmp_path)
-    calls = 0
-    real = os.replace
-
-    def dying_replace(src: object, dst: object) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == kill_at:
-            raise Killed
-        real(src, dst)  # type: ignore[arg-type]
-
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # new weights, so a torn pair shows as a hash mismatch
-    monkeypatch.setattr(os, "replace", dying_replace)
+    restore = die_at_rename(kill_at, Killed)
     with pytest.raises(Killed):
         ckpt.save(stem, model, {"step": 6}, opt, keep_previous=True)
-    monkeypatch.setattr(os, "replace", real)
+    restore()
     if kill_at in (5, 6):  # the new weights (and optimiser) moved in under the old JSON: torn
         with pytest.raises(ckpt.CheckpointError, match="sha256"):
             ckpt.load(stem)

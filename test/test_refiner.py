@@ -4,7 +4,6 @@ training moves located centres towards the palm, and the estimator's refinement 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -213,21 +212,12 @@ def test_a_refiner_attached_to_a_hand_checkpoint_loads_back_with_the_same_output
 
 
 @pytest.mark.parametrize("kill_at", range(1, 5))  # links of the weights and the previous JSON, weights, JSON
-def test_a_kill_inside_attach_refiner_leaves_a_complete_checkpoint(tmp_path, monkeypatch, kill_at) -> None:
+def test_a_kill_inside_attach_refiner_leaves_a_complete_checkpoint(tmp_path, die_at_rename, kill_at) -> None:
     ckpt = hand_checkpoint(tmp_path)
-    calls, real = 0, os.replace
-
-    def dying_replace(src: object, dst: object) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == kill_at:
-            raise KeyboardInterrupt
-        real(src, dst)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "replace", dying_replace)
+    restore = die_at_rename(kill_at, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.attach_refiner(ckpt, constant_refiner((0.1, 0.0, 0.0)))
-    monkeypatch.setattr(os, "replace", real)
+    restore()
     assert checkpoint.recover(ckpt) == ckpt
     checkpoint.load(ckpt, require_estimator_meta=True)
     assert checkpoint.load_refiner(ckpt) is None  # the checkpoint as it was before the attach
