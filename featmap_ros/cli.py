@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one method")
     t.add_argument("task", choices=["objects", "hands"])
     t.add_argument("--config", default=None, help="YAML with differences from the defaults")
-    t.add_argument("--method", default=None, choices=["fm", "fm_mmd", "synthetic", "real", "mixed", "finetune"])
+    t.add_argument("--method", default=None,
+                   choices=["fm", "fm_mmd", "fm_joint", "synthetic", "real", "mixed", "finetune"])
     t.add_argument("--out", required=True)
     t.add_argument("--bop", default=None, help="objects: BOP root of the real training frames")
     t.add_argument("--scene", type=int, default=2)

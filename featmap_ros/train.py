@@ -5,6 +5,10 @@ Methods (all get the same number of steps, stage1_steps + stage2_steps, at the s
              pose(h(g(f_R(real)))) + lambda_feat * ||g(f_R(real)) - f_S(syn)||^2 with f_S frozen,
              while h keeps learning lambda_syn * pose(h(f_S(syn))) from the synthetic stream.
   fm_mmd     fm plus lambda_mmd * MMD(g(f_R(unlabelled real)), f_S(syn)).
+  fm_joint   Feature Mapping learned jointly from step 0, one extractor f for both domains: every step
+             pose(h(f(syn))) + pose(h(g(f(real)))) + lambda_feat * ||g(f(real)) - f(pair syn)||^2, the
+             synthetic features a fixed target (no gradient) for the feature loss; run time h(g(f(x))).
+             mixed training plus the mapping (g is the identity at the start).
   synthetic  f, h on synthetic only; evaluated on real images as they are.
   real       f, h on the real labelled images only.
   mixed      f, h on a synthetic and a real batch every step, no mapping.
@@ -46,7 +50,8 @@ from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
 from featmap_ros.model.nets import ExemplarBank, FeatureMappingModel, NetConfig, pooled_features
 
-METHODS = ("fm", "fm_mmd", "synthetic", "real", "mixed", "finetune")
+METHODS = ("fm", "fm_mmd", "fm_joint", "synthetic", "real", "mixed", "finetune")
+MAPPING_METHODS = ("fm", "fm_mmd", "fm_joint")  # the methods whose checkpoint has g
 CHECKPOINT_STEM = "model"
 
 Batch = dict[str, torch.Tensor]
@@ -300,7 +305,7 @@ class TaskData:
 class Stage:
     """A run of steps [start, end) with one kind of loss and the streams it draws from."""
 
-    name: str  # 'syn', 'real', 'mixed' or 'fm'
+    name: str  # 'syn', 'real', 'mixed', 'fm' or 'fm_joint'
     start: int
     end: int
     streams: tuple[str, ...]
@@ -316,6 +321,8 @@ def plan_stages(cfg: TrainConfig, has_unlabeled: bool = False) -> list[Stage]:
         return [Stage("real", 0, total, ("pairs",))]
     if m == "mixed":
         return [Stage("mixed", 0, total, ("synthetic", "pairs"))]
+    if m == "fm_joint":
+        return [Stage("fm_joint", 0, total, ("synthetic", "pairs"))]
     second = Stage("real", s1, total, ("pairs",))
     if m in ("fm", "fm_mmd"):
         extra = ("unlabeled_real",) if m == "fm_mmd" and has_unlabeled else ()
@@ -390,6 +397,14 @@ def stage_losses(
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
             mapped_unl = mapped if unl is None else model.features_real(unl)
             out["mmd"] = mmd(pooled_features(mapped_unl).float(), pooled_features(f_stream))
+    if stage == "fm_joint":
+        syn, pairs = batches["synthetic"], batches["pairs"]
+        with torch.no_grad():  # the pair's synthetic features: a fixed target, f learns from pose losses only
+            f_pair = model.features_syn(pairs["syn"]).float()
+        mapped = model.features_real(pairs["real"])
+        out["pose_real"] = pose(model.h(mapped), pairs)
+        out["feat"] = feature_loss(mapped.float(), f_pair)
+        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn)
     return out
 
 
@@ -471,7 +486,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
 
     # ---- model and optimiser (same seed on every rank gives the same initial weights)
     torch.manual_seed(cfg.seed)
-    net_cfg = dataclasses.replace(cfg.net, mapping=cfg.method in ("fm", "fm_mmd"))
+    net_cfg = dataclasses.replace(cfg.net, mapping=cfg.method in MAPPING_METHODS,
+                                  shared_extractor=cfg.method == "fm_joint")
     model = FeatureMappingModel(net_cfg).to(device)
     params = list(model.parameters())
     o = cfg.optim

@@ -106,7 +106,10 @@ def test_hands_quick_run_writes_one_table_of_every_method(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {m} |" in table for m in doc["methods"]) and "Per-joint" in table
     assert (tmp_path / "curves_max_error.png").is_file() and (tmp_path / "bars_per_joint.png").is_file()
+    # The checks (no refinement, the real NYU frame) run the budget's Feature Mapping model.
+    assert doc["header"]["fm_method"] == "fm_joint" and doc["header"]["runtime_without_refinement"]["frames"] == 2
     frame = doc["header"]["nyu_frame"]
+    assert frame["model"] == "fm_joint"
     if (NYU / "test" / "depth_1_0000001.png").is_file():
         assert frame["available"] and ("mean_error_mm" in frame or frame["found"] is False)
 

@@ -171,6 +171,35 @@ def test_feature_mapping_lowers_every_loss(tmp_path: Path) -> None:
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_joint_feature_mapping_shares_f_and_lowers_every_loss(tmp_path: Path) -> None:
+    cfg = tiny_config("hands", method="fm_joint", stage1_steps=60, stage2_steps=60, batch_size=16,
+                      checkpoint_every=1000)
+    path = train(cfg, fake_data("hands"), tmp_path / "fm")
+    rows = history(tmp_path / "fm")
+    assert {r["stage"] for r in rows} == {"fm_joint"} and len(rows) == 120
+    q = len(rows) // 4
+
+    def mean(key: str, part: list[dict]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    for key in ("pose_syn", "pose_real"):
+        assert mean(key, rows[-q:]) < mean(key, rows[:q]), key
+    # The feature loss starts near 0 (g is the identity on one f) and grows as f learns; without its
+    # weight (lambda_feat 0) the mapped real features end much farther from their pairs' synthetic ones.
+    train(dataclasses.replace(cfg, loss=LossConfig(lambda_feat=0.0)), fake_data("hands"), tmp_path / "free")
+    free = history(tmp_path / "free")
+    assert mean("feat", rows[-q:]) < 0.7 * mean("feat", free[-q:])
+    model, meta = ckpt.load(path, expect_task="hands")
+    assert meta["method"] == "fm_joint" and model.f_R is None and model.g is not None
+    assert not any(k.startswith("f_R.") for k in weights(tmp_path / "fm"))
+    # The run-time path is h(g(f(x))) with the one extractor; g moved away from the identity it started as.
+    x = next(fake_data("hands").pairs(StreamContext(4, 0, 0, 1, 0)))["real"]
+    with torch.no_grad():
+        f = model.f_S(x)
+        assert torch.equal(model.predict_real(x).outputs, model.h(model.g(f)))
+        assert not torch.allclose(model.g(f), f)
+
+
 def test_mapping_stage_freezes_f_S_and_starts_f_R_from_it(tmp_path: Path) -> None:
     train(tiny_config(method="fm", stage2_steps=0), fake_data(), tmp_path / "s1")
     stage1 = weights(tmp_path / "s1")

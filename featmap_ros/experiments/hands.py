@@ -11,11 +11,11 @@ Scoring (NYU protocol): crops at the located hand centre (the palm plus 1 cm noi
 localisation misses by more than 6 cm, as for the training pairs), mean 3D joint error (mm),
 per-joint errors and the fraction of frames whose largest joint error is within 20/30/40/50/80 mm.
 Also the run-time path (HandEstimator on the full frame: locate, crop, joints) on a subset, and
-the real NYU frame in ../shared/data/nyu through the fm model.
+the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budget.fm_method).
 
-Budget (default full run, 58 minutes on an otherwise idle 2-core CPU): the vote head (a small
-U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, stage 1
-2500 + stage 2 2500 = 5000 steps per method, fm_fc (the paper's FC head) at twice the steps (the
+Budget (default full run, about 72 minutes on an otherwise idle 2-core CPU): the vote head (a small
+U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
+0.1, stage 1 2500 + stage 2 2500 = 5000 steps per method (fm_joint: 5000 joint steps), fm_fc (the paper's FC head) at twice the steps (the
 same CPU time); 2000 "real" frames (the last 200 are the validation split); synthetic crops from a
 pool of 12000 clean renders made once; pool and pairs augmented on the fly (HANDS_AUGMENT); two
 centre refiners (clean renders only, and with the training frames) attached to the checkpoints.
@@ -47,7 +47,7 @@ from featmap_ros.render import sensor
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
 from featmap_ros.train import METHODS, LossConfig, OptimConfig, TrainConfig
 
-HAND_METHODS = ("synthetic", "real", "mixed", "finetune", "fm", "fm_mmd")
+HAND_METHODS = ("synthetic", "real", "mixed", "finetune", "fm", "fm_mmd", "fm_joint")
 THRESHOLDS = ("20mm", "30mm", "40mm", "50mm", "80mm")
 DEFAULT_NYU = Path(__file__).resolve().parents[3] / "shared" / "data" / "nyu"
 
@@ -76,6 +76,9 @@ class HandsBudget:
     lr: float = 3e-3
     warmup_steps: int = 100
     pose_loss: str = "smooth_l1"  # with LossConfig's beta 0.05 (7.5 mm): chosen on the validation frames
+    lambda_feat: float = 0.1  # the feature loss's weight (fm, fm_mmd, fm_joint): chosen on the validation frames
+    # The Feature Mapping model of the checks (the run-time path without refinement, the real NYU frame).
+    fm_method: str = "fm_joint"
     n_real: int = 2000
     validation_frames: int = 200  # the last of the n_real frames: a validation split of the training person
     n_test: int = 500
@@ -113,7 +116,8 @@ def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | Non
                     dropout=0.0 if vote else budget.dropout)
     factor = 1.0 if head == budget.head else budget.fc_step_factor
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
-                       loss=LossConfig(pose=budget.pose_loss), batch_size=budget.batch_size,
+                       loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat),
+                       batch_size=budget.batch_size,
                        stage1_steps=int(round(budget.stage1_steps * factor)),
                        stage2_steps=int(round(budget.stage2_steps * factor)), checkpoint_every=500, log_every=50,
                        device=device, tensorboard=False)
@@ -230,7 +234,8 @@ def _refinement_lines(header: dict[str, Any]) -> list[str]:
                      f"(p90 {h['after_p90']:.1f} mm).")
     without = header.get("runtime_without_refinement")
     if without:
-        lines.append(f"- fm on the run-time path without refinement (the located centre of mass): mean "
+        lines.append(f"- {header.get('fm_method', 'fm')} on the run-time path without refinement (the located "
+                     f"centre of mass): mean "
                      f"{without['mean_error_mm_found']:.1f} mm, centre to palm {without['centre_error_mm_median']:.1f} "
                      f"/ {without['centre_error_mm_p90']:.1f} mm (median / p90).")
     return ["\n## Hand centre\n", *lines] if lines else []
@@ -260,7 +265,7 @@ def write_hands_table(out: Path, table: dict[str, Any], header: dict[str, Any]) 
             "\n## Per-joint mean error (mm)\n", markdown_table(["joint", *table], per)]
     frame = header.get("nyu_frame", {})
     if frame.get("found"):
-        text += ["\n## Real NYU test frame 1 through the fm model\n",
+        text += [f"\n## Real NYU test frame 1 through the {frame.get('model', 'fm')} model\n",
                  markdown_table(["mean error (mm)", "max error (mm)", "centre to palm (mm)", "centre within 40 mm",
                                  "crop holds all 14 joints"],
                                 [[frame["mean_error_mm"], frame["max_error_mm"], frame["centre_to_palm_mm"],
@@ -339,8 +344,9 @@ def run_hands_experiment(
     items = xdata.stack_items(test, ("real", "centre", "joints"), "test frames")
     centres, gt = items["centre"].numpy().astype(np.float64), items["joints"].numpy().astype(np.float64)
     estimators = {m: load_estimator(p, device=device) for m, p in paths.items()}
-    if "fm" in paths:  # the same fm model on the located centre alone: the refiner's share of the result
-        estimators["fm (no refinement)"] = load_estimator(paths["fm"], device=device, refine=False)
+    fm = budget.fm_method
+    if fm in paths:  # the same fm model on the located centre alone: the refiner's share of the result
+        estimators[f"{fm} (no refinement)"] = load_estimator(paths[fm], device=device, refine=False)
     runtime = runtime_path(estimators, test, min(budget.runtime_frames, budget.n_test))  # type: ignore[arg-type]
 
     table: dict[str, Any] = {}
@@ -359,7 +365,7 @@ def run_hands_experiment(
                     "head": json.loads(Path(p).read_text())["net"]["head"]}
 
     nyu_dir = Path(nyu_dir) if nyu_dir is not None else DEFAULT_NYU
-    nyu_check = nyu_frame_check(paths["fm"], nyu_dir, device) if "fm" in paths else {}
+    nyu_check = {"model": fm, **nyu_frame_check(paths[fm], nyu_dir, device)} if fm in paths else {}
     header = {"n_real": budget.n_real, "validation_frames": budget.validation_frames, "n_test": budget.n_test,
               "test_fallbacks": test.fallbacks,
               "train_fallbacks": data.meta["data"].get("pair_fallbacks"),
@@ -368,7 +374,7 @@ def run_hands_experiment(
               "stage1_s": wall.get("stage1", 0.0), "nyu_frame": nyu_check,
               "augment": dataclasses.asdict(budget.augment()), "refine_s": refine_s,
               "refiners": {k: {kk: vv for kk, vv in v.items() if kk != "refiner"} for k, v in refiners.items()},
-              "runtime_without_refinement": runtime.get("fm (no refinement)")}
+              "fm_method": fm, "runtime_without_refinement": runtime.get(f"{fm} (no refinement)")}
     write_hands_table(out, table, header)
     plot_curves(out / "curves_max_error.png", curves, "max joint error threshold (mm)", "fraction of frames",
                 title="Hands: frames within a max joint error")

@@ -59,6 +59,8 @@ class NetConfig:
     # Feature Mapping: a separate real-domain extractor f_R and the mapping g exist only when True.
     mapping: bool = False
     mapping_blocks: int = 2
+    # With a mapping: one extractor f for both domains (real: h(g(f(x)))) instead of f_S and f_R.
+    shared_extractor: bool = False
     # Which pose head: OBJECT_HEADS or HAND_HEADS. "dense" keeps f spatial: n_outputs is then the number
     # of output channels, DENSE_CHANNELS per object. "vote" keeps f spatial too; n_outputs stays 3 per joint.
     # For hands "bb8" (the field's old default, in checkpoints of earlier versions) means "fc".
@@ -368,7 +370,7 @@ class Prediction:
 
 
 class FeatureMappingModel(nn.Module):
-    """f_S and h, plus f_R and g when cfg.mapping; baselines use f_S for every image."""
+    """f_S and h, plus g (and f_R unless cfg.shared_extractor) when cfg.mapping; baselines use f_S for every image."""
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
@@ -376,7 +378,7 @@ class FeatureMappingModel(nn.Module):
         extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
         self.f_S: nn.Module = extractor(cfg)
         self.h: nn.Module = {"dense": DenseHead, "vote": VoteHead}.get(cfg.head, Head)(cfg.feature_dim, cfg.n_outputs)
-        self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping else None
+        self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping and not cfg.shared_extractor else None
         self.g: nn.Module | None = None
         if cfg.mapping:
             self.g = (nn.Sequential(*(SpatialMappingBlock(cfg.feature_dim) for _ in range(cfg.mapping_blocks)))
@@ -385,7 +387,7 @@ class FeatureMappingModel(nn.Module):
     def init_real_from_syn(self) -> None:
         """Copy f_S's weights into f_R (the start of the mapping stage)."""
         if self.f_R is None:
-            raise ValueError("this model has no f_R: build it with NetConfig(mapping=True)")
+            raise ValueError("this model has no f_R: build it with NetConfig(mapping=True, shared_extractor=False)")
         self.f_R.load_state_dict(self.f_S.state_dict())
 
     def features_syn(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,10 +395,10 @@ class FeatureMappingModel(nn.Module):
         return self.f_S(x)
 
     def features_real(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) real images -> (B, D): g(f_R(x)) with a mapping, else f_S(x)."""
-        if self.f_R is None or self.g is None:
+        """(B, C, S, S) real images -> (B, D): g(f_R(x)) with a mapping (g(f_S(x)) when f is shared), else f_S(x)."""
+        if self.g is None:
             return self.f_S(x)
-        return self.g(self.f_R(x))
+        return self.g((self.f_S if self.f_R is None else self.f_R)(x))
 
     def predict_real(self, x: torch.Tensor) -> Prediction:
         """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines."""
