@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featmap_ros import geometry as geo
-from featmap_ros.datasets.hand_refine import STARTS, RefinePoolConfig, refine_pool
+from featmap_ros.datasets.hand_refine import STARTS, RefinePoolConfig, RefinePoolError, SensorCropRecorder, refine_pool
 from featmap_ros.datasets.hand_streams import SensorHandSet
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
 from featmap_ros.estimator import EstimatorError, HandEstimator, load_estimator
@@ -149,6 +149,26 @@ def test_the_first_crop_of_a_frame_is_at_the_located_centre() -> None:
     again = refine_pool(0, sensor, config=SMALL, pool=RefinePoolConfig(located_crops=2, near_palm_crops=1),
                         seed=1, progress=False)
     assert all(np.array_equal(small[k], again[k]) for k in small)  # deterministic for a seed
+
+
+def test_crops_recorded_while_the_pairs_render_are_the_pools_own_without_a_second_render(monkeypatch) -> None:
+    settings = {"config": SMALL, "pool": RefinePoolConfig(located_crops=2, near_palm_crops=1), "seed": 2}
+    reference = refine_pool(3, SensorHandSet(4, HandShape.sample(np.random.default_rng(3)), seed=5),
+                            progress=False, **settings)
+    sensor = SensorHandSet(4, HandShape.sample(np.random.default_rng(3)), seed=5)
+    recorder = SensorCropRecorder(3, **settings)
+    sensor.on_render.append(recorder)
+    for i in (2, 0, 3, 1, 0):  # the pairs, in any order; frame 3 is not asked for, a repeat is cached
+        sensor[i]
+    assert sorted(recorder.frames) == [0, 1, 2]
+    renders = []
+    frame = SensorHandSet.frame
+    monkeypatch.setattr(SensorHandSet, "frame", lambda self, i: renders.append(i) or frame(self, i))
+    pooled = refine_pool(3, sensor, progress=False, recorded=recorder, **settings)
+    assert renders == [3]  # only the frame the recorder did not see
+    assert pooled.keys() == reference.keys() and all(np.array_equal(pooled[k], reference[k]) for k in pooled)
+    with pytest.raises(RefinePoolError, match="recorded crops were made with"):
+        refine_pool(0, sensor, progress=False, recorded=recorder, **{**settings, "seed": 3})
 
 
 def split(pool: dict[str, np.ndarray], held_out: np.ndarray) -> dict[str, np.ndarray]:

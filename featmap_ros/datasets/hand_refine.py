@@ -103,6 +103,14 @@ class _Collector:
                                ("source", source), ("start", start), ("frame", frame)):
                 self.rows[key].append(value)
 
+    def extend(self, other: _Collector, frame_offset: int) -> None:
+        """Append another collector's crops and counts, its frame ids shifted by frame_offset."""
+        for key, values in other.rows.items():
+            self.rows[key].extend([v + frame_offset for v in values] if key == "frame" else values)
+        self.located += other.located
+        self.failed += other.failed
+        self.skipped += other.skipped
+
     def arrays(self) -> dict[str, np.ndarray]:
         r = self.rows
         if not r["image"]:
@@ -119,6 +127,30 @@ class _Collector:
         }
 
 
+class SensorCropRecorder:
+    """The refiner crops of a SensorHandSet's first n_frames frames, made while the set renders them.
+
+    Attach it to the set (SensorHandSet.on_render) that makes the training pairs: each frame is then
+    rendered once, for its pair and its refiner crops together, and refine_pool(recorded=...) takes
+    these crops instead of rendering the frames a second time. The crops are the ones refine_pool
+    would make itself (the same per-frame random streams), whatever order the frames come in.
+    """
+
+    def __init__(self, n_frames: int, config: RefinerConfig = RefinerConfig(),
+                 pool: RefinePoolConfig = RefinePoolConfig(), seed: int = 0) -> None:
+        if n_frames < 0:
+            raise RefinePoolError(f"n_frames must be >= 0, got {n_frames}")
+        self.n_frames, self.config, self.pool, self.seed = int(n_frames), config, pool, int(seed)
+        self.frames: dict[int, _Collector] = {}
+
+    def __call__(self, index: int, depth_m: np.ndarray, K: np.ndarray, joints: np.ndarray) -> None:
+        """SensorHandSet's render hook: frame `index`'s noisy depth (metres), camera matrix and (14, 3) joints."""
+        if index < self.n_frames and index not in self.frames:
+            one = _Collector(self.config, self.pool)
+            one.add_frame(depth_m, K, joints[PALM], 1, index, np.random.default_rng([self.seed, 1, index]))
+            self.frames[index] = one
+
+
 def refine_pool(
     synthetic_frames: int,
     sensor: SensorHandSet | None = None,
@@ -128,6 +160,7 @@ def refine_pool(
     seed: int = 0,
     intrinsics: Intrinsics = NYU_INTRINSICS,
     progress: bool = True,
+    recorded: SensorCropRecorder | None = None,
 ) -> dict[str, np.ndarray]:
     """Render the refiner's training crops once.
 
@@ -139,6 +172,8 @@ def refine_pool(
         pool: how crops are drawn from each frame.
         seed: poses of the synthetic frames and every jitter.
         progress: show a tqdm bar per source.
+        recorded: crops of sensor frames made while `sensor` rendered them (SensorCropRecorder, with
+            this config, pool and seed); only the frames it lacks are rendered here.
 
     Returns:
         {'image': (N, 1, S, S) float32 crops, 'offset': (N, 3) float32 (palm - centre) / (cube_m / 2),
@@ -147,8 +182,11 @@ def refine_pool(
         sensor frames; for held-out splits by frame), 'cube_m': () float64}.
 
     Raises:
-        RefinePoolError: negative counts, or not one crop made.
+        RefinePoolError: negative counts, a recorder made with other settings, or not one crop made.
     """
+    if recorded is not None and (recorded.config, recorded.pool, recorded.seed) != (config, pool, seed):
+        raise RefinePoolError(f"the recorded crops were made with {recorded.config}, {recorded.pool}, seed "
+                              f"{recorded.seed}; this pool asks for {config}, {pool}, seed {seed}")
     have = 0 if sensor is None else len(sensor)
     n_sensor = have if sensor_frames is None else int(sensor_frames)
     if synthetic_frames < 0 or not 0 <= n_sensor <= have:
@@ -171,11 +209,18 @@ def refine_pool(
             bar.update(n)
         bar.close()
     if sensor is not None:
-        for i in tqdm(range(n_sensor), desc="refiner pool: sensor", unit="frame", disable=not progress,
+        have_crops = recorded.frames if recorded is not None else {}
+        todo = [i for i in range(n_sensor) if i not in have_crops]
+        rendered = {}
+        for i in tqdm(todo, desc="refiner pool: sensor", unit="frame", disable=not progress or not todo,
                       mininterval=5.0):
             depth, joints, _ = sensor.frame(i)
-            out.add_frame(depth, sensor.intrinsics.K, joints[PALM], 1, synthetic_frames + i,
-                          np.random.default_rng([seed, 1, i]))
+            rendered[i] = _Collector(config, pool)
+            rendered[i].add_frame(depth, sensor.intrinsics.K, joints[PALM], 1, i, np.random.default_rng([seed, 1, i]))
+        for i in range(n_sensor):  # in frame order, wherever the crops came from
+            out.extend(have_crops[i] if i in have_crops else rendered[i], synthetic_frames)
+        log.info("refiner pool: %d sensor frames' crops recorded with their pairs, %d rendered again",
+                 n_sensor - len(todo), len(todo))
     # Not an error: a located centre that missed is trained from the palm instead, as SensorHandSet does.
     log.info("refiner pool: %d crops; %d of %d frames fell back to the palm, %d crops skipped",
              len(out.rows["image"]), out.failed, out.located, out.skipped)

@@ -9,6 +9,7 @@ which is what Feature Mapping's g is trained on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,9 @@ class SensorHandSet(Dataset):
     when that fails or lands further than locate_max_error_m away (counted in `fallbacks`). Items:
     {'real', 'syn': (1, 128, 128), 'target': (42,) the real hand's joints in the cube, 'syn_target':
     (42,) the nominal hand's, 'centre': (3,), 'joints': (14, 3), 'fallback': bool}. Frames are
-    cached per process after their first use.
+    cached per process after their first use. on_render: callables (index, noisy depth, K, joints)
+    run when an item's frame is rendered (e.g. hand_refine.SensorCropRecorder, so the full frame
+    serves other crops without a second render).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class SensorHandSet(Dataset):
         pin_malloc_mmap_threshold()
         self._cache: dict[int, dict[str, Any]] = {}
         self._fallback: dict[int, bool] = {}
+        self.on_render: list[Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]] = []
 
     def __len__(self) -> int:
         return self.n
@@ -161,6 +165,8 @@ class SensorHandSet(Dataset):
             return self._cache[index]
         cfg, K = self.config, self.intrinsics.K
         noisy, joints, pose = self.frame(index)
+        for hook in self.on_render:
+            hook(index, noisy, K, joints)
         palm = joints[PALM]
         rng = np.random.default_rng([self.seed, index, 1])
         try:

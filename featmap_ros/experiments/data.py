@@ -320,6 +320,7 @@ def hands_task_data(
     feature_stats_batches: int = 8,
     augment: HandAugmentConfig | None = None,
     holdout: int = 0,
+    on_render: Sequence[Callable[[int, Any, Any, Any], None]] = (),
 ) -> TaskData:
     """Clean synthetic hands and n_real sensor-domain "real" frames of real_shape paired with nominal renders.
 
@@ -331,12 +332,14 @@ def hands_task_data(
     pair's real crop and render; applied to the pool and the pairs, not to online renders.
     holdout: the last `holdout` of the n_real frames are left out of the pairs (a validation split of
     the training person: `validation_frames`).
+    on_render: hooks run as each pair's full frame is rendered (SensorHandSet.on_render).
     """
     cfg = stream_cfg or HandStreamConfig()
     if not 0 <= holdout < n_real:
         raise DataError(f"holdout must be in [0, n_real), got {holdout} of {n_real}")
     augment = augment or HandAugmentConfig()
     real_set = SensorHandSet(n_real, real_shape, sensor_cfg or sensor.SensorConfig.nominal(), seed, cfg)
+    real_set.on_render.extend(on_render)
     n_fit = n_real - holdout
     shared: dict[str, Any] = {}
 

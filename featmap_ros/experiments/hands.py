@@ -15,10 +15,11 @@ the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budg
 
 Budget (default full run, about 72 minutes on an otherwise idle 2-core CPU): the vote head (a small
 U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
-0.1, stage 1 2500 + stage 2 2500 = 5000 steps per method (fm_joint: 5000 joint steps), fm_fc (the paper's FC head) at twice the steps (the
-same CPU time); 2000 "real" frames (the last 200 are the validation split); synthetic crops from a
-pool of 12000 clean renders made once; pool and pairs augmented on the fly (HANDS_AUGMENT); two
-centre refiners (clean renders only, and with the training frames) attached to the checkpoints.
+0.1, stage 1 2500 + stage 2 2500 = 5000 steps per method (fm_joint: 5000 joint steps), fm_fc (the
+paper's FC head, staged fm) at twice the steps (the same CPU time); 2000 "real" frames (the last 200
+are the validation split); synthetic crops from a pool of 12000 clean renders made once; pool and
+pairs augmented on the fly (HANDS_AUGMENT); two centre refiners (clean renders only, and with the
+training frames) attached to the checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from featmap_ros import evaluation as ev
 from featmap_ros import geometry as geo
 from featmap_ros.datasets import nyu
 from featmap_ros.datasets.hand_augment import HandAugmentConfig
+from featmap_ros.datasets.hand_refine import SensorCropRecorder
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
 from featmap_ros.estimator import HandEstimator, load_estimator
 from featmap_ros.experiments import data as xdata
@@ -184,23 +186,31 @@ def nyu_frame_check(model_json: Path, nyu_dir: Path, device: str = "cpu") -> dic
             "out_of_domain": float(hand.out_of_domain)}
 
 
-def train_refiners(budget: HandsBudget, real_set: SensorHandSet | None, n_fit: int, seed: int = 0
-                   ) -> dict[str, Any]:
+def refiner_config(budget: HandsBudget) -> Any:
+    """The experiment's centre refiner: the budget's crop size, the stream's cube."""
+    from featmap_ros.model.refiner import RefinerConfig
+
+    return RefinerConfig(input_size=budget.input_size, cube_m=HandStreamConfig().cube_m)
+
+
+def train_refiners(budget: HandsBudget, real_set: SensorHandSet | None, n_fit: int, seed: int = 0,
+                   recorded: Any = None) -> dict[str, Any]:
     """The centre refiners of the experiment: 'synthetic' (clean renders only) and 'real' (+ up to
     refine_sensor_frames of the first n_fit frames of real_set: the training frames, never the validation ones).
 
     Each is trained once and attached to every checkpoint of its data regime; returns the refiners
     and their held-out centre errors (the last tenth of the pool's frames, one refinement step).
+    recorded: a hand_refine.SensorCropRecorder that saw real_set's frames rendered for the pairs.
     """
     from featmap_ros.datasets.hand_refine import refine_pool
-    from featmap_ros.model.refiner import RefinerConfig, centre_errors_m, train_refiner
+    from featmap_ros.model.refiner import centre_errors_m, train_refiner
 
-    cfg = RefinerConfig(input_size=budget.input_size, cube_m=HandStreamConfig().cube_m)
+    cfg = refiner_config(budget)
     out: dict[str, Any] = {}
     # The clean renders' crops are made once and shared; the sensor frames' are added for 'real'.
     synthetic = refine_pool(budget.refine_synthetic_frames, config=cfg, seed=seed)
     n_sensor = min(budget.refine_sensor_frames, n_fit) if real_set is not None else 0
-    sensor_part = refine_pool(0, real_set, n_sensor, config=cfg, seed=seed) if n_sensor else None
+    sensor_part = refine_pool(0, real_set, n_sensor, config=cfg, seed=seed, recorded=recorded) if n_sensor else None
     pools = {"synthetic": synthetic, "real": synthetic if sensor_part is None else {
         k: (np.concatenate([v, sensor_part[k]]) if np.ndim(v) else v) for k, v in synthetic.items()}}
     for name, pool in pools.items():
@@ -307,9 +317,12 @@ def run_hands_experiment(
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
     stream_cfg = HandStreamConfig(crop_px=budget.input_size)
     shape, sensor_cfg = xdata.hand_train_shape(), sensor.SensorConfig.nominal()
+    # The refiner's crops of the training frames are made as the pairs render them (one render per frame).
+    n_fit = budget.n_real - budget.validation_frames
+    recorder = SensorCropRecorder(min(budget.refine_sensor_frames, n_fit), refiner_config(budget))
     data = xdata.hands_task_data(budget.n_real, shape, sensor_cfg, stream_cfg=stream_cfg,
                                  synthetic_pool=budget.synthetic_pool, augment=budget.augment(),
-                                 holdout=budget.validation_frames)
+                                 holdout=budget.validation_frames, on_render=(recorder,))
     runs = [(budget.head, methods, out)]
     if budget.fc_row and budget.head != "fc" and "fm" in methods:
         runs.append(("fc", ("fm",), out / "fc"))
@@ -324,7 +337,7 @@ def run_hands_experiment(
     # The centre refiners, trained once per data regime and attached to each checkpoint.
     t_ref = time.perf_counter()
     train_set = SensorHandSet(budget.n_real, shape, sensor_cfg, xdata.HAND_TRAIN_SEED, stream_cfg)
-    refiners = train_refiners(budget, train_set, budget.n_real - budget.validation_frames)
+    refiners = train_refiners(budget, train_set, n_fit, recorded=recorder)
     refine_s = time.perf_counter() - t_ref
     for m, p in paths.items():
         checkpoint.attach_refiner(p, refiners["synthetic" if m == "synthetic" else "real"]["refiner"])

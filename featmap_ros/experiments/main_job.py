@@ -41,6 +41,7 @@ class MainJobSize:
     object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
     hand_head: str = "vote"
     hand_width: int = 8
+    hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
     # The hand centre refiner: crops of clean renders and of the sensor pairs' frames, rendered once.
     refine_synthetic_frames: int = 400
     refine_sensor_frames: int = 200
@@ -93,7 +94,7 @@ def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Pat
 def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     import numpy as np
 
-    from featmap_ros.datasets.hand_refine import refine_pool
+    from featmap_ros.datasets.hand_refine import SensorCropRecorder, refine_pool
     from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
     from featmap_ros.experiments.data import hands_task_data
     from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget
@@ -110,16 +111,20 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
         cfg, net=dataclasses.replace(cfg.net, head=size.hand_head, width=size.hand_width,
                                      feature_dim=size.dense_feature_dim if vote else size.feature_dim,
                                      dropout=0.0 if vote else cfg.net.dropout),
-        optim=dataclasses.replace(cfg.optim, lr=budget.lr), loss=LossConfig(pose=budget.pose_loss))
+        optim=dataclasses.replace(cfg.optim, lr=budget.lr),
+        loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat), method=size.hand_method)
     stream_cfg = HandStreamConfig(crop_px=size.input_size)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
-    data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
-                           synthetic_pool=size.hand_pool, augment=HANDS_AUGMENT)
-    path = train(cfg, data, out)
-    # The centre refiner (DeepPrior++'s step) from clean renders and the pairs' own frames.
+    # The centre refiner's (DeepPrior++'s step) crops of the pairs' frames, made as the pairs render them.
     refiner_cfg = RefinerConfig(input_size=size.input_size, cube_m=stream_cfg.cube_m)
+    n_sensor = min(size.refine_sensor_frames, size.hand_pairs)
+    recorder = SensorCropRecorder(n_sensor, refiner_cfg, seed=1)
+    data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
+                           synthetic_pool=size.hand_pool, augment=HANDS_AUGMENT, on_render=(recorder,))
+    path = train(cfg, data, out)
+    # The refiner from clean renders and the pairs' own frames (rendered here only if training made no pairs).
     pool = refine_pool(size.refine_synthetic_frames, SensorHandSet(size.hand_pairs, shape, sensor_cfg, 1, stream_cfg),
-                       min(size.refine_sensor_frames, size.hand_pairs), config=refiner_cfg, seed=1)
+                       n_sensor, config=refiner_cfg, seed=1, recorded=recorder)
     return checkpoint.attach_refiner(path, train_refiner(pool, refiner_cfg, steps=size.refine_steps, seed=1))
 
 
