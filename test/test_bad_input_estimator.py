@@ -122,3 +122,20 @@ def test_non_finite_output_makes_the_diagnostics_an_error_and_is_counted() -> No
     assert values["detections dropped: non_finite_output"] == "2"
     assert any("non-finite" in line for line in lines)
     assert proc.diagnostics()[0] == "ok"  # nothing new since: back to ok, the count stays
+
+
+def test_hand_drops_are_named_hands_in_the_diagnostics() -> None:
+    from collections import Counter
+
+    from test_processor import FakeEstimator, make_processor
+
+    from featmap_ros.ros.messages import MessageFactory
+    from featmap_ros.ros.typestore import typestore
+
+    est = FakeEstimator("hands")
+    est.skipped = Counter(non_finite_refine=3, non_finite_output=1)
+    proc, _ = make_processor(MessageFactory.for_rosbags(typestore("jazzy")), task="hands", estimator=est)
+    level, message, values = proc.diagnostics()
+    assert level == "error" and "non-finite output for 1 hands" in message
+    assert values["hands dropped: non_finite_refine"] == "3" and values["hands dropped: non_finite_output"] == "1"
+    assert not any(key.startswith("detections dropped") for key in values)

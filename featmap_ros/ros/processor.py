@@ -431,13 +431,15 @@ class FrameProcessor:
         values.update({f"skipped: {kind}": str(n) for kind, n in sorted(s.skipped.items())})
         noted = {k: n for k, n in self.log_once.counts.items() if k not in s.skipped}
         values.update({f"noted: {kind}": str(n) for kind, n in sorted(noted.items())})
-        # Detections the estimator dropped one by one (bad boxes, over max_detections, PnP, non-finite output).
+        # What the estimator dropped one by one: detections (bad boxes, over max_detections, PnP, non-finite
+        # output) or hands (no blob, a non-finite refinement or output).
+        unit = "detections" if self.config.task == "objects" else "hands"
         dropped_dets = dict(getattr(self.estimator, "skipped", {}) or {})
-        values.update({f"detections dropped: {kind}": str(n) for kind, n in sorted(dropped_dets.items())})
+        values.update({f"{unit} dropped: {kind}": str(n) for kind, n in sorted(dropped_dets.items())})
         non_finite = int(dropped_dets.get("non_finite_output", 0))
         new_non_finite, self._non_finite_seen = non_finite - self._non_finite_seen, non_finite
         if new_non_finite > 0:
-            message = f"the network gave non-finite output for {new_non_finite} detections since the last update"
+            message = f"the network gave non-finite output for {new_non_finite} {unit} since the last update"
             self.log_once("non_finite_output", message + " (dropped, never published)")
             return "error", message, values
         problem = None
