@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,8 +124,12 @@ class ObjectEstimator:
 
     def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None,
-                 max_detections: int = DEFAULT_MAX_DETECTIONS) -> None:
-        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends)."""
+                 max_detections: int = DEFAULT_MAX_DETECTIONS, decode_threads: int = 1) -> None:
+        """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
+
+        decode_threads > 1 solves the detections' PnP in that many threads (OpenCV releases the GIL):
+        on otherwise idle cores a frame of many objects decodes up to that many times faster.
+        """
         if meta.get("task") != "objects":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'objects'")
         self.net = _network(model, meta, device)
@@ -141,6 +146,11 @@ class ObjectEstimator:
         self.pnp_method, self.ransac = pnp_method, ransac
         self.head = self.net.head
         self.max_detections = _check_max_detections(max_detections)
+        if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1:
+            raise EstimatorError(f"decode_threads must be an integer >= 1, got {decode_threads!r}")
+        self.decode_threads = decode_threads
+        self._pool = (ThreadPoolExecutor(decode_threads, thread_name_prefix="featmap-pnp")
+                      if decode_threads > 1 else None)
         self.skipped: Counter[str] = Counter()
         self.dense_cfg = dense_cfg or DenseDecodeConfig()
         self.per_object = DENSE_CHANNELS if self.head == "dense" else BB8_OUTPUTS
@@ -194,31 +204,32 @@ class ObjectEstimator:
             return []
         outputs, ood = run_chunked(self.net, [rgb_to_input(win.crop(rgb)) for _, _, win in chosen])
         K = intrinsics.K
-        poses = []
+        per = self.per_object
+        todo = []
         for row, (i, k, win) in enumerate(chosen):
-            det = detections[i]
-            info = self.objects[k]
-            confidence = 1.0
-            per = self.per_object
             if not np.isfinite(outputs[row, per * k: per * (k + 1)]).all():
                 self.skipped["non_finite_output"] += 1
-                log.debug("network output for object %d is not finite; dropped", info.obj_id)
+                log.debug("network output for object %d is not finite; dropped", self.objects[k].obj_id)
                 continue
+            todo.append((row, i, k, win))
+
+        def attempt(item: tuple[int, int, int, geo.CropWindow]) -> tuple | geo.GeometryError:
+            row, _, k, win = item
             try:
-                if self.head == "dense":
-                    channels = outputs[row, per * k: per * (k + 1)]
-                    lo = info.corners.min(axis=0)
-                    found = decode_dense(channels, win, K, lo, info.extent, self.dense_cfg)
-                    R, t, confidence = found.R, found.t, found.confidence
-                    uv = geo.project_model(info.corners, R, t, K)
-                else:
-                    uv_norm = outputs[row, 16 * k: 16 * (k + 1)].reshape(8, 2)
-                    uv = win.to_image(geo.denormalise_uv(uv_norm, self.crop_size))
-                    R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)
+                return self._solve(outputs[row, per * k: per * (k + 1)], k, win, K)
             except geo.GeometryError as err:
+                return err
+
+        solved = (list(self._pool.map(attempt, todo)) if self._pool is not None and len(todo) > 1
+                  else [attempt(item) for item in todo])
+        poses = []
+        for (row, i, k, _), found in zip(todo, solved, strict=True):
+            det, info = detections[i], self.objects[k]
+            if isinstance(found, geo.GeometryError):
                 self.skipped["pnp_failed"] += 1
-                log.debug("PnP failed for object %d: %s", info.obj_id, err)
+                log.debug("PnP failed for object %d: %s", info.obj_id, found)
                 continue
+            R, t, uv, confidence = found
             if not (np.isfinite(R).all() and np.isfinite(t).all() and np.isfinite(uv).all()):
                 self.skipped["non_finite_output"] += 1
                 continue
@@ -232,6 +243,17 @@ class ObjectEstimator:
                                     corners_3d=info.corners, extent=info.extent,
                                     score=float(det.score) * float(confidence), out_of_domain=float(ood[row])))
         return poses
+
+    def _solve(self, out: np.ndarray, k: int, win: geo.CropWindow, K: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(R, t, corners' image points, confidence) from one object's finite head output; raises geo.GeometryError."""
+        info = self.objects[k]
+        if self.head == "dense":
+            found = decode_dense(out, win, K, info.corners.min(axis=0), info.extent, self.dense_cfg)
+            return found.R, found.t, geo.project_model(info.corners, found.R, found.t, K), found.confidence
+        uv = win.to_image(geo.denormalise_uv(out.reshape(8, 2), self.crop_size))
+        R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)
+        return R, t, uv, 1.0
 
     # The Estimator protocol of featmap_ros.ros.processor.
     def estimate_objects(self, rgb, intrinsics, detections):  # noqa: D102
@@ -475,7 +497,8 @@ def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
 
 def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
                    max_detections: int = DEFAULT_MAX_DETECTIONS,
-                   backend: str | None = None, refine: bool = True) -> ObjectEstimator | HandEstimator:
+                   backend: str | None = None, refine: bool = True,
+                   decode_threads: int = 1) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
 
     backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
@@ -483,6 +506,7 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     lies beside it. cpu_threads > 0 caps the network's intra-op threads: with other busy processes
     on the same cores, a default thread pool can stall for many times the work (seen with torch:
     10-40x slower). refine: hands only, use the checkpoint's centre refiner where it has one.
+    decode_threads: objects only, threads that solve the detections' PnP (ObjectEstimator).
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
@@ -499,5 +523,6 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
 
         net = torch_net.load(model_path, device, cpu_threads=cpu_threads)
     if net.meta["task"] == "objects":
-        return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections)
+        return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections,
+                               decode_threads=decode_threads)
     return HandEstimator(net, net.meta, device=device, max_detections=max_detections, refine=refine)

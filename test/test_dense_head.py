@@ -278,3 +278,51 @@ def test_training_frames_as_backgrounds_lose_their_annotated_objects() -> None:
     far = ~cv2.dilate(inside.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
     assert np.array_equal(clean[far], original[far])  # away from the objects nothing changes
     assert np.abs(clean[inside].astype(int) - original[inside]).mean() > 5  # the objects are painted out
+
+
+def test_decoding_in_threads_gives_the_poses_and_counts_of_one_thread(tmp_path: Path) -> None:
+    from featmap_ros.estimator import EstimatorError, ObjectEstimator
+    from featmap_ros.results import Detection2D
+
+    n_obj = 3
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * n_obj,
+                    head="dense")
+    torch.manual_seed(1)
+    corners = geo.box_corners(np.full(3, -0.05), np.full(3, 0.1))
+    meta = {"task": "objects", "head": "dense", "crop": {"size": 32, "window_scale": 1.2},
+            "objects": [{"obj_id": i + 1, "name": f"o{i + 1}", "corners_m": corners.tolist(), "extent_m": [0.1] * 3}
+                        for i in range(n_obj)]}
+    model = FeatureMappingModel(cfg)
+    K = np.array([[572.4, 0, 320], [0, 573.6, 240], [0, 0, 1.0]])
+    rgb = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    dets = [Detection2D(class_id=f"o{1 + i % n_obj}", obj_id=1 + i % n_obj, score=0.9 - 0.1 * i,
+                        box_xywh=np.array([40.0 + 70 * i, 100 + 30 * (i % 3), 60, 70])) for i in range(7)]
+    dets += [Detection2D(class_id="nope", obj_id=99, box_xywh=np.array([10.0, 10, 50, 50])),
+             Detection2D(class_id="o1", obj_id=1, box_xywh=np.array([10.0, 10, np.nan, 50]))]
+    runs = {}
+    for threads in (1, 3):
+        est = ObjectEstimator(model, meta, device="cpu", decode_threads=threads)
+        runs[threads] = (est.estimate(rgb, geo.Intrinsics.from_K(K, 640, 480), dets), dict(est.skipped))
+    (one, skipped_one), (three, skipped_three) = runs[1], runs[3]
+    assert skipped_one == skipped_three and skipped_one["unknown_object"] == 1 and skipped_one["bad_box"] == 1
+    assert [p.obj_id for p in one] == [p.obj_id for p in three] and len(one) >= 3  # random weights still give poses
+    for a, b in zip(one, three, strict=True):
+        assert np.array_equal(a.R, b.R) and np.array_equal(a.t, b.t) and a.score == b.score
+    for bad in (0, True, 1.5):
+        with pytest.raises(EstimatorError, match="decode_threads"):
+            ObjectEstimator(model, meta, device="cpu", decode_threads=bad)
+
+
+def test_the_node_parameter_decode_threads_reaches_the_estimator(tmp_path: Path) -> None:
+    from featmap_ros.ros.config import NodeConfig
+    from featmap_ros.ros.processor import ProcessorError, load_estimator_for
+
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS, head="dense")
+    corners = geo.box_corners(np.zeros(3), np.full(3, 0.1)).tolist()
+    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": corners, "extent_m": [0.1] * 3}],
+            "crop": {"size": 32}, "method": "fm", "step": 0}
+    path = checkpoint.save(tmp_path / "model", FeatureMappingModel(cfg), meta)
+    est = load_estimator_for(NodeConfig(model_path=str(path), backend="torch", device="cpu", decode_threads=2))
+    assert est.decode_threads == 2
+    with pytest.raises(ProcessorError, match="decode_threads"):
+        NodeConfig(decode_threads=0)

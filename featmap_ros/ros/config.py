@@ -68,6 +68,10 @@ class NodeConfig:
         1, "CPU threads for the network (0 = the backend's default, one per core); 1 resists a busy CPU best "
         "(docs/ros.md), raise it only on cores nothing else uses"
     )
+    decode_threads: int = _param(
+        1, "objects: threads that solve the detections' PnP after the network (1: in the callback's thread); "
+        "more decode a frame of many objects faster on cores nothing else uses"
+    )
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
     )
@@ -128,6 +132,8 @@ class NodeConfig:
             raise ProcessorError("config", f"cpu_threads {self.cpu_threads} must be >= 0 (0 = the backend's default)")
         if self.max_detections < 1:
             raise ProcessorError("config", f"max_detections {self.max_detections} must be >= 1")
+        if self.decode_threads < 1:
+            raise ProcessorError("config", f"decode_threads {self.decode_threads} must be >= 1")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
