@@ -5,13 +5,15 @@ TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would r
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
                                      [--heads dense bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
-                                     [--threads 0]
+                                     [--threads 0] [--decode-threads 1 2]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them. Backends run side by side on the same
 frames: torch on the checkpoint, onnxruntime on its `featmap export` (providers by availability:
 TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
 vote head (the default) carry a centre refiner, so their frames include its two crop-and-move steps.
+--decode-threads: the object rows once per count of threads solving the detections' PnP (the
+node's decode_threads).
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
     return folder / name
 
 
-def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path]):
+def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
+                 decode_threads: int = 1):
     """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
     if backend == "torch":
-        return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch")
+        return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads)
     if ckpt not in exports:
         exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
     providers = _PINNED.get(backend)
@@ -86,8 +89,9 @@ def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: d
     net = OnnxNetwork(exports[ckpt], device, cpu_threads=threads, max_batch=NETWORK_CHUNK, providers=providers)
     if providers is not None and net.provider != providers[0]:
         raise RuntimeError(f"{backend}: onnxruntime fell back to {net.provider}")
-    cls = ObjectEstimator if net.meta["task"] == "objects" else HandEstimator
-    return cls(net, net.meta)
+    if net.meta["task"] == "objects":
+        return ObjectEstimator(net, net.meta, decode_threads=decode_threads)
+    return HandEstimator(net, net.meta)
 
 
 def object_frame(f: MessageFactory, n: int, rng: np.random.Generator) -> tuple:
@@ -136,6 +140,8 @@ def main() -> None:
                         default=["torch"] + (["onnxruntime"] if onnxruntime_available() else []),
                         help="what runs the network, side by side on the same frames (onnxruntime exports first)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of every backend (0: its default)")
+    parser.add_argument("--decode-threads", type=int, nargs="+", default=[1],
+                        help="object rows once per number of PnP threads (the node's decode_threads)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
@@ -164,11 +170,12 @@ def main() -> None:
         speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
-    def processors(ckpt: Path, device: str, cfg: NodeConfig) -> list:
+    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1) -> list:
         out = []
         for backend in args.backends:
             try:
-                out.append(FrameProcessor(estimator_on(backend, ckpt, device, args.threads, exports), f, cfg))
+                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads)
+                out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
                 out.append(None)
@@ -179,9 +186,12 @@ def main() -> None:
             for preset in args.presets:
                 for head in args.heads:
                     ckpt = make_checkpoint(Path(tmp), "objects", preset, head=head)
-                    procs = processors(ckpt, device, NodeConfig(task="objects", publish_overlay=False))
-                    for n in (1, 8):
-                        row(device, preset, f"objects x{n}, {head} head", procs, object_frame(f, n, rng))
+                    for dt in args.decode_threads:
+                        cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt)
+                        procs = processors(ckpt, device, cfg, dt)
+                        pnp = f", {dt} PnP threads" if dt > 1 else ""
+                        for n in (1, 8):
+                            row(device, preset, f"objects x{n}, {head} head{pnp}", procs, object_frame(f, n, rng))
                     size = PRESETS[preset]["input_size"]
                     crops = rng.uniform(-1, 1, (8, 3, size, size)).astype(np.float32)
                     row(device, preset, f"network only, 8 crops, {head} head", procs, ("network", crops))
