@@ -39,6 +39,8 @@ class MainJobSize:
     feature_dim: int = 256  # the FC feature (hand_head "fc")
     dense_feature_dim: int = 32  # channels of the spatial heads' feature maps (objects' dense, hands' vote)
     object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
+    object_method: str = "fm"
+    object_lr: float = 1e-3
     hand_head: str = "vote"
     hand_width: int = 8
     hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
@@ -66,7 +68,8 @@ def _train_config(task: str, size: MainJobSize, device: str):
     )
 
 
-def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Path:
+def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_ids: list[int] | None = None) -> Path:
+    """The main job's object model on the built-in scene's frames train_ids (default: all its training frames)."""
     from featmap_ros.datasets.bop import BopScene
     from featmap_ros.datasets.pool import PoolConfig
     from featmap_ros.datasets.streams import ObjectStreamConfig
@@ -76,8 +79,10 @@ def _train_objects(root: Path, out: Path, size: MainJobSize, device: str) -> Pat
 
     cfg = _train_config("objects", size, device)
     cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, head="dense", n_outputs=DENSE_CHANNELS,
-                                                           feature_dim=size.dense_feature_dim, dropout=0.0))
-    train_ids = list(range(size.train_frames))
+                                                           feature_dim=size.dense_feature_dim, dropout=0.0),
+                              method=size.object_method,
+                              optim=dataclasses.replace(cfg.optim, lr=size.object_lr))
+    train_ids = list(range(size.train_frames)) if train_ids is None else list(train_ids)
     frames = BopScene(root, 1).frames(train_ids)
     # As in the LM-O experiment: viewpoints around the training frames' poses, their backgrounds.
     anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
@@ -151,7 +156,7 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
     timings["assets_s"] = time.perf_counter() - t0
 
     models = {}
-    for task, fn in (("objects", lambda d: _train_objects(root, d, size, device)),
+    for task, fn in (("objects", lambda d: train_objects(root, d, size, device)),
                      ("hands", lambda d: _train_hands(d, size, device))):
         folder = out / "models" / task
         ckpt = folder / "model.json"

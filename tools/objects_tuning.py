@@ -1,0 +1,59 @@
+"""Validation runs of the main job's object model on its built-in scene, never on its test frames.
+
+Trains the main job's object model (MainJobSize, with the changes given) on the first
+train_frames - holdout training frames and scores the last `holdout` training frames (jittered
+ground-truth boxes, as the main job's bag); the test frames (100-159) are not touched.
+
+Usage: DEV_THREADS=1 python3 tools/objects_tuning.py --tag NAME [--method fm] [--lr 1e-3]
+       [--s1 500 --s2 300] [--width 16] [--holdout 20]
+Assets go to /tmp/objdev/assets (made once); every run appends a JSON line to /tmp/objdev/results.jsonl.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from featmap_ros import assets
+from featmap_ros.bop_scoring import load_object_models, run_bop
+from featmap_ros.estimator import load_estimator
+from featmap_ros.evaluation import score_objects
+from featmap_ros.experiments.main_job import MainJobSize, train_objects
+
+torch.set_num_threads(int(os.environ.get("DEV_THREADS", "1")))
+ROOT = Path("/tmp/objdev")
+ap = argparse.ArgumentParser()
+ap.add_argument("--tag", required=True)
+ap.add_argument("--method", default="fm")
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--s1", type=int, default=500)
+ap.add_argument("--s2", type=int, default=300)
+ap.add_argument("--width", type=int, default=16)
+ap.add_argument("--holdout", type=int, default=20)
+a = ap.parse_args()
+
+base = MainJobSize()
+size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, stage1_steps=a.s1, stage2_steps=a.s2,
+                           width=a.width)
+root = ROOT / "assets"
+if not (root / "test" / "000001" / "scene_gt.json").is_file():
+    assets.write_object_models(root)
+    assets.write_real_scene(root, base.real_frames, seed=0)
+fit = list(range(base.train_frames - a.holdout))
+t0 = time.perf_counter()
+model = train_objects(root, ROOT / "runs" / a.tag, size, "cpu", fit)
+wall = time.perf_counter() - t0
+infos, meshes = load_object_models(root / "models")
+records, _ = run_bop(load_estimator(model, device="cpu"), root, 1, f"{fit[-1] + 1}-{base.train_frames - 1}",
+                     detections="gt-jitter")
+metrics, _ = score_objects(records, infos, meshes, {assets.OBJ_ID: assets.OBJ_NAME})
+mean = metrics["all"]["mean_over_objects"]
+row = {"tag": a.tag, "args": vars(a), "train_s": round(wall, 1), "val_instances": metrics["all"]["n_instances"],
+       "val_proj_5px": mean["proj_5px"], "val_add_10": mean["add_10"]}
+with open(ROOT / "results.jsonl", "a") as f:
+    f.write(json.dumps(row) + "\n")
+print(json.dumps(row))
