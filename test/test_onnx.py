@@ -72,6 +72,11 @@ def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) 
     if kind == "hands":
         cfg = NetConfig(task="hands", input_size=SIZE, width=4, feature_dim=16, mapping=True, dropout=0.0)
         meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": SIZE}, "method": "fm"}
+    elif kind == "hands_joint":  # fm_joint's model: the vote head, one f for both domains, g away from the identity
+        cfg = NetConfig(task="hands", input_size=SIZE, width=4, feature_dim=8, mapping=True, shared_extractor=True,
+                        head="vote", dropout=0.0)
+        meta = {"hands": {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}, "crop": {"size": SIZE},
+                "method": "fm_joint"}
     elif kind == "dense":
         cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * 2,
                         mapping=True, head="dense", norm="none", blocks=(1, 1, 1, 1, 1))
@@ -81,6 +86,10 @@ def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) 
                         dropout=0.0)
         meta = object_meta(2, "bb8")
     model = FeatureMappingModel(cfg)
+    if kind == "hands_joint":
+        with torch.no_grad():
+            for p in model.g.parameters():
+                p.normal_(0.0, 0.1)
     if kind == "dense":
         planar_dense(model)
     if kind == "bb8":
@@ -145,7 +154,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """kind -> (checkpoint JSON, export JSON written beside it)."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
-    for kind in ("bb8", "dense", "hands", "hands_refined"):
+    for kind in ("bb8", "dense", "hands", "hands_refined", "hands_joint"):
         ckpt = tiny_checkpoint(folder, kind)
         out[kind] = (ckpt, export_onnx(ckpt, ckpt.parent))
     return out
@@ -179,7 +188,7 @@ def test_export_writes_the_graph_and_the_checkpoint_metadata_beside_it(exported)
     assert doc["check"]["batch"] == 3 and max(doc["check"]["max_abs_diff"].values()) < OUTPUT_ATOL
 
 
-@pytest.mark.parametrize("kind", ["bb8", "dense", "hands"])
+@pytest.mark.parametrize("kind", ["bb8", "dense", "hands", "hands_joint"])
 def test_onnxruntime_gives_torchs_outputs_and_out_of_domain_scores_on_the_same_crops(exported, kind) -> None:
     ckpt, export = exported[kind]
     t_net = torch_net.load(ckpt, "cpu")
