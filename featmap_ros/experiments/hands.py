@@ -13,7 +13,7 @@ per-joint errors and the fraction of frames whose largest joint error is within 
 Also the run-time path (HandEstimator on the full frame: locate, crop, joints) on a subset, and
 the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budget.fm_method).
 
-Budget (default full run, about 72 minutes on an otherwise idle 2-core CPU): the vote head (a small
+Budget (default full run, 70 minutes on an otherwise idle 2-core CPU): the vote head (a small
 U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
 0.1, stage 1 2500 + stage 2 2500 = 5000 steps per method (fm_joint: 5000 joint steps), fm_fc (the
 paper's FC head, staged fm) at twice the steps (the same CPU time); 2000 "real" frames (the last 200
