@@ -77,7 +77,7 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
 
 
 def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
-                 decode_threads: int = 1):
+                 decode_threads: int = 1, spinning: bool = False):
     """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
     if backend == "torch":
         return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads)
@@ -86,7 +86,8 @@ def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: d
     providers = _PINNED.get(backend)
     if providers is not None:
         providers = [*providers, "CPUExecutionProvider"]
-    net = OnnxNetwork(exports[ckpt], device, cpu_threads=threads, max_batch=NETWORK_CHUNK, providers=providers)
+    net = OnnxNetwork(exports[ckpt], device, cpu_threads=threads, max_batch=NETWORK_CHUNK, providers=providers,
+                      allow_spinning=spinning)
     if providers is not None and net.provider != providers[0]:
         raise RuntimeError(f"{backend}: onnxruntime fell back to {net.provider}")
     if net.meta["task"] == "objects":
@@ -140,12 +141,15 @@ def main() -> None:
                         default=["torch"] + (["onnxruntime"] if onnxruntime_available() else []),
                         help="what runs the network, side by side on the same frames (onnxruntime exports first)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of every backend (0: its default)")
+    parser.add_argument("--ort-spinning", action="store_true",
+                        help="let onnxruntime's threads busy-wait after each run (its default; ours is off)")
     parser.add_argument("--decode-threads", type=int, nargs="+", default=[1],
                         help="object rows once per number of PnP threads (the node's decode_threads)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
     versions = f"torch {torch.__version__}, threads {torch.get_num_threads() if not args.threads else args.threads}"
+    versions += f", onnxruntime spinning {'on' if args.ort_spinning else 'off'}"
     if set(args.backends) - {"torch"}:
         import onnxruntime
 
@@ -174,7 +178,7 @@ def main() -> None:
         out = []
         for backend in args.backends:
             try:
-                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads)
+                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning)
                 out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)

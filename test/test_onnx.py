@@ -466,3 +466,10 @@ def test_bag_replay_scores_the_same_on_both_backends(exported, tmp_path) -> None
     assert on_ort.metrics["device"] == "onnxruntime:cpu" and on_torch.metrics["device"] == "cpu"
     assert on_ort.metrics["frames_scored"] == on_torch.metrics["frames_scored"] >= 3
     assert on_ort.metrics["mean_error_mm"] == pytest.approx(on_torch.metrics["mean_error_mm"], abs=1e-3)
+
+
+def test_onnxruntime_threads_do_not_spin_after_a_run_unless_asked(exported) -> None:
+    _, export = exported["hands"]
+    for allow, want in ((False, "0"), (True, "1")):
+        net = onnx_net.OnnxNetwork(export, "cpu", allow_spinning=allow)
+        assert net.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == want

@@ -216,7 +216,7 @@ class OnnxNetwork:
     """
 
     def __init__(self, export_path: str | os.PathLike[str], device: str = "auto", cpu_threads: int = 0,
-                 max_batch: int = 16, providers: Sequence[str] | None = None) -> None:
+                 max_batch: int = 16, providers: Sequence[str] | None = None, allow_spinning: bool = False) -> None:
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -238,6 +238,9 @@ class OnnxNetwork:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = max(int(cpu_threads), 0)  # 0: onnxruntime's default, one per core
         opts.inter_op_num_threads = 1
+        # onnxruntime's worker threads busy-wait after each run by default, taking the cores from whatever
+        # runs next (PnP, ROS callbacks, other nodes); allow_spinning=True restores that default.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
 
         def session(path: str, shape: tuple[int, int, int]) -> Any:
             try:
