@@ -113,7 +113,8 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     vote = size.hand_head == "vote"
     budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
     cfg = dataclasses.replace(
-        cfg, net=dataclasses.replace(cfg.net, head=size.hand_head, width=size.hand_width,
+        # stride=None: the head's own default (the vote head's S/4), not the one resolved for the FC head.
+        cfg, net=dataclasses.replace(cfg.net, head=size.hand_head, width=size.hand_width, stride=None,
                                      feature_dim=size.dense_feature_dim if vote else size.feature_dim,
                                      dropout=0.0 if vote else cfg.net.dropout),
         optim=dataclasses.replace(cfg.optim, lr=budget.lr),
