@@ -127,8 +127,9 @@ class ObjectEstimator:
                  max_detections: int = DEFAULT_MAX_DETECTIONS, decode_threads: int = 1) -> None:
         """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
 
-        decode_threads > 1 solves the detections' PnP in that many threads (OpenCV releases the GIL):
-        on otherwise idle cores a frame of many objects decodes up to that many times faster.
+        decode_threads > 1 solves the detections' PnP in that many threads (OpenCV releases the GIL), with
+        the poses and counts of one thread; on the project's 2-core CPU it gave no reliable gain
+        (docs/results.md), so 1 is the default.
         """
         if meta.get("task") != "objects":
             raise EstimatorError(f"checkpoint is for task {meta.get('task')!r}, not 'objects'")

@@ -70,7 +70,7 @@ class NodeConfig:
     )
     decode_threads: int = _param(
         1, "objects: threads that solve the detections' PnP after the network (1: in the callback's thread); "
-        "more decode a frame of many objects faster on cores nothing else uses"
+        "more can help on many idle cores (no reliable gain measured on 2, docs/results.md)"
     )
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
