@@ -399,7 +399,8 @@ def stage_losses(
             out["mmd"] = mmd(pooled_features(mapped_unl).float(), pooled_features(f_stream))
     if stage == "fm_joint":
         syn, pairs = batches["synthetic"], batches["pairs"]
-        with torch.no_grad():  # the pair's synthetic features: a fixed target, f learns from pose losses only
+        # The pair's synthetic features are a fixed target: the feature loss trains g and f's pass on the real image.
+        with torch.no_grad():
             f_pair = model.features_syn(pairs["syn"]).float()
         mapped = model.features_real(pairs["real"])
         out["pose_real"] = pose(model.h(mapped), pairs)
@@ -500,7 +501,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
         _recover(stem, rank, distributed)
     if cfg.resume and json_path.is_file():
         saved, doc = ckpt.load(stem, expect_task=net_cfg.task)
-        if doc.get("method") != cfg.method or doc.get("net") != net_cfg.to_dict():
+        # The saved net as read (fields added since it was written take their defaults), not its raw JSON.
+        if doc.get("method") != cfg.method or saved.cfg.to_dict() != net_cfg.to_dict():
             raise TrainError(
                 f"{json_path} holds method {doc.get('method')!r} with net {doc.get('net')}; this run is "
                 f"{cfg.method!r} with {net_cfg.to_dict()}: use another out_dir or resume=False"

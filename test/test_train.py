@@ -240,6 +240,18 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(t
         torch.testing.assert_close(part[key], whole[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_resume_reads_a_checkpoint_written_before_a_net_field_existed(tmp_path: Path) -> None:
+    train(tiny_config(method="fm", max_steps=4), fake_data(), tmp_path)
+    doc = json.loads((tmp_path / "model.json").read_text())
+    del doc["net"]["shared_extractor"]  # as checkpoints of earlier versions have it: the field's default
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    train(tiny_config(method="fm"), fake_data(), tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["step"] == 6
+    with pytest.raises(TrainError, match="another out_dir"):  # a net that really differs is still refused
+        train(tiny_config(method="fm", stage2_steps=5, net=NetConfig(input_size=SIZE, width=8, feature_dim=32)),
+              fake_data(), tmp_path)
+
+
 def test_resume_refuses_a_checkpoint_of_another_method(tmp_path: Path) -> None:
     train(tiny_config(method="real", stage1_steps=1, stage2_steps=0), fake_data(), tmp_path)
     with pytest.raises(TrainError, match="another out_dir"):

@@ -219,7 +219,7 @@ def refine_pool(
             rendered[i].add_frame(depth, sensor.intrinsics.K, joints[PALM], 1, i, np.random.default_rng([seed, 1, i]))
         for i in range(n_sensor):  # in frame order, wherever the crops came from
             out.extend(have_crops[i] if i in have_crops else rendered[i], synthetic_frames)
-        log.info("refiner pool: %d sensor frames' crops recorded with their pairs, %d rendered again",
+        log.info("refiner pool: %d sensor frames' crops recorded with their pairs, %d rendered here",
                  n_sensor - len(todo), len(todo))
     # Not an error: a located centre that missed is trained from the palm instead, as SensorHandSet does.
     log.info("refiner pool: %d crops; %d of %d frames fell back to the palm, %d crops skipped",
