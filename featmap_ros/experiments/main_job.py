@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from featmap_ros import assets
 
@@ -55,14 +56,14 @@ TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, h
                    object_pool=8, hand_width=4, refine_synthetic_frames=3, refine_sensor_frames=2, refine_steps=3)
 
 
-def _train_config(task: str, size: MainJobSize, device: str):
+def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: float, loss: Any = None):
+    """The main job's TrainConfig; net: NetConfig's fields, built at once so the head resolves its own defaults."""
     from featmap_ros.model.nets import NetConfig
-    from featmap_ros.train import OptimConfig, TrainConfig
+    from featmap_ros.train import LossConfig, OptimConfig, TrainConfig
 
     return TrainConfig(
-        method="fm", net=NetConfig(task=task, input_size=size.input_size, width=size.width,
-                                   feature_dim=size.feature_dim, dropout=0.1),
-        optim=OptimConfig(lr=1e-3, warmup_steps=min(50, size.stage1_steps // 5)), batch_size=size.batch_size,
+        method=method, net=NetConfig(input_size=size.input_size, **net), loss=loss or LossConfig(),
+        optim=OptimConfig(lr=lr, warmup_steps=min(50, size.stage1_steps // 5)), batch_size=size.batch_size,
         stage1_steps=size.stage1_steps, stage2_steps=size.stage2_steps, checkpoint_every=200, log_every=20,
         device=device, tensorboard=False,
     )
@@ -77,11 +78,9 @@ def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_i
     from featmap_ros.model.nets import DENSE_CHANNELS
     from featmap_ros.train import train
 
-    cfg = _train_config("objects", size, device)
-    cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, head="dense", n_outputs=DENSE_CHANNELS,
-                                                           feature_dim=size.dense_feature_dim, dropout=0.0),
-                              method=size.object_method,
-                              optim=dataclasses.replace(cfg.optim, lr=size.object_lr))
+    cfg = _train_config(size, device, {"task": "objects", "width": size.width, "head": "dense",
+                                       "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim,
+                                       "dropout": 0.0}, size.object_method, size.object_lr)
     train_ids = list(range(size.train_frames)) if train_ids is None else list(train_ids)
     frames = BopScene(root, 1).frames(train_ids)
     # As in the LM-O experiment: viewpoints around the training frames' poses, their backgrounds.
@@ -109,16 +108,12 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     from featmap_ros.render.sensor import SensorConfig
     from featmap_ros.train import LossConfig, train
 
-    cfg = _train_config("hands", size, device)
     vote = size.hand_head == "vote"
     budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
-    cfg = dataclasses.replace(
-        # stride=None: the head's own default (the vote head's S/4), not the one resolved for the FC head.
-        cfg, net=dataclasses.replace(cfg.net, head=size.hand_head, width=size.hand_width, stride=None,
-                                     feature_dim=size.dense_feature_dim if vote else size.feature_dim,
-                                     dropout=0.0 if vote else cfg.net.dropout),
-        optim=dataclasses.replace(cfg.optim, lr=budget.lr),
-        loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat), method=size.hand_method)
+    cfg = _train_config(size, device, {"task": "hands", "width": size.hand_width, "head": size.hand_head,
+                                       "feature_dim": size.dense_feature_dim if vote else size.feature_dim,
+                                       "dropout": 0.0 if vote else 0.1}, size.hand_method, budget.lr,
+                        LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat))
     stream_cfg = HandStreamConfig(crop_px=size.input_size)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
     # The centre refiner's (DeepPrior++'s step) crops of the pairs' frames, made as the pairs render them.
