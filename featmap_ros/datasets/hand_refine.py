@@ -211,14 +211,13 @@ def refine_pool(
     if sensor is not None:
         have_crops = recorded.frames if recorded is not None else {}
         todo = [i for i in range(n_sensor) if i not in have_crops]
-        rendered = {}
+        rendered = SensorCropRecorder(n_sensor, config, pool, seed)  # the frames the recorder lacks
         for i in tqdm(todo, desc="refiner pool: sensor", unit="frame", disable=not progress or not todo,
                       mininterval=5.0):
             depth, joints, _ = sensor.frame(i)
-            rendered[i] = _Collector(config, pool)
-            rendered[i].add_frame(depth, sensor.intrinsics.K, joints[PALM], 1, i, np.random.default_rng([seed, 1, i]))
+            rendered(i, depth, sensor.intrinsics.K, joints)
         for i in range(n_sensor):  # in frame order, wherever the crops came from
-            out.extend(have_crops[i] if i in have_crops else rendered[i], synthetic_frames)
+            out.extend(have_crops[i] if i in have_crops else rendered.frames[i], synthetic_frames)
         log.info("refiner pool: %d sensor frames' crops recorded with their pairs, %d rendered here",
                  n_sensor - len(todo), len(todo))
     # Not an error: a located centre that missed is trained from the palm instead, as SensorHandSet does.
