@@ -383,12 +383,16 @@ def stage_losses(
     if stage in ("real", "mixed"):
         pairs = batches["pairs"]
         out["pose_real"] = pose(model.predict_real(pairs["real"]).outputs, pairs)
-    if stage == "fm":
+    if stage in ("fm", "fm_joint"):
         syn, pairs = batches["synthetic"], batches["pairs"]
-        # f_S is frozen (and in eval mode) in this stage: its features are fixed targets for g(f_R).
+        # The pair's synthetic features are a fixed target: the feature loss trains g and the real image's f.
+        # fm: f_S is frozen (and in eval mode), so the stream's features are fixed too; fm_joint: the one f
+        # keeps learning from the synthetic stream.
         with torch.no_grad():
             f_pair = model.features_syn(pairs["syn"]).float()
-            f_stream = model.features_syn(syn["image"]).float()
+        with torch.no_grad() if stage == "fm" else contextlib.nullcontext():
+            f_stream = model.features_syn(syn["image"])
+        f_stream = f_stream.float() if stage == "fm" else f_stream
         mapped = model.features_real(pairs["real"])
         out["pose_real"] = pose(model.h(mapped), pairs)
         out["feat"] = feature_loss(mapped.float(), f_pair)
@@ -397,15 +401,6 @@ def stage_losses(
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
             mapped_unl = mapped if unl is None else model.features_real(unl)
             out["mmd"] = mmd(pooled_features(mapped_unl).float(), pooled_features(f_stream))
-    if stage == "fm_joint":
-        syn, pairs = batches["synthetic"], batches["pairs"]
-        # The pair's synthetic features are a fixed target: the feature loss trains g and f's pass on the real image.
-        with torch.no_grad():
-            f_pair = model.features_syn(pairs["syn"]).float()
-        mapped = model.features_real(pairs["real"])
-        out["pose_real"] = pose(model.h(mapped), pairs)
-        out["feat"] = feature_loss(mapped.float(), f_pair)
-        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn)
     return out
 
 
