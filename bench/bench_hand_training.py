@@ -8,6 +8,7 @@ L1 loss, measured over --steps steps after 5 warm-up steps, with the data time a
   pool/fc         the same net fed from a pool of clean renders made once
   pool+aug/fc     the pool with datasets.hand_augment's rotation, offset and scale per sample
   pool+aug/vote   the vote head (the new default) from the augmented pool
+  ..., bf16       the extractor in bf16 autocast (train.TrainConfig.amp; only where the CPU has bf16)
 Pool rendering is timed once, apart (it is paid once per experiment, shared by every method).
 Run it alone: on 2 cores a second torch process slows both many times.
 """
@@ -26,6 +27,7 @@ from featmap_ros.experiments.data import render_synthetic_pool
 from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget, hands_train_config
 from featmap_ros.model.losses import pose_loss
 from featmap_ros.model.nets import FeatureMappingModel
+from featmap_ros.train import bf16_native
 
 
 def net(head: str) -> FeatureMappingModel:
@@ -33,12 +35,14 @@ def net(head: str) -> FeatureMappingModel:
     return FeatureMappingModel(hands_train_config(HandsBudget(), head=head).net).train()
 
 
-def measure(model: FeatureMappingModel, batches, steps: int) -> tuple[float, float, float]:
+def measure(model: FeatureMappingModel, batches, steps: int, bf16: bool = False) -> tuple[float, float, float]:
     """(crops/s, data ms per batch, step ms per batch)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(b) -> int:
-        loss = pose_loss(model.predict_syn(b["image"]).outputs.float(), b["target"].float(), "smooth_l1")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.predict_syn(b["image"]).outputs
+        loss = pose_loss(out.float(), b["target"].float(), "smooth_l1")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,11 +81,17 @@ def main() -> None:
         return iter(loader)
 
     print("| pipeline | head | crops/s | data ms/batch | step ms/batch |\n|---|---|---|---|---|")
-    rows = [("online (1 render worker)", "fc", online_batches), ("pool", "fc", pool_batches),
-            ("pool + augmentation", "fc", augmented_batches), ("pool + augmentation", "vote", augmented_batches)]
-    for name, head, source in rows:
+    rows = [("online (1 render worker)", "fc", online_batches, False), ("pool", "fc", pool_batches, False),
+            ("pool + augmentation", "fc", augmented_batches, False),
+            ("pool + augmentation", "vote", augmented_batches, False)]
+    if bf16_native(torch.device("cpu")):
+        rows += [("pool + augmentation, bf16 autocast", "fc", augmented_batches, True),
+                 ("pool + augmentation, bf16 autocast", "vote", augmented_batches, True)]
+    else:
+        print("(no bf16 rows: this CPU has neither AMX-BF16 nor AVX512-BF16)")
+    for name, head, source, bf16 in rows:
         torch.manual_seed(0)
-        ips, data_ms, step_ms = measure(net(head), source(), args.steps)
+        ips, data_ms, step_ms = measure(net(head), source(), args.steps, bf16)
         print(f"| {name} | {head} | {ips:.0f} | {data_ms:.1f} | {step_ms:.1f} |", flush=True)
 
 

@@ -8,6 +8,7 @@ over --steps steps after 5 warm-up steps, with the data time and the step time a
   pool/bb8     the same net fed from a pool rendered once and augmented in torch
   pool/dense   the dense correspondence head (the new default) from the pool
   pool/dense channels_last   the same in channels_last memory format
+  pool/*, bf16 autocast      the extractor in bf16 (train.TrainConfig.amp; only where the CPU has bf16)
 Pool rendering is timed once, apart (it is paid once per experiment, shared by every method).
 Run it alone: on 2 cores a second torch process slows both many times.
 """
@@ -28,7 +29,7 @@ from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, Synthe
 from featmap_ros.heads.dense_train import dense_loss
 from featmap_ros.model.losses import pose_loss
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
-from featmap_ros.train import select_outputs
+from featmap_ros.train import bf16_native, select_outputs
 
 
 def net(head: str, n: int) -> FeatureMappingModel:
@@ -40,7 +41,8 @@ def net(head: str, n: int) -> FeatureMappingModel:
     return FeatureMappingModel(cfg).train()
 
 
-def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool = False) -> tuple[float, float, float]:
+def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool = False, bf16: bool = False
+            ) -> tuple[float, float, float]:
     """(images/s, data ms per batch, step ms per batch)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if channels_last:
@@ -48,7 +50,8 @@ def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool
 
     def step(b) -> int:
         x = b["image"].contiguous(memory_format=torch.channels_last) if channels_last else b["image"]
-        out = model.predict_syn(x).outputs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.predict_syn(x).outputs
         if model.cfg.head == "dense":
             loss = dense_loss(out, b["coords"], b["visibility"], b["obj_index"])
         else:
@@ -96,13 +99,18 @@ def main() -> None:
         return iter(object_loader(stream, 32, num_workers=1))
 
     print("| pipeline | head | images/s | data ms/batch | step ms/batch |\n|---|---|---|---|---|")
-    rows = [("online (1 render worker)", "bb8", online_batches, False),
-            ("pool + torch augmentation", "bb8", pool_batches, False),
-            ("pool + torch augmentation", "dense", pool_batches, False),
-            ("pool + torch augmentation, channels_last", "dense", pool_batches, True)]
-    for name, head, source, cl in rows:
+    rows = [("online (1 render worker)", "bb8", online_batches, False, False),
+            ("pool + torch augmentation", "bb8", pool_batches, False, False),
+            ("pool + torch augmentation", "dense", pool_batches, False, False),
+            ("pool + torch augmentation, channels_last", "dense", pool_batches, True, False)]
+    if bf16_native(torch.device("cpu")):
+        rows += [("pool + torch augmentation, bf16 autocast", "bb8", pool_batches, False, True),
+                 ("pool + torch augmentation, bf16 autocast", "dense", pool_batches, False, True)]
+    else:
+        print("(no bf16 rows: this CPU has neither AMX-BF16 nor AVX512-BF16)")
+    for name, head, source, cl, bf16 in rows:
         torch.manual_seed(0)
-        ips, data_ms, step_ms = measure(net(head, len(ids)), source(), args.steps, cl)
+        ips, data_ms, step_ms = measure(net(head, len(ids)), source(), args.steps, cl, bf16)
         print(f"| {name} | {head} | {ips:.0f} | {data_ms:.1f} | {step_ms:.1f} |", flush=True)
 
 

@@ -107,7 +107,10 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
-    amp: bool = True  # bf16 autocast, CUDA only
+    # bf16 autocast of the extractor and the mapping (the heads and losses stay float32) where the
+    # device computes bf16 natively (bf16_native): CUDA with bf16, a CPU with AMX or AVX512-BF16.
+    # Elsewhere float32: emulated bf16 would be slower, not faster.
+    amp: bool = True
     # torch's CPU threads for this process (0: torch's default, one per core). On a CPU shared with
     # other jobs (rendering workers, a second run) fewer threads stall less.
     cpu_threads: int = 0
@@ -409,6 +412,24 @@ def _weighted_total(losses: dict[str, torch.Tensor], loss: LossConfig) -> torch.
     return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
 
+def bf16_native(device: torch.device, cpu_flags: str | None = None) -> bool:
+    """Whether `device` computes bf16 natively: CUDA's own check; on a CPU the AMX-BF16 or AVX512-BF16 flag.
+
+    cpu_flags: the CPU's flags as /proc/cpuinfo lists them (read from there when None; no file: False).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if cpu_flags is None:
+        try:
+            cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(re.findall(r"[a-z0-9_]+", cpu_flags))
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def _set_trainable(model: FeatureMappingModel, stage: str) -> None:
     """Freeze f_S during the mapping stage; everything else trains (unused parts just get no gradient)."""
     model.train()
@@ -529,7 +550,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
     from tqdm import tqdm
 
     bar = tqdm(total=stop, initial=step, disable=rank != 0, desc=f"{net_cfg.task}/{cfg.method}", dynamic_ncols=True)
-    use_amp = device.type == "cuda" and cfg.amp
+    use_amp = cfg.amp and bf16_native(device)
     window: dict[str, float] = {}
     window_n = 0
     last_logged: dict[str, float] = {}
@@ -553,6 +574,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
                     "global_batch": cfg.batch_size,
                     "world_size": world,
                     "device": str(device),
+                    "bf16_autocast": use_amp,
                     "last_losses": last_logged,
                     "wall_s_this_session": round(time.time() - t0, 1),
                 },
@@ -582,7 +604,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
                 group["lr"] = lr
             batches = {name: _to_device(next(streams[name]), device) for name in stage.streams}
 
-            with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 losses = stage_losses(model, stage.name, batches, cfg.loss, cfg.method == "fm_mmd")
             total_loss = _weighted_total(losses, cfg.loss)
             # One small all-reduce of the loss values: every rank sees the same numbers, so a

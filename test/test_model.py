@@ -252,3 +252,17 @@ def test_exemplar_banks_round_trip_and_refuse_another_task(tmp_path: Path) -> No
     (tmp_path / "w.safetensors").replace(tmp_path / "w.exemplars.safetensors")
     with pytest.raises(CheckpointError, match="not a featmap_ros exemplar bank"):
         ckpt.load_exemplars(tmp_path / "w")
+
+
+@pytest.mark.parametrize("head", ["bb8", "dense", "vote", "fc"])
+def test_under_bf16_autocast_the_extractor_runs_in_bf16_and_the_heads_in_float32(head: str) -> None:
+    task = "hands" if head in ("vote", "fc") else "objects"
+    model = FeatureMappingModel(NetConfig(task=task, input_size=32, width=4, feature_dim=16, head=head,
+                                          dropout=0.0, mapping=True))
+    x = torch.randn(2, model.cfg.in_channels, 32, 32)
+    reference = model.predict_real(x).outputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model.predict_real(x)
+    assert pred.features.dtype == torch.bfloat16 and pred.outputs.dtype == torch.float32
+    # bf16 features (8 bits of mantissa), float32 head: close to the float32 run, not equal.
+    torch.testing.assert_close(pred.outputs, reference, atol=0.05, rtol=0.05)

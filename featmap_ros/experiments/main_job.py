@@ -49,6 +49,7 @@ class MainJobSize:
     refine_synthetic_frames: int = 400
     refine_sensor_frames: int = 200
     refine_steps: int = 1500
+    amp: bool = True  # bf16 autocast where the CPU or GPU computes bf16 natively (TrainConfig.amp)
 
 
 TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4, stage1_steps=3,
@@ -65,7 +66,7 @@ def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: fl
         method=method, net=NetConfig(input_size=size.input_size, **net), loss=loss or LossConfig(),
         optim=OptimConfig(lr=lr, warmup_steps=min(50, size.stage1_steps // 5)), batch_size=size.batch_size,
         stage1_steps=size.stage1_steps, stage2_steps=size.stage2_steps, checkpoint_every=200, log_every=20,
-        device=device, tensorboard=False,
+        device=device, amp=size.amp, tensorboard=False,
     )
 
 

@@ -237,6 +237,16 @@ class Mapping(nn.Module):
         return self.blocks(x)
 
 
+def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) with autocast off, in the module's own precision, as float32.
+
+    The heads' outputs are poses, not features: under bf16 autocast (train.TrainConfig.amp) the
+    extractor and the mapping run in bf16 and the heads in their float32 weights.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.to(next(module.parameters()).dtype)).float()
+
+
 class Head(nn.Module):
     """h: one FC layer from features to normalised pose outputs."""
 
@@ -245,8 +255,8 @@ class Head(nn.Module):
         self.fc = nn.Linear(dim, n_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, n_outputs)."""
-        return self.fc(x)
+        """(B, D) -> (B, n_outputs), float32."""
+        return full_precision(self.fc, x)
 
 
 class SpatialExtractor(nn.Module):
@@ -314,8 +324,8 @@ class DenseHead(nn.Module):
         self.conv = nn.Conv2d(dim, n_outputs, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, n_outputs, H, W)."""
-        return self.conv(x)
+        """(B, D, H, W) -> (B, n_outputs, H, W), float32."""
+        return full_precision(self.conv, x)
 
 
 class VoteHead(nn.Module):
@@ -346,14 +356,14 @@ class VoteHead(nn.Module):
         return torch.stack([gx.reshape(-1), gy.reshape(-1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, 3J) joints over half the cube, ordered (x, y, z) per joint."""
+        """(B, D, H, W) -> (B, 3J) float32 joints over half the cube, ordered (x, y, z) per joint."""
         b, _, h, w = x.shape
-        weights = torch.softmax(self.weights(x).reshape(b, self.n_joints, 1, h * w).float(), dim=-1)
-        votes = self.offsets(x).reshape(b, self.n_joints, 3, h * w).float()
+        weights = torch.softmax(full_precision(self.weights, x).reshape(b, self.n_joints, 1, h * w), dim=-1)
+        votes = full_precision(self.offsets, x).reshape(b, self.n_joints, 3, h * w)
         grid = self.grid(h, w, x.device, votes.dtype)
         anchors = torch.cat([grid, torch.zeros_like(grid[:1])]).expand(b, self.n_joints, 3, h * w)
         joints = ((anchors + votes) * weights).sum(dim=-1)  # (B, J, 3)
-        return joints.reshape(b, 3 * self.n_joints).to(x.dtype)
+        return joints.reshape(b, 3 * self.n_joints)
 
 
 def pooled_features(features: torch.Tensor) -> torch.Tensor:
