@@ -13,9 +13,10 @@ per-joint errors and the fraction of frames whose largest joint error is within 
 Also the run-time path (HandEstimator on the full frame: locate, crop, joints) on a subset, and
 the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budget.fm_method).
 
-Budget (default full run, 70 minutes on an otherwise idle 2-core CPU): the vote head (a small
+Budget (default full run, within 90 minutes on an otherwise idle 2-core CPU with bf16; 70 minutes at
+5000 steps in float32): the vote head (a small
 U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
-0.1, stage 1 2500 + stage 2 2500 = 5000 steps per method (fm_joint: 5000 joint steps), fm_fc (the
+0.1, stage 1 3000 + stage 2 3000 = 6000 steps per method (fm_joint: 6000 joint steps), fm_fc (the
 paper's FC head, staged fm) at twice the steps (the same CPU time); 2000 "real" frames (the last 200
 are the validation split); synthetic crops from a pool of 12000 clean renders made once; pool and
 pairs augmented on the fly (HANDS_AUGMENT); two centre refiners (clean renders only, and with the
@@ -73,8 +74,8 @@ class HandsBudget:
     vote_feature_dim: int = 32  # the vote head's channels of its S/4 feature map
     dropout: float = 0.3  # FC head only (between f's two FC layers); the vote head has none
     batch_size: int = 32
-    stage1_steps: int = 2500
-    stage2_steps: int = 2500
+    stage1_steps: int = 3000  # 2500 + 2500 until bf16 autocast made a step 1.4-1.65x cheaper (session 6)
+    stage2_steps: int = 3000
     lr: float = 3e-3
     warmup_steps: int = 100
     pose_loss: str = "smooth_l1"  # with LossConfig's beta 0.05 (7.5 mm): chosen on the validation frames
