@@ -27,8 +27,11 @@ from featmap_ros.experiments import data as xdata
 from featmap_ros.experiments.lmo import _eval_models
 from featmap_ros.heads.dense import DenseDecodeConfig
 
-# (most correspondences, RANSAC iterations; 0: no RANSAC, EPnP then LM on shrinking inlier sets)
-SWEEP = [(400, 150), (200, 150), (100, 150), (200, 60), (100, 60), (400, 0), (200, 0), (100, 0)]
+# (most correspondences, RANSAC iterations; 0: no RANSAC, EPnP then LM on shrinking inlier sets whose
+# thresholds are the given multiples of the inlier threshold)
+LM = DenseDecodeConfig().lm_scales
+SWEEP = [(400, 150, LM), (200, 150, LM), (100, 150, LM), (200, 60, LM), (100, 60, LM), (400, 0, LM), (200, 0, LM),
+         (100, 0, LM), (400, 0, (4.0, 1.0)), (400, 0, (2.0, 1.0)), (200, 0, (4.0, 1.0))]
 
 
 def main() -> None:
@@ -56,14 +59,17 @@ def main() -> None:
 
     est_mod.decode_dense = timed
     print(f"torch {torch.__version__}, {args.threads} thread(s); frames {args.frames}")
-    print("| max points | RANSAC iterations | 2D-proj@5px (visib >= 0.5) | decode ms per object |\n|---|---|---|---|")
-    for max_points, iters in SWEEP:
-        est.dense_cfg = dataclasses.replace(DenseDecodeConfig(), max_points=max_points, ransac_iterations=iters)
+    print("| max points | RANSAC iterations | LM thresholds (x inlier threshold) | 2D-proj@5px (visib >= 0.5) "
+          "| decode ms per object |\n|---|---|---|---|---|")
+    for max_points, iters, scales in SWEEP:
+        est.dense_cfg = dataclasses.replace(DenseDecodeConfig(), max_points=max_points, ransac_iterations=iters,
+                                            lm_scales=scales)
         spent.update(s=0.0, n=0)
         records, _ = run_bop(est, root, 2, args.frames, detections="gt")
         metrics, _ = score_objects(records, infos, meshes, names)
         acc = metrics["visib>=0.5"]["mean_over_objects"]["proj_5px"]
-        print(f"| {max_points} | {iters} | {100 * acc:.1f}% | {1e3 * spent['s'] / max(spent['n'], 1):.2f} |",
+        lm = "-" if iters else ", ".join(f"{v:g}" for v in scales)
+        print(f"| {max_points} | {iters} | {lm} | {100 * acc:.1f}% | {1e3 * spent['s'] / max(spent['n'], 1):.2f} |",
               flush=True)
     est_mod.decode_dense = decode
 

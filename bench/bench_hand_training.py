@@ -21,13 +21,13 @@ import time
 import torch
 from timing import time_steps
 
+from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.hand_augment import augmented
 from featmap_ros.datasets.hand_streams import HandStreamConfig, SyntheticHandStream
 from featmap_ros.experiments.data import render_synthetic_pool
 from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget, hands_train_config
 from featmap_ros.model.losses import pose_loss
 from featmap_ros.model.nets import FeatureMappingModel
-from featmap_ros.train import bf16_native
 
 
 def net(head: str) -> FeatureMappingModel:

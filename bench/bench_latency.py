@@ -9,7 +9,8 @@ Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them. Backends run side by side on the same
-frames: torch on the checkpoint, onnxruntime on its `featmap export` (providers by availability:
+frames: torch on the checkpoint (float32 on a CPU; torch-bf16 in bf16 autocast, a default column where
+the CPU has native bf16), onnxruntime on its `featmap export` (providers by availability:
 TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
 vote head (the default) carry a centre refiner, so their frames include its two crop-and-move steps.
 --decode-threads: the object rows once per count of threads solving the detections' PnP (the
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from featmap_ros.backends.onnx_net import OnnxNetwork, onnxruntime_available
+from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
 from featmap_ros.estimator import NETWORK_CHUNK, HandEstimator, ObjectEstimator, load_estimator
 from featmap_ros.export import export_onnx
@@ -41,7 +43,9 @@ from featmap_ros.ros.processor import FrameProcessor
 from featmap_ros.ros.typestore import typestore
 
 PRESETS = {"deploy": {"input_size": 64, "width": 16, "feature_dim": 256}, "paper": {"input_size": 128}}
-BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-tensorrt")
+# torch: precision "auto" (float32 on a CPU, half on CUDA); torch-bf16: precision "bf16" (bf16 autocast,
+# where the device has native bf16).
+BACKENDS = ("torch", "torch-bf16", "onnxruntime", "ort-cuda", "ort-tensorrt")
 _PINNED = {"ort-cuda": ["CUDAExecutionProvider"], "ort-tensorrt": ["TensorrtExecutionProvider"]}
 LMO = Intrinsics(572.4114, 573.57043, 325.2611, 242.04899, 640, 480)
 
@@ -79,8 +83,9 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
 def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
                  decode_threads: int = 1, spinning: bool = False):
     """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
-    if backend == "torch":
-        return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads)
+    if backend in ("torch", "torch-bf16"):
+        return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads,
+                              precision="bf16" if backend == "torch-bf16" else "auto")
     if ckpt not in exports:
         exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
     providers = _PINNED.get(backend)
@@ -138,7 +143,8 @@ def main() -> None:
     parser.add_argument("--hand-heads", nargs="+", default=["vote", "fc"], choices=["vote", "fc"],
                         help="hand heads: vote (the default model, with its centre refiner) and fc (the paper's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS,
-                        default=["torch"] + (["onnxruntime"] if onnxruntime_available() else []),
+                        default=["torch"] + (["torch-bf16"] if bf16_native(torch.device("cpu")) else [])
+                        + (["onnxruntime"] if onnxruntime_available() else []),
                         help="what runs the network, side by side on the same frames (onnxruntime exports first)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of every backend (0: its default)")
     parser.add_argument("--ort-spinning", action="store_true",
@@ -150,15 +156,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     versions = f"torch {torch.__version__}, threads {torch.get_num_threads() if not args.threads else args.threads}"
     versions += f", onnxruntime spinning {'on' if args.ort_spinning else 'off'}"
-    if set(args.backends) - {"torch"}:
+    if set(args.backends) - {"torch", "torch-bf16"}:
         import onnxruntime
 
         versions += f", onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}"
     print(f"{versions}, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     cols = " | ".join(f"{b} median | {b} p95" for b in args.backends)
     ratio = len(args.backends) > 1 and args.backends[0] == "torch"
-    print(f"| device | preset | case | {cols} |" + (" speed-up vs torch |" if ratio else ""))
-    print("|---|---|---|" + "---|---|" * len(args.backends) + ("---|" if ratio else ""), flush=True)
+    ratios = "".join(f" {b} speed-up vs torch |" for b in args.backends[1:]) if ratio else ""
+    print(f"| device | preset | case | {cols} |{ratios}")
+    print("|---|---|---|" + "---|---|" * len(args.backends) + ("---|" * (len(args.backends) - 1) if ratio else ""),
+          flush=True)
     exports: dict[Path, Path] = {}
 
     def row(device: str, preset: str, case: str, procs: list, msgs: tuple) -> None:

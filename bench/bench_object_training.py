@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 from timing import time_steps
 
+from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
 from featmap_ros.datasets.pool import AugmentConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
 from featmap_ros.datasets.streams import LMO_OBJ_IDS, ObjectStreamConfig, SyntheticObjectStream, object_loader
 from featmap_ros.heads.dense_train import dense_loss
 from featmap_ros.model.losses import pose_loss
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
-from featmap_ros.train import bf16_native, select_outputs
+from featmap_ros.train import select_outputs
 
 
 def net(head: str, n: int) -> FeatureMappingModel:

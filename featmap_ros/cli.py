@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from featmap_ros.backends import PRECISIONS
+
 LMO_NAMES = {1: "ape", 5: "can", 6: "cat", 8: "driller", 9: "duck", 10: "eggbox", 11: "glue", 12: "holepuncher"}
 
 
@@ -99,14 +101,15 @@ def cmd_evaluate_objects(args: argparse.Namespace) -> int:
     from featmap_ros.estimator import load_estimator
 
     root, out = Path(args.bop), Path(args.out)
-    est = load_estimator(args.model, device=args.device, backend=args.backend)
+    est = load_estimator(args.model, device=args.device, backend=args.backend, precision=args.precision)
     records, ctx = run_bop(est, root, args.scene, args.frames, args.detections, targets=args.targets)
     infos, meshes = load_object_models(root / "models")
     names = {o.obj_id: o.name for o in est.objects}
     metrics = write_object_report(out, records, infos, meshes, names,
                                   extra={"model": str(args.model), "bop": str(root), "scene": args.scene,
                                          "frames": args.frames, "detections": args.detections,
-                                         "method": est.net.meta.get("method", "featmap")},
+                                         "method": est.net.meta.get("method", "featmap"),
+                                         "precision": args.precision},
                                   targets=args.targets, dataset=ctx["dataset"], split=ctx["split"])
     print(f"scored: {metrics['targets']['scored']}")
     write_overlays(out, root, args.scene, records, infos, names, n=args.overlays)
@@ -195,7 +198,7 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
                                                   ("detections", args.detections_topic),
                                                   ("ground_truth", args.ground_truth_topic)) if v})
     res = eval_bag(Path(args.bag), Path(args.model), Path(args.out), models_dir=args.models, config=config,
-                   topics=topics, device=args.device, backend=args.backend,
+                   topics=topics, device=args.device, backend=args.backend, precision=args.precision,
                    write_output_bag=not args.no_output_bag, storage=args.storage, targets=args.targets)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.md'}  metrics: {Path(args.out) / 'metrics.json'}")
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--device", default="auto")
     eo.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
                     help="where the network runs (auto: onnxruntime when installed and the model has an export)")
+    eo.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                    help="the torch backend's (auto: half on CUDA, float32 on a CPU; bf16: where native)")
     eo.set_defaults(func=cmd_evaluate_objects)
 
     xp = sub.add_parser("export", help="write a checkpoint's run-time graph as ONNX for the onnxruntime backend")
@@ -324,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="auto")
     be.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"],
                     help="where the network runs (default: --config's backend, else auto)")
+    be.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                    help="the torch backend's (default: --config's precision, else auto)")
     be.set_defaults(func=cmd_bag_eval)
     return p
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featmap_ros import geometry as geo
-from featmap_ros.backends import BACKENDS, BackendError, onnx_net
+from featmap_ros.backends import BACKENDS, PRECISIONS, BackendError, onnx_net
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
@@ -499,7 +499,7 @@ def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
 def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
                    max_detections: int = DEFAULT_MAX_DETECTIONS,
                    backend: str | None = None, refine: bool = True,
-                   decode_threads: int = 1) -> ObjectEstimator | HandEstimator:
+                   decode_threads: int = 1, precision: str = "auto") -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
 
     backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
@@ -508,21 +508,28 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     on the same cores, a default thread pool can stall for many times the work (seen with torch:
     10-40x slower). refine: hands only, use the checkpoint's centre refiner where it has one.
     decode_threads: objects only, threads that solve the detections' PnP (ObjectEstimator).
+    precision: the torch backend's (backends.torch_net.TorchNetwork): "auto" (half on CUDA, float32 on a
+    CPU), "float32" or "bf16" (bf16 autocast where the device has native bf16); not for onnxruntime.
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
         BackendError: the backend cannot run here (package, device) or the export is foreign or corrupt.
     """
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if backend is None:
         backend = "onnxruntime" if onnx_net.is_export(model_path) else "torch"
     if choose_backend(model_path, backend) == "onnxruntime":
+        if precision != "auto":
+            raise BackendError(f"precision {precision!r} is the torch backend's; onnxruntime runs its export as "
+                               "exported (float32): use backend torch, or precision auto")
         export = onnx_net.find_export(model_path)
         assert export is not None  # choose_backend said so
         net: Any = onnx_net.OnnxNetwork(export, device, cpu_threads=cpu_threads, max_batch=NETWORK_CHUNK)
     else:
         from featmap_ros.backends import torch_net
 
-        net = torch_net.load(model_path, device, cpu_threads=cpu_threads)
+        net = torch_net.load(model_path, device, cpu_threads=cpu_threads, precision=precision)
     if net.meta["task"] == "objects":
         return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections,
                                decode_threads=decode_threads)

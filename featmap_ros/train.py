@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense_train import dense_loss
 from featmap_ros.heap import heap_for_training
@@ -410,24 +411,6 @@ def stage_losses(
 def _weighted_total(losses: dict[str, torch.Tensor], loss: LossConfig) -> torch.Tensor:
     weights = {"pose_real": 1.0, "pose_syn": loss.lambda_syn, "feat": loss.lambda_feat, "mmd": loss.lambda_mmd}
     return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
-
-
-def bf16_native(device: torch.device, cpu_flags: str | None = None) -> bool:
-    """Whether `device` computes bf16 natively: CUDA's own check; on a CPU the AMX-BF16 or AVX512-BF16 flag.
-
-    cpu_flags: the CPU's flags as /proc/cpuinfo lists them (read from there when None; no file: False).
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    if cpu_flags is None:
-        try:
-            cpu_flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(re.findall(r"[a-z0-9_]+", cpu_flags))
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def _set_trainable(model: FeatureMappingModel, stage: str) -> None:

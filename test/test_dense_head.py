@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,13 +68,15 @@ def test_render_targets_decode_recovers_the_pose_to_under_a_pixel(lmo_pool) -> N
     assert max(errors) < 1.0, errors
 
 
-@pytest.mark.parametrize("iterations", [150, 0])
-def test_decode_recovers_the_pose_through_outliers_with_and_without_ransac(lmo_pool, iterations: int) -> None:
+@pytest.mark.parametrize(("iterations", "lm_scales"), [(150, (8.0, 4.0, 2.0, 1.0)), (0, (8.0, 4.0, 2.0, 1.0)),
+                                                      (0, (4.0, 1.0))])
+def test_decode_recovers_the_pose_through_outliers_with_and_without_ransac(lmo_pool, iterations: int,
+                                                                           lm_scales: tuple[float, ...]) -> None:
     pool, infos, meshes, cfg = lmo_pool
     P = pool["rgb"].shape[1]
     identity = geo.CropWindow(P / 2 - 0.5, P / 2 - 0.5, float(P), P)
     rng = np.random.default_rng(0)
-    decode_cfg = dense.DenseDecodeConfig(ransac_iterations=iterations)
+    decode_cfg = dense.DenseDecodeConfig(ransac_iterations=iterations, lm_scales=lm_scales)
     errors = []
     for i in range(len(pool["rgb"])):
         oid = cfg.obj_ids[int(pool["obj_index"][i])]
@@ -326,3 +329,46 @@ def test_the_node_parameter_decode_threads_reaches_the_estimator(tmp_path: Path)
     assert est.decode_threads == 2
     with pytest.raises(ProcessorError, match="decode_threads"):
         NodeConfig(decode_threads=0)
+
+
+def test_the_node_parameter_precision_reaches_the_torch_backend(tmp_path: Path, monkeypatch) -> None:
+    from featmap_ros.backends import torch_net
+    from featmap_ros.ros.config import NodeConfig
+    from featmap_ros.ros.processor import ProcessorError, load_estimator_for
+
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS, head="dense")
+    corners = geo.box_corners(np.zeros(3), np.full(3, 0.1)).tolist()
+    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": corners, "extent_m": [0.1] * 3}],
+            "crop": {"size": 32}, "method": "fm", "step": 0}
+    path = checkpoint.save(tmp_path / "model", FeatureMappingModel(cfg), meta)
+    monkeypatch.setattr(torch_net, "bf16_native", lambda device, cpu_flags=None: True)  # the bf16 path on any CPU
+    node = NodeConfig(model_path=str(path), backend="torch", device="cpu")
+    assert load_estimator_for(node).net.bf16 is False  # auto: float32 on a CPU
+    assert load_estimator_for(dataclasses.replace(node, precision="bf16")).net.bf16 is True
+    with pytest.raises(ProcessorError, match="precision"):
+        NodeConfig(precision="half")
+
+
+
+def test_the_lm_rounds_follow_lm_scales(monkeypatch) -> None:
+    # Correspondences of a known pose, a tenth of them moved far: every round refines, one call per scale.
+    rng = np.random.default_rng(0)
+    K = np.array([[500.0, 0, 32], [0, 500.0, 32], [0, 0, 1]])
+    xyz = rng.uniform(-0.05, 0.05, (200, 3))
+    rvec, tvec = np.array([0.1, -0.2, 0.05]), np.array([0.01, -0.02, 0.5])
+    uv = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))[0].reshape(-1, 2)
+    uv[:20] += 30.0
+    calls = []
+    refine = cv2.solvePnPRefineLM
+    monkeypatch.setattr(dense.cv2, "solvePnPRefineLM", lambda *a: calls.append(1) or refine(*a))
+    for scales in [(8.0, 4.0, 2.0, 1.0), (4.0, 1.0), (8.0, 1.0)]:
+        calls.clear()
+        r, t, idx = dense._shrinking_lm(xyz, uv, K, 1.5, len(xyz), scales)
+        assert len(calls) == len(scales) and set(idx) == set(range(20, 200))
+        np.testing.assert_allclose(t.ravel(), tvec, atol=1e-6)
+    # Without a wide first round the outliers' pull on EPnP leaves too few points within the threshold.
+    with pytest.raises(geo.GeometryError, match="no pose fits"):
+        dense._shrinking_lm(xyz, uv, K, 1.5, len(xyz), (1.0,))
+    for bad in [(), (0.0,), (2.0, float("nan"))]:
+        with pytest.raises(ValueError, match="lm_scales"):
+            dense.DenseDecodeConfig(lm_scales=bad)

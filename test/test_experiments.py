@@ -167,3 +167,21 @@ def test_nyu_experiment_runs_on_a_fixture_in_the_nyu_format(tmp_path):
     for t in doc["methods"].values():
         assert math.isfinite(t["mean_error_mm"]) and len(t["per_joint_mm"]) == 14
     assert (tmp_path / "out" / "table.md").is_file() and (tmp_path / "out" / "nyu_fits.npz").is_file()
+
+
+def test_a_hands_run_without_the_checks_model_says_what_it_skips(tmp_path, caplog, monkeypatch):
+    from featmap_ros.experiments import data as xdata
+    from featmap_ros.experiments.hands import run_hands_experiment
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(xdata, "hands_task_data", stop)  # the warning comes first; nothing is rendered or trained
+    for methods, warned in [(("synthetic",), True), (("fm_joint",), False), (("fm",), True)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="featmap_ros.experiments.hands"), pytest.raises(Stop):
+            run_hands_experiment(tmp_path, quick=True, methods=methods, nyu_dir=NYU)
+        assert ("fm_joint (budget.fm_method) is not among the methods" in caplog.text) is warned, methods

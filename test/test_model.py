@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,3 +267,27 @@ def test_under_bf16_autocast_the_extractor_runs_in_bf16_and_the_heads_in_float32
     assert pred.features.dtype == torch.bfloat16 and pred.outputs.dtype == torch.float32
     # bf16 features (8 bits of mantissa), float32 head: close to the float32 run, not equal.
     torch.testing.assert_close(pred.outputs, reference, atol=0.05, rtol=0.05)
+
+
+
+def test_the_torch_backend_runs_bf16_only_when_asked_and_only_where_it_is_native(monkeypatch) -> None:
+    from featmap_ros.backends import BackendError, torch_net
+
+    model = FeatureMappingModel(NetConfig(task="hands", input_size=32, width=4, feature_dim=8, head="vote",
+                                          mapping=True, shared_extractor=True, dropout=0.0))
+    meta = {"feature_stats": {"mean": [0.1] * 8, "std": [0.5] * 8}}
+    cpu, x = torch.device("cpu"), np.random.default_rng(0).uniform(-1, 1, (4, 1, 32, 32)).astype(np.float32)
+    monkeypatch.setattr(torch_net, "bf16_native", lambda device, cpu_flags=None: True)  # the bf16 path on any CPU
+    auto, fp32, bf16 = (torch_net.TorchNetwork(model, meta, cpu, precision=p) for p in ("auto", "float32", "bf16"))
+    assert not auto.bf16 and not auto.half and not fp32.bf16 and bf16.bf16
+    (out_a, ood_a), (out_f, ood_f), (out_b, ood_b) = auto.run(x), fp32.run(x), bf16.run(x)
+    np.testing.assert_array_equal(out_a, out_f)  # auto is float32 on a CPU
+    np.testing.assert_array_equal(ood_a, ood_f)
+    assert out_b.dtype == np.float64 and np.isfinite(out_b).all() and np.isfinite(ood_b).all()
+    # bf16 features (8 bits of mantissa) into the float32 head: close, not equal.
+    assert 0 < np.abs(out_b - out_f).max() < 0.05 and np.abs(ood_b - ood_f).max() < 0.05 * ood_f.max()
+    monkeypatch.setattr(torch_net, "bf16_native", lambda device, cpu_flags=None: False)
+    with pytest.raises(BackendError, match="natively"):
+        torch_net.TorchNetwork(model, meta, cpu, precision="bf16")
+    with pytest.raises(BackendError, match="precision"):
+        torch_net.TorchNetwork(model, meta, cpu, precision="fp16")

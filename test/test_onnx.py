@@ -473,3 +473,13 @@ def test_onnxruntime_threads_do_not_spin_after_a_run_unless_asked(exported) -> N
     for allow, want in ((False, "0"), (True, "1")):
         net = onnx_net.OnnxNetwork(export, "cpu", allow_spinning=allow)
         assert net.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == want
+
+
+
+def test_precisions_other_than_auto_are_the_torch_backends(exported) -> None:
+    _, export = exported["dense"]
+    for precision in ("bf16", "float32"):
+        with pytest.raises(BackendError, match="torch backend"):
+            load_estimator(export, device="cpu", backend="onnxruntime", precision=precision)
+    with pytest.raises(BackendError, match="precision"):
+        load_estimator(export, device="cpu", backend="onnxruntime", precision="fp16")

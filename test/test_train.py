@@ -339,7 +339,7 @@ def test_cpu_threads_caps_torch_threads_for_the_run(tmp_path: Path) -> None:
 
 
 def test_bf16_native_reads_the_cpu_flags() -> None:
-    from featmap_ros.train import bf16_native
+    from featmap_ros.backends.torch_net import bf16_native
 
     cpu = torch.device("cpu")
     assert not bf16_native(cpu, "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
@@ -351,7 +351,7 @@ def test_bf16_native_reads_the_cpu_flags() -> None:
 
 @pytest.mark.parametrize("amp", [True, False])
 def test_amp_trains_in_bf16_only_where_the_cpu_has_it_and_keeps_float32_weights(tmp_path: Path, amp: bool) -> None:
-    from featmap_ros.train import bf16_native
+    from featmap_ros.backends.torch_net import bf16_native
 
     native = bf16_native(torch.device("cpu"))
     # The vote head learns this data steadily in both precisions and at 1 or 2 threads; a width-4 FC

@@ -11,6 +11,9 @@ from __future__ import annotations
 from featmap_ros.errors import FeatmapError
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+# The torch backend's precision (torch_net.TorchNetwork: auto = half on CUDA, float32 on a CPU); ONNX
+# Runtime runs its export in float32 (TensorRT: fp16) whatever this says.
+PRECISIONS = ("auto", "float32", "bf16")
 
 
 class BackendError(FeatmapError, ValueError):

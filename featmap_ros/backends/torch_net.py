@@ -2,7 +2,8 @@
 
 RunTimeGraph is the one definition of what runs on the robot: h(g(f_R(x))) and the out-of-domain
 score of the pooled feature under the synthetic feature statistics. TorchNetwork runs it here;
-featmap_ros.export writes the same module to ONNX, so both backends compute the same thing. A hand
+featmap_ros.export writes the same module to ONNX, so both backends compute the same thing (in float32;
+TorchNetwork's precision "bf16" is the torch backend's own, a CPU speed-up where bf16 is native). A hand
 checkpoint's centre refiner (model/refiner.py), when it has one, runs beside it (refine()), in
 float32 whatever the device.
 """
@@ -10,6 +11,7 @@ float32 whatever the device.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featmap_ros.backends import BackendError
+from featmap_ros.backends import PRECISIONS, BackendError
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, pooled_features
 from featmap_ros.model.refiner import OFFSET_DIM, CentreRefiner
@@ -35,6 +37,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device")
     return torch.device(device)
+
+
+def bf16_native(device: torch.device, cpu_flags: str | None = None) -> bool:
+    """Whether `device` computes bf16 natively: CUDA's own check; on a CPU the AMX-BF16 or AVX512-BF16 flag.
+
+    cpu_flags: the CPU's flags as /proc/cpuinfo lists them (read from there when None; no file: False).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if cpu_flags is None:
+        try:
+            cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(re.findall(r"[a-z0-9_]+", cpu_flags))
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 class RunTimeGraph(nn.Module):
@@ -67,13 +87,29 @@ class RunTimeGraph(nn.Module):
 
 
 class TorchNetwork:
-    """A loaded model on a torch device (half precision on CUDA) with its out-of-domain statistics."""
+    """A loaded model on a torch device with its out-of-domain statistics.
+
+    precision "auto": half precision on CUDA, float32 on a CPU. "float32": float32 on every device.
+    "bf16": bf16 autocast as in training (the extractor and the mapping in bf16, the heads in their
+    float32 weights); only where the device computes bf16 natively (bf16_native), since emulated bf16
+    is slower than float32. The centre refiner always runs in float32.
+
+    Raises:
+        BackendError: an unknown precision, or bf16 on a device without native bf16.
+    """
 
     def __init__(self, model: FeatureMappingModel, meta: dict[str, Any], device: torch.device,
-                 refiner: CentreRefiner | None = None) -> None:
+                 refiner: CentreRefiner | None = None, precision: str = "auto") -> None:
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if precision == "bf16" and not bf16_native(device):
+            raise BackendError(f"precision bf16 asked for, but {device} does not compute bf16 natively "
+                               "(CPUs need AMX-BF16 or AVX512-BF16): use auto or float32")
         self.meta = meta
         self.device = device
-        self.half = device.type == "cuda"
+        self.precision = precision
+        self.half = device.type == "cuda" and precision == "auto"
+        self.bf16 = precision == "bf16"
         self.head = model.cfg.head
         self.n_outputs = int(model.cfg.n_outputs)
         self.model = model.to(device).eval()
@@ -106,12 +142,13 @@ class TorchNetwork:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
-        outputs, ood, _ = self.graph(x.half() if self.half else x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs, ood, _ = self.graph(x.half() if self.half else x)
         return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
 
 
-def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0) -> TorchNetwork:
-    """A checkpoint's network on `device`; cpu_threads > 0 caps torch's intra-op threads.
+def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0, precision: str = "auto") -> TorchNetwork:
+    """A checkpoint's network on `device`; cpu_threads > 0 caps torch's intra-op threads; precision: TorchNetwork's.
 
     Raises:
         featmap_ros.model.checkpoint.CheckpointError: missing, foreign, tampered or corrupt checkpoint.
@@ -121,4 +158,5 @@ def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0) -> 
         torch.set_num_threads(cpu_threads)
     model, meta = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
     found = checkpoint.load_refiner(model_path) if meta["task"] == "hands" else None
-    return TorchNetwork(model, meta, resolve_device(device), refiner=None if found is None else found[0])
+    return TorchNetwork(model, meta, resolve_device(device), refiner=None if found is None else found[0],
+                        precision=precision)

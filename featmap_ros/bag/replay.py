@@ -57,7 +57,8 @@ def _overlay_picks(n_images: int | None, n: int) -> set[int]:
 
 def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | None = None,
              config: NodeConfig | None = None, topics: BagTopics | None = None, device: str = "auto",
-             backend: str | None = None, write_output_bag: bool = True, storage: str = "mcap",
+             backend: str | None = None, precision: str | None = None, write_output_bag: bool = True,
+             storage: str = "mcap",
              distro: str = "humble", n_overlays: int = 4, targets: str = "all") -> EvalResult:
     """Replay a bag through the node's processing path and score it against its ground truth.
 
@@ -71,6 +72,7 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
         config: the node's parameters (defaults from the checkpoint when None).
         topics: topic names (the task's defaults when None).
         backend: torch, onnxruntime or auto (None: the config's backend, as the node would run).
+        precision: the torch backend's (None: the config's; estimator.load_estimator).
         targets: objects: "all" annotated instances or the "bop19" test targets.
     """
     out = Path(out)
@@ -81,7 +83,8 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     topics = topics or TOPICS[task]
     if task == "objects":
         infos, meshes = load_object_models(models_dir)
-    estimator = load_estimator(model_path, device=device, backend=backend or cfg.backend)
+    estimator = load_estimator(model_path, device=device, backend=backend or cfg.backend,
+                               precision=precision or cfg.precision)
     messages: list[str] = []
     proc = FrameProcessor(estimator, MessageFactory.for_rosbags(typestore(distro)), cfg, log=messages.append)
     score = (ObjectReplayScore(Path(models_dir).parent, {o.obj_id for o in estimator.objects}, targets)

@@ -13,8 +13,8 @@ per-joint errors and the fraction of frames whose largest joint error is within 
 Also the run-time path (HandEstimator on the full frame: locate, crop, joints) on a subset, and
 the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budget.fm_method).
 
-Budget (default full run, within 90 minutes on an otherwise idle 2-core CPU with bf16; 70 minutes at
-5000 steps in float32): the vote head (a small
+Budget (default full run: 73 minutes on an otherwise idle 2-core CPU with AMX-BF16, training in bf16
+autocast; 70 minutes at 5000 steps in float32): the vote head (a small
 U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
 0.1, stage 1 3000 + stage 2 3000 = 6000 steps per method (fm_joint: 6000 joint steps), fm_fc (the
 paper's FC head, staged fm) at twice the steps (the same CPU time); 2000 "real" frames (the last 200
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ DEFAULT_NYU = Path(__file__).resolve().parents[3] / "shared" / "data" / "nyu"
 
 # The augmentation of the hand pool and pairs, chosen on the validation frames (docs/results.md).
 HANDS_AUGMENT = HandAugmentConfig(rotation_deg=30.0, shift_sigma=0.05, depth_sigma=0.05, scale=0.1)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,10 @@ def run_hands_experiment(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    fc_row = budget.fc_row and budget.head != "fc" and "fm" in methods
+    if budget.fm_method not in (*methods, *(("fm_fc",) if fc_row else ())):
+        log.warning("the checks' Feature Mapping model %s (budget.fm_method) is not among the methods %s: "
+                    "no run-time row without refinement and no real NYU frame check", budget.fm_method, methods)
     stream_cfg = HandStreamConfig(crop_px=budget.input_size)
     shape, sensor_cfg = xdata.hand_train_shape(), sensor.SensorConfig.nominal()
     # The refiner's crops of the training frames are made as the pairs render them (one render per frame).
@@ -325,7 +332,7 @@ def run_hands_experiment(
                                  synthetic_pool=budget.synthetic_pool, augment=budget.augment(),
                                  holdout=budget.validation_frames, on_render=(recorder,))
     runs = [(budget.head, methods, out)]
-    if budget.fc_row and budget.head != "fc" and "fm" in methods:
+    if fc_row:
         runs.append(("fc", ("fm",), out / "fc"))
     paths: dict[str, Path] = {}
     wall: dict[str, float] = {}

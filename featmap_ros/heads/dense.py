@@ -41,10 +41,12 @@ class DenseDecodeConfig:
     max_points: int = 400  # RANSAC samples at most this many (the most visible) correspondences
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
     # 0 (the default): no RANSAC: EPnP on every kept correspondence, then Levenberg-Marquardt on the
-    # ones within a shrinking reprojection threshold (8x, 4x, 2x, 1x), a few OpenCV calls instead of
+    # ones within a shrinking reprojection threshold (lm_scales), a few OpenCV calls instead of
     # hypotheses. On the LM-O validation frames (bench/bench_dense_decode.py, docs/results.md) it
     # scored 38.1% 2D-proj@5px at 3.4 ms per object, RANSAC with 150 AP3P hypotheses 36.5% at 5.6 ms.
     ransac_iterations: int = 0
+    # Without RANSAC: the multiples of the inlier threshold of the Levenberg-Marquardt rounds, widest first.
+    lm_scales: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
     ransac_confidence: float = 0.999
     # The minimal solver inside RANSAC: "ap3p" (4 points, about 3x faster than EPnP's 5-point
     # samples at equal accuracy) or "epnp"; Levenberg-Marquardt on all inliers polishes either.
@@ -52,6 +54,12 @@ class DenseDecodeConfig:
     # Confidence = inlier ratio x min(1, visible locations / full_evidence): a handful of locations
     # (a false detection, a hidden object) fits any pose, so it cannot give full confidence.
     full_evidence: int = 24
+
+    def __post_init__(self) -> None:
+        scales = tuple(float(v) for v in self.lm_scales)
+        if not scales or not all(np.isfinite(v) and v > 0 for v in scales):
+            raise ValueError(f"lm_scales must be positive finite multiples of the threshold, got {self.lm_scales!r}")
+        object.__setattr__(self, "lm_scales", scales)
 
 
 _SOLVERS = {"ap3p": cv2.SOLVEPNP_AP3P, "epnp": cv2.SOLVEPNP_EPNP}
@@ -94,15 +102,15 @@ class DenseDecoded:
     confidence: float
 
 
-def _shrinking_lm(xyz: np.ndarray, uv: np.ndarray, K: np.ndarray, threshold: float, n: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EPnP on all correspondences, then LM on those within 8, 4, 2, 1 x threshold; (rvec, tvec, inlier indices)."""
+def _shrinking_lm(xyz: np.ndarray, uv: np.ndarray, K: np.ndarray, threshold: float, n: int,
+                  scales: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EPnP on all correspondences, then LM on those within scales x threshold; (rvec, tvec, inlier indices)."""
     xyz, uv = np.ascontiguousarray(xyz), np.ascontiguousarray(uv)
     ok, rvec, tvec = cv2.solvePnP(xyz, uv, K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP)
     if not ok:
         raise geo.GeometryError(f"EPnP found no pose from {n} correspondences")
     idx = np.arange(len(xyz))
-    for scale in (8.0, 4.0, 2.0, 1.0):
+    for scale in scales:
         proj, _ = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))
         err = np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1)
         within = np.flatnonzero(err < scale * threshold)
@@ -148,7 +156,7 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
             idx = inliers[:, 0]
             rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
         else:
-            rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep))
+            rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_scales)
     except cv2.error as err:  # degenerate correspondences (all 3D points equal, early in training)
         raise geo.GeometryError(f"OpenCV PnP-RANSAC failed on {len(keep)} correspondences: {err}") from err
     R, _ = cv2.Rodrigues(rvec)

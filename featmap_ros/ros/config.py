@@ -17,13 +17,14 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from featmap_ros.backends import BACKENDS, PRECISIONS
 from featmap_ros.errors import FeatmapError
 
 __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_config", "parameter_specs",
            "unknown_parameters"]
 
 TASKS = ("objects", "hands")
-BACKENDS = ("auto", "torch", "onnxruntime")  # featmap_ros.backends.BACKENDS, without importing the estimator
+
 # Durations longer than this (11.6 days) are no sensible slop, age or lifetime, and overflow ROS
 # Durations (int64 nanoseconds) long before float seconds run out.
 MAX_SECONDS = 1e6
@@ -67,6 +68,11 @@ class NodeConfig:
     cpu_threads: int = _param(
         1, "CPU threads for the network (0 = the backend's default, one per core); 1 resists a busy CPU best "
         "(docs/ros.md), raise it only on cores nothing else uses"
+    )
+    precision: str = _param(
+        "auto", "backend torch: 'auto' (CUDA in half precision, a CPU in float32), 'float32', or 'bf16' (bf16 "
+        "autocast, on CPUs with AMX-BF16 or AVX512-BF16 or CUDA: faster on such CPUs, docs/ros.md); with "
+        "onnxruntime only 'auto'"
     )
     decode_threads: int = _param(
         1, "objects: threads that solve the detections' PnP after the network (1: in the callback's thread); "
@@ -118,6 +124,9 @@ class NodeConfig:
             raise ProcessorError("config", f"device {self.device!r} is unknown; expected auto, cpu, cuda or cuda:N")
         if self.backend not in BACKENDS:
             raise ProcessorError("config", f"backend {self.backend!r} is unknown; expected one of {list(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ProcessorError("config", f"precision {self.precision!r} is unknown; expected one of "
+                                           f"{list(PRECISIONS)}")
         if self.task == "objects" and not self.use_detections:
             raise ProcessorError("config", "task objects crops around 2D detections: use_detections must be true")
         for name in ("image_topic", "camera_info_topic", "detections_topic", "markers_topic", "objects_topic",
