@@ -9,8 +9,9 @@ Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them. Backends run side by side on the same
-frames: torch on the checkpoint (float32 on a CPU; torch-bf16 in bf16 autocast, a default column where
-the CPU has native bf16), onnxruntime on its `featmap export` (providers by availability:
+frames, taking turns frame by frame: torch on the checkpoint (float32 on a CPU; torch-bf16 in bf16
+autocast, a default column where the CPU has native bf16), onnxruntime on its `featmap export`
+(providers by availability:
 TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
 vote head (the default) carry a centre refiner, so their frames include its two crop-and-move steps.
 --decode-threads: the object rows once per count of threads solving the detections' PnP (the
@@ -116,21 +117,27 @@ def hand_frame(f: MessageFactory) -> tuple:
     return f.image_depth(depth, 0, "cam", "16UC1"), f.camera_info(NYU_INTRINSICS, 0, "cam"), None
 
 
-def measure(proc: FrameProcessor, msgs: tuple, frames: int) -> tuple[float, float]:
-    """Median and p95 of process() wall time in ms, after 3 warm-up frames.
+def measure(procs: list[FrameProcessor | None], msgs: tuple, frames: int) -> list[tuple[float, float]]:
+    """Median and p95 of process() wall time in ms per processor (None: NaN), after 3 warm-up frames each.
 
-    msgs = ("network", batch) times the network alone (est.net.run) on a batch of crops instead.
+    The processors take turns frame by frame, so a machine whose speed drifts (this project's 2-core
+    CPU: up to 1.5x between runs minutes apart) slows them alike instead of favouring whichever ran
+    first. msgs = ("network", batch) times the network alone (est.net.run) on a batch of crops instead.
     """
-    times = []
+    times: list[list[float]] = [[] for _ in procs]
     for i in range(frames + 3):
-        t0 = time.perf_counter()
-        out = proc.estimator.net.run(msgs[1]) if msgs[0] == "network" else proc.process(*msgs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    assert out is not None
-    return float(np.median(times) * 1e3), float(np.percentile(times, 95) * 1e3)
+        for k, proc in enumerate(procs):
+            if proc is None:
+                continue
+            t0 = time.perf_counter()
+            out = proc.estimator.net.run(msgs[1]) if msgs[0] == "network" else proc.process(*msgs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            assert out is not None
+            if i >= 3:
+                times[k].append(time.perf_counter() - t0)
+    return [(float(np.median(t) * 1e3), float(np.percentile(t, 95) * 1e3)) if t else (float("nan"), float("nan"))
+            for t in times]
 
 
 def main() -> None:
@@ -171,14 +178,9 @@ def main() -> None:
 
     def row(device: str, preset: str, case: str, procs: list, msgs: tuple) -> None:
         meds, cells = [], []
-        for proc in procs:
-            if proc is None:
-                meds.append(float("nan"))
-                cells.append("n/a | n/a")
-                continue
-            med, p95 = measure(proc, msgs, args.frames)
+        for proc, (med, p95) in zip(procs, measure(procs, msgs, args.frames), strict=True):
             meds.append(med)
-            cells.append(f"{med:.1f} | {p95:.1f}")
+            cells.append("n/a | n/a" if proc is None else f"{med:.1f} | {p95:.1f}")
         speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
