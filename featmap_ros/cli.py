@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from featmap_ros.backends import PRECISIONS
+from featmap_ros.backends import BACKENDS, PRECISIONS
 
 LMO_NAMES = {1: "ape", 5: "can", 6: "cat", 8: "driller", 9: "duck", 10: "eggbox", 11: "glue", 12: "holepuncher"}
 
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--out", required=True)
     eo.add_argument("--overlays", type=int, default=6)
     eo.add_argument("--device", default="auto")
-    eo.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+    eo.add_argument("--backend", default="auto", choices=list(BACKENDS),
                     help="where the network runs (auto: onnxruntime when installed and the model has an export)")
     eo.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                     help="the torch backend's (auto: half on CUDA, float32 on a CPU; bf16: where native)")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--targets", default="all", choices=["all", "bop19"],
                     help="objects: score every instance in the bag, or the BOP19 test targets (needs the BOP ids)")
     be.add_argument("--device", default="auto")
-    be.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"],
+    be.add_argument("--backend", default=None, choices=list(BACKENDS),
                     help="where the network runs (default: --config's backend, else auto)")
     be.add_argument("--precision", default=None, choices=list(PRECISIONS),
                     help="the torch backend's (default: --config's precision, else auto)")

@@ -27,6 +27,7 @@ from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.estimator import load_estimator
 from featmap_ros.evaluation import score_objects
 from featmap_ros.experiments.main_job import MainJobSize, train_objects
+from featmap_ros.metrics import accuracy
 
 torch.set_num_threads(int(os.environ.get("DEV_THREADS", "1")))
 ROOT = Path("/tmp/objdev")
@@ -64,7 +65,7 @@ proj = np.array([r["proj_px"] for r in rows])
 mean = metrics["all"]["mean_over_objects"]
 row = {"tag": a.tag, "args": vars(a), "train_s": round(wall, 1), "val_instances": metrics["all"]["n_instances"],
        "scored_frames": scored, "val_proj_5px": mean["proj_5px"], "val_add_10": mean["add_10"],
-       "val_proj_10px": float(np.mean(proj < 10)), "val_proj_median_px": float(np.median(proj))}
+       "val_proj_10px": accuracy(proj, 10.0), "val_proj_median_px": float(np.median(proj))}
 with open(ROOT / "results.jsonl", "a") as f:
     f.write(json.dumps(row) + "\n")
 print(json.dumps(row))

@@ -10,6 +10,7 @@ float32 whatever the device.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -48,13 +49,17 @@ def bf16_native(device: torch.device, cpu_flags: str | None = None) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    if cpu_flags is None:
-        try:
-            cpu_flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(re.findall(r"[a-z0-9_]+", cpu_flags))
+    flags = _cpu_flags() if cpu_flags is None else set(re.findall(r"[a-z0-9_]+", cpu_flags))
     return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The words of /proc/cpuinfo (read once per process; empty where there is no such file)."""
+    try:
+        return frozenset(re.findall(r"[a-z0-9_]+", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return frozenset()
 
 
 class RunTimeGraph(nn.Module):
