@@ -33,6 +33,8 @@ from featmap_ros.backends import BACKENDS, PRECISIONS, BackendError, onnx_net
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
+from featmap_ros.heads.keypoints import KeypointDecodeConfig, keypoint_channels
+from featmap_ros.heads.keypoints import decode as decode_keypoints
 from featmap_ros.preprocess import depth_to_input, rgb_to_input
 from featmap_ros.results import Detection2D, HandPose, ObjectPose
 
@@ -53,13 +55,15 @@ BB8_OUTPUTS = 16  # per object: 8 corners (u, v) normalised to the crop
 
 @dataclass(frozen=True)
 class ObjectModelInfo:
-    """What the estimator knows of one object: id, name, box corners (8, 3) and extent (3,) in metres."""
+    """What the estimator knows of one object: id, name, box corners (8, 3) and extent (3,) in metres,
+    and the keypoint head's model keypoints (n, 3) where the checkpoint has them."""
 
     obj_id: int
     name: str
     corners: np.ndarray
     extent: np.ndarray
     symmetric: bool
+    keypoints: np.ndarray | None = None
 
 
 def _network(model: Any, meta: dict[str, Any], device: str) -> Any:
@@ -116,15 +120,17 @@ def _check_intrinsics(shape: tuple[int, ...], intrinsics: geo.Intrinsics, what: 
 class ObjectEstimator:
     """Objects with Feature Mapping: crops on 2D detections -> h(g(f_R(crop))) -> pose.
 
-    The checkpoint's head decides the decoding: 8 corners -> PnP (bb8), or dense correspondences ->
-    PnP-RANSAC with the inlier ratio as confidence (dense).
+    The checkpoint's head decides the decoding: 8 corners -> PnP (bb8), dense correspondences ->
+    PnP with the inlier ratio as confidence (dense), or keypoint vector fields -> RANSAC voting,
+    then PnP, with the voters' agreement as confidence (keypoints).
     """
 
     task = "objects"
 
     def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None,
-                 max_detections: int = DEFAULT_MAX_DETECTIONS, decode_threads: int = 1) -> None:
+                 max_detections: int = DEFAULT_MAX_DETECTIONS, decode_threads: int = 1,
+                 keypoint_cfg: KeypointDecodeConfig | None = None) -> None:
         """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
 
         decode_threads > 1 solves the detections' PnP in that many threads (OpenCV releases the GIL), with
@@ -137,7 +143,8 @@ class ObjectEstimator:
         self.device = str(self.net.device)
         self.objects = [
             ObjectModelInfo(int(o["obj_id"]), str(o["name"]), np.asarray(o["corners_m"], dtype=np.float64),
-                            np.asarray(o["extent_m"], dtype=np.float64), bool(o.get("symmetric", False)))
+                            np.asarray(o["extent_m"], dtype=np.float64), bool(o.get("symmetric", False)),
+                            np.asarray(o["keypoints_m"], dtype=np.float64) if "keypoints_m" in o else None)
             for o in meta["objects"]
         ]
         self.index = {o.obj_id: i for i, o in enumerate(self.objects)}
@@ -154,7 +161,13 @@ class ObjectEstimator:
                       if decode_threads > 1 else None)
         self.skipped: Counter[str] = Counter()
         self.dense_cfg = dense_cfg or DenseDecodeConfig()
+        self.keypoint_cfg = keypoint_cfg or KeypointDecodeConfig()
         self.per_object = DENSE_CHANNELS if self.head == "dense" else BB8_OUTPUTS
+        if self.head == "keypoints":
+            counts = {None if o.keypoints is None else len(o.keypoints) for o in self.objects}
+            if None in counts or len(counts) != 1:
+                raise EstimatorError("a keypoint head needs every object's keypoints_m, all of one count")
+            self.per_object = keypoint_channels(counts.pop())
         if self.net.n_outputs != self.per_object * len(self.objects):
             raise EstimatorError(
                 f"{self.head} head has {self.net.n_outputs} outputs for {len(self.objects)} objects; "
@@ -217,7 +230,7 @@ class ObjectEstimator:
         def attempt(item: tuple[int, int, int, geo.CropWindow]) -> tuple | geo.GeometryError:
             row, _, k, win = item
             try:
-                return self._solve(outputs[row, per * k: per * (k + 1)], k, win, K)
+                return self.solve(outputs[row, per * k: per * (k + 1)], k, win, K)
             except geo.GeometryError as err:
                 return err
 
@@ -245,12 +258,16 @@ class ObjectEstimator:
                                     score=float(det.score) * float(confidence), out_of_domain=float(ood[row])))
         return poses
 
-    def _solve(self, out: np.ndarray, k: int, win: geo.CropWindow, K: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """(R, t, corners' image points, confidence) from one object's finite head output; raises geo.GeometryError."""
+    def solve(self, out: np.ndarray, k: int, win: geo.CropWindow, K: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(R, t, corners' image points, confidence) from object k's finite head output (its per_object
+        channels) in crop window win of the camera K, decoded as the checkpoint's head; raises geo.GeometryError."""
         info = self.objects[k]
         if self.head == "dense":
             found = decode_dense(out, win, K, info.corners.min(axis=0), info.extent, self.dense_cfg)
+            return found.R, found.t, geo.project_model(info.corners, found.R, found.t, K), found.confidence
+        if self.head == "keypoints":
+            found = decode_keypoints(out, win, K, info.keypoints, self.keypoint_cfg)
             return found.R, found.t, geo.project_model(info.corners, found.R, found.t, K), found.confidence
         uv = win.to_image(geo.denormalise_uv(out.reshape(8, 2), self.crop_size))
         R, t = geo.solve_pnp(info.corners, uv, K, method=self.pnp_method, ransac=self.ransac)

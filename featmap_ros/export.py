@@ -3,7 +3,7 @@
 What is exported is backends.torch_net.RunTimeGraph, the module the torch backend runs: h(g(f_R(x)))
 (h(f_S(x)) for baselines) and the out-of-domain score computed in the graph from the checkpoint's
 feature statistics, so ONNX Runtime needs nothing but the two files (backends/onnx_net.py reads
-them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, hands).
+them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, keypoints, hands).
 A hand checkpoint's centre refiner (model/refiner.py) goes to a second graph, `<stem>.refiner.onnx`
 (input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named with its sha256 in the JSON's
 `refiner_onnx` section and checked against torch the same way.

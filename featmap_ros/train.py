@@ -46,6 +46,7 @@ import yaml
 from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense_train import dense_loss
+from featmap_ros.heads.keypoints_train import keypoint_loss
 from featmap_ros.heap import heap_for_training
 from featmap_ros.model import checkpoint as ckpt
 from featmap_ros.model.losses import POSE_LOSSES, feature_loss, mmd, pose_loss
@@ -377,6 +378,11 @@ def stage_losses(
     def pose(pred: torch.Tensor, batch: Batch, key: str = "target") -> torch.Tensor:
         if model.cfg.head == "dense":
             return dense_loss(pred, batch["coords"], batch["visibility"], batch.get("obj_index"), loss.smooth_l1_beta)
+        if model.cfg.head == "keypoints":
+            if "keypoints" not in batch:
+                raise TrainError("the keypoint head needs batches with 'keypoints' (pools made with head='keypoints')")
+            return keypoint_loss(pred, batch["keypoints"], batch["visibility"], batch.get("obj_index"),
+                                 loss.smooth_l1_beta)
         pred = select_outputs(pred, batch.get("obj_index"), batch[key].shape[1])
         return pose_loss(pred.float(), batch[key].float(), loss.pose, loss.smooth_l1_beta)
 

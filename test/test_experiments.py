@@ -57,8 +57,9 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
     from featmap_ros.experiments.lmo import TRAINED_METHODS, run_lmo_experiment
 
     doc = run_lmo_experiment(lmo_root, 2, "0-300", "301-611", tmp_path, quick=True)
-    # Every method with the default (dense) head, and the paper's BB8 head as Feature Mapping's row.
-    methods = (*TRAINED_METHODS, "fm_bb8")
+    # Every method with the default (dense) head; Feature Mapping again with the paper's BB8 head and PVNet's
+    # keypoint head (the quick budget's compare_heads).
+    methods = (*TRAINED_METHODS, "fm_bb8", "fm_keypoints")
     assert tuple(doc["methods"]) == methods
     saved = json.loads((tmp_path / "table.json").read_text())
     assert tuple(saved["methods"]) == methods
@@ -69,7 +70,7 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
             for k in ("proj_5px", "add_10", "cm5_deg5"):
                 assert 0.0 <= t[split]["mean"][k] <= 100.0
         assert t["all"]["n_instances"] > 0
-        assert t["head"] == ("bb8" if m == "fm_bb8" else "dense")
+        assert t["head"] == {"fm_bb8": "bb8", "fm_keypoints": "keypoints"}.get(m, "dense")
         # How well each learnt the synthetic images themselves: 2 held-out crops of each of the 2 objects.
         assert t["synthetic_crops"]["n"] == 4 and 0.0 <= t["synthetic_crops"]["proj_5px"] <= 1.0
         assert t["synthetic_crops"]["median_px"] > 0
@@ -86,7 +87,8 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
     assert [p["step"] for p in doc["curves"]["fm"]] == [4, 7] and [p["step"] for p in doc["curves"]["real"]] == [4, 7]
     # Every trained method spent the same number of steps.
     steps = {m: json.loads((tmp_path / m / "model.json").read_text())["step"] for m in TRAINED_METHODS}
-    steps["fm_bb8"] = json.loads((tmp_path / "bb8" / "fm" / "model.json").read_text())["step"]
+    for head in ("bb8", "keypoints"):
+        steps[f"fm_{head}"] = json.loads((tmp_path / head / "fm" / "model.json").read_text())["step"]
     assert len(set(steps.values())) == 1
 
 

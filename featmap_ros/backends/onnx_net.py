@@ -48,7 +48,7 @@ _TASK_KEYS = {"objects": ("objects", "crop"), "hands": ("hands", "crop")}
 
 
 # nets.HEADS, and "bb8" of hand exports written before hands had a head of their own (nets imports torch).
-_HEADS = ("bb8", "dense", "fc", "vote")
+_HEADS = ("bb8", "dense", "keypoints", "fc", "vote")
 
 
 def onnxruntime_available() -> bool:

@@ -39,7 +39,7 @@ from featmap_ros.datasets.streams import (
     random_texture,
     sample_pose,
 )
-from featmap_ros.geometry import CropWindow, project_model
+from featmap_ros.geometry import CropWindow, normalise_uv, project_model
 from featmap_ros.heads.dense import model_coordinates, normalise_coordinates
 from featmap_ros.heads.dense_train import block_targets
 from featmap_ros.render.objects import Lighting, ObjectRenderer
@@ -265,11 +265,30 @@ def warp(images: torch.Tensor, theta: torch.Tensor, out: int, mode: str) -> torc
 
 
 def warp_corners(target: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """(B, 16) corners normalised over the stored crop -> normalised over the warped output window."""
-    uv = target.view(len(target), 8, 2)
+    """(B, 2 n) points (corners, keypoints) normalised over the stored crop -> normalised over the output window."""
+    uv = target.view(len(target), -1, 2)
     A, b = theta[:, :, :2], theta[:, :, 2]
     out = torch.linalg.solve(A, (uv - b[:, None, :]).transpose(1, 2)).transpose(1, 2)
-    return out.reshape(len(target), 16)
+    return out.reshape(target.shape)
+
+
+def add_keypoints(pool: Pool, keypoints_m: Sequence[np.ndarray] | np.ndarray) -> Pool:
+    """Add pool['keypoints'] (N, 2 n): each row's object keypoints (keypoints_m[obj_index], (n, 3) model
+    metres) projected with the row's pose and stored crop camera, normalised over the stored crop
+    (as its corner targets). The keypoint head's targets; returns the pool."""
+    kp = torch.as_tensor(np.asarray(keypoints_m, np.float64), dtype=torch.float64)[pool["obj_index"].long()]
+    R, t, K = (pool[k].double() for k in ("R", "t", "K_crop"))
+    cam = kp @ R.transpose(1, 2) + t[:, None, :]
+    if (cam[..., 2] <= 0).any():
+        raise StreamError("a pool keypoint is behind its crop camera")
+    pix = cam @ K.transpose(1, 2)
+    uv = pix[..., :2] / pix[..., 2:]
+    pool["keypoints"] = torch.from_numpy(normalise_uv(uv.numpy(), pool["mask"].shape[-1])).reshape(len(kp), -1).float()
+    return pool
+
+
+def _keypoint_batch(pool: Pool, idx: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"keypoints": warp_corners(pool["keypoints"][idx], theta)} if "keypoints" in pool else {}
 
 
 _BLUR_SIGMAS = (0.5, 0.8, 1.2)
@@ -374,7 +393,8 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
     img = photometric(img, g, cfg.colour_gain, cfg.brightness, cfg.blur_prob, cfg.noise_std)
     coords_t, vis = block_targets(c, m)
     return {"image": _to_input(img), "target": warp_corners(pool["target"][idx], theta),
-            "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis}
+            "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis,
+            **_keypoint_batch(pool, idx, theta)}
 
 
 def augment_pairs(pool: Pool, idx: torch.Tensor, crop: int, oversize: float, cfg: AugmentConfig,
@@ -389,7 +409,8 @@ def augment_pairs(pool: Pool, idx: torch.Tensor, crop: int, oversize: float, cfg
     coords_t, vis = block_targets(geo_maps[:, 1:], geo_maps[:, 0] > 0.5)
     real = photometric(both[:, :3], g, cfg.real_colour_gain, cfg.brightness / 2, 0.0, 0.0)
     return {"real": _to_input(real), "syn": _to_input(both[:, 3:]), "target": warp_corners(pool["target"][idx], theta),
-            "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis}
+            "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis,
+            **_keypoint_batch(pool, idx, theta)}
 
 
 def endless_batches(n: int, batch_size: int, seed: int, start_step: int,

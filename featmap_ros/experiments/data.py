@@ -28,6 +28,7 @@ from featmap_ros.datasets.nyu import JOINT_NAMES
 from featmap_ros.datasets.pool import (
     ArrayPhotos,
     PoolConfig,
+    add_keypoints,
     augment_pairs,
     augment_synthetic,
     background_bank,
@@ -45,7 +46,8 @@ from featmap_ros.datasets.streams import (
     object_loader,
 )
 from featmap_ros.errors import FeatmapError
-from featmap_ros.model.nets import DENSE_CHANNELS
+from featmap_ros.heads.keypoints import object_keypoints
+from featmap_ros.model.nets import object_head_channels
 from featmap_ros.render import sensor
 from featmap_ros.render.hand import HandShape
 from featmap_ros.train import Batch, StreamContext, TaskData
@@ -171,12 +173,16 @@ def objects_pool_task_data(
     names: dict[int, str] | None = None,
     head: str = "bb8",
     seed: int = 0,
+    with_keypoints: bool = False,
 ) -> TaskData:
     """As objects_task_data, but every batch comes from pools rendered once (datasets/pool.py).
 
     The synthetic pool, the pair pool and the background bank are rendered on the first call of
     a stream factory and kept, so every method trained from this TaskData sees the same images.
-    Batches carry both heads' targets: corners ('target') and the dense maps ('coords', 'visibility').
+    Batches carry both heads' targets: corners ('target') and the dense maps ('coords', 'visibility');
+    with head "keypoints" (or with_keypoints, for a TaskData that trains several heads) also the
+    keypoints' projections ('keypoints'), whose model points (heads/keypoints.object_keypoints) the
+    metadata keeps (objects[].keypoints_m).
     """
     from featmap_ros.datasets.bop import BopScene, load_models_info, load_ply, model_path
     from featmap_ros.render.objects import ObjectRenderer
@@ -191,18 +197,29 @@ def objects_pool_task_data(
     if missing:
         raise DataError(f"objects {missing} are not in {root / 'models' / 'models_info.json'}")
     train_ids = [int(i) for i in train_ids]
+    if head not in ("bb8", "dense", "keypoints"):
+        raise DataError(f"pool batches serve the object heads bb8, dense and keypoints, not {head!r}")
     S, aug = stream_cfg.crop, pool_cfg.augment
     pools: dict[str, Any] = {}
+    meshes: dict[int, Any] = {}
+    keypoints = None
+    if head == "keypoints" or with_keypoints:
+        # PVNet's keypoints (the box centre and farthest-point surface samples), fixed here and kept in the checkpoint.
+        meshes.update({i: load_ply(model_path(root, i)) for i in obj_ids})
+        keypoints = [object_keypoints(meshes[i].vertices, infos[i].min_xyz, infos[i].size_xyz) for i in obj_ids]
 
     def ensure() -> dict[str, Any]:
         if not pools:
-            meshes = {i: load_ply(model_path(root, i)) for i in obj_ids}
+            meshes.update({i: load_ply(model_path(root, i)) for i in obj_ids if i not in meshes})
             renderer = ObjectRenderer(meshes, max_faces=stream_cfg.max_faces)
             pools["syn"] = render_object_pool(infos, meshes, stream_cfg, pool_cfg.n_per_object, pool_cfg.oversize,
                                               seed=seed, renderer=renderer)
             scene = BopScene(root, scene_id)
             pools["pairs"] = render_pair_pool(scene, train_ids, infos, renderer, obj_ids, S, stream_cfg.window_margin,
                                               pool_cfg.pair_oversize, canonical_symmetry=stream_cfg.canonical_symmetry)
+            if keypoints is not None:
+                add_keypoints(pools["syn"], keypoints)
+                add_keypoints(pools["pairs"], keypoints)
             # Photos that are the scene's own training frames get their annotated objects painted out.
             by_path = {str(f.rgb_path): f.im_id for f in scene.frames(train_ids)}
             photos = None
@@ -233,6 +250,8 @@ def objects_pool_task_data(
 
     meta = objects_meta(infos, obj_ids, names, S, stream_cfg.window_margin)
     meta["head"] = head
+    for obj, kp in zip(meta["objects"], keypoints or (), strict=False):
+        obj["keypoints_m"] = kp.tolist()
     meta["data"] = {"bop_root": str(root), "scene_id": int(scene_id), "train_ids": train_ids, "pool": True}
     return TaskData(synthetic=synthetic, pairs=pairs, labels=tuple(names.get(i, str(i)) for i in obj_ids),
                     normalisation=OBJECT_NORMALISATION, meta=meta)
@@ -429,15 +448,15 @@ def train_from_cli(task: str, config: str | None = None, method: str | None = No
         ids = select_ids(train_frames or "0-300", scene.image_ids)
         # Every object annotated in the training frames, so any BOP dataset trains, not only LM-O.
         obj_ids = tuple(sorted({n.obj_id for f in scene.frames(ids) for n in f.instances}))
-        per = DENSE_CHANNELS if cfg.net.head == "dense" else 16
+        per = object_head_channels(cfg.net.head)
         if cfg.net.n_outputs != per * len(obj_ids):
             cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=per * len(obj_ids)))
-        if cfg.net.head == "dense":
-            # The dense head's targets (model coordinates, visibility) come with the pools.
+        if cfg.net.head in ("dense", "keypoints"):
+            # The spatial heads' targets (model coordinates or keypoints, visibility) come with the pools.
             frames = scene.frames(ids)
             stream_cfg = ObjectStreamConfig(crop=size, photo_paths=tuple(str(f.rgb_path) for f in frames),
                                             photo_prob=0.5)
-            data = objects_pool_task_data(bop_root, scene_id, ids, obj_ids, stream_cfg, head="dense")
+            data = objects_pool_task_data(bop_root, scene_id, ids, obj_ids, stream_cfg, head=cfg.net.head)
         else:
             data = objects_task_data(bop_root, scene_id, ids, obj_ids, ObjectStreamConfig(crop=size),
                                      num_workers=num_workers)

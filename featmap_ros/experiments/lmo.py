@@ -38,7 +38,7 @@ from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS, ObjectStreamConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
 from featmap_ros.evaluation import score_objects
 from featmap_ros.experiments import data as xdata
-from featmap_ros.model.nets import DENSE_CHANNELS, ExemplarBank, FeatureMappingModel, NetConfig
+from featmap_ros.model.nets import OBJECT_HEADS, ExemplarBank, FeatureMappingModel, NetConfig, object_head_channels
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
 from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
 
@@ -55,9 +55,10 @@ SPLITS = ("all", "visib>=0.5")
 class LmoBudget:
     """Sizes and settings of one LM-O experiment: head, net, steps, batch, pools, validation, loading."""
 
-    # The default head of every method; the paper's BB8 corner head keeps its row as "fm_bb8".
+    # The default head of every method. Feature Mapping trains once more with each of compare_heads
+    # (rows "fm_<head>", on the same pools and steps): the paper's BB8 corner head keeps its row.
     head: str = "dense"
-    bb8_row: bool = True
+    compare_heads: tuple[str, ...] = ("bb8",)
     input_size: int = 64
     width: int = 16
     feature_dim: int = 256  # bb8: the global feature
@@ -86,19 +87,26 @@ class LmoBudget:
     synthetic_probe_per_object: int = 48
     overlays: int = 3
 
+    def __post_init__(self) -> None:
+        heads = (self.head, *self.compare_heads)
+        if any(h not in OBJECT_HEADS for h in heads):
+            raise ValueError(f"head and compare_heads must be among {OBJECT_HEADS}, got {heads}")
+        object.__setattr__(self, "compare_heads", tuple(self.compare_heads))
+
 
 QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
                   stage1_steps=4, stage2_steps=3, warmup_steps=2, pool_per_object=6, exemplars_per_object=16,
-                  validation_frames=1, curve_every=4, synthetic_probe_per_object=2, overlays=1)
+                  validation_frames=1, curve_every=4, synthetic_probe_per_object=2, overlays=1,
+                  compare_heads=("bb8", "keypoints"))
 
 
 def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", head: str | None = None) -> TrainConfig:
     """The TrainConfig every method of the experiment shares (method is set per run)."""
     head = head or budget.head
-    dense = head == "dense"
+    spatial = head != "bb8"
     net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width, head=head,
-                    feature_dim=budget.dense_feature_dim if dense else budget.feature_dim,
-                    n_outputs=(DENSE_CHANNELS if dense else 16) * n_objects, dropout=0.0 if dense else budget.dropout)
+                    feature_dim=budget.dense_feature_dim if spatial else budget.feature_dim,
+                    n_outputs=object_head_channels(head) * n_objects, dropout=0.0 if spatial else budget.dropout)
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
@@ -196,8 +204,7 @@ def synthetic_validation_crops(bop_root: Path, stream_cfg: ObjectStreamConfig, n
 
 @torch.inference_mode()
 def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], obj_ids: Sequence[int],
-                            infos: dict[int, bop.ObjectInfo], meshes: dict[int, bop.Mesh],
-                            image_fx: float = LMO_K[0][0]) -> dict[str, float]:
+                            meshes: dict[int, bop.Mesh], image_fx: float = LMO_K[0][0]) -> dict[str, float]:
     """2D projection error of h(f_S(x)) on synthetic crops (synthetic_validation_crops), in image pixels.
 
     The crops' own camera gives the pose by the head's decoding; errors are scaled back to image
@@ -207,11 +214,13 @@ def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], ob
     Returns proj_5px (fraction), median_px, n.
     """
     from featmap_ros import geometry as geo
-    from featmap_ros.heads.dense import decode
+    from featmap_ros.estimator import ObjectEstimator
     from featmap_ros.metrics import proj_2d
     from featmap_ros.model import checkpoint
 
-    model, _ = checkpoint.load(model_json)
+    model, doc = checkpoint.load(model_json)
+    est = ObjectEstimator(model, doc, device="cpu")  # its decoding, on f_S's outputs (not the run-time path)
+    per = est.per_object
     S = crops["image"].shape[-1]
     identity = geo.CropWindow(S / 2.0 - 0.5, S / 2.0 - 0.5, float(S), S)
     errors: list[float] = []
@@ -219,15 +228,9 @@ def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], ob
         out = model.predict_syn(crops["image"][first:first + 64]).outputs.double().numpy()
         for j, row in enumerate(out, start=first):
             k = int(crops["obj_index"][j])
-            info, K = infos[obj_ids[k]], crops["K"][j].numpy()
+            K = crops["K"][j].numpy()
             try:
-                if model.cfg.head == "dense":
-                    d = decode(row[DENSE_CHANNELS * k:DENSE_CHANNELS * (k + 1)], identity, K, info.min_xyz,
-                               info.size_xyz)
-                    R, t = d.R, d.t
-                else:
-                    uv = geo.denormalise_uv(row[16 * k: 16 * (k + 1)].reshape(8, 2), S)
-                    R, t = geo.solve_pnp(info.corners, uv, K)
+                R, t, _, _ = est.solve(row[per * k:per * (k + 1)], k, identity, K)
             except geo.GeometryError:
                 errors.append(float("inf"))
                 continue
@@ -386,7 +389,8 @@ def run_lmo_experiment(
     fit_ids, val_ids = split_validation(train_ids, budget.validation_frames)
     stream_cfg = lmo_stream_config(budget, scene, fit_ids, obj_ids)
     data = xdata.objects_pool_task_data(bop_root, scene_id, fit_ids, obj_ids, stream_cfg,
-                                        PoolConfig(n_per_object=budget.pool_per_object), names=names, head=budget.head)
+                                        PoolConfig(n_per_object=budget.pool_per_object), names=names, head=budget.head,
+                                        with_keypoints="keypoints" in (budget.head, *budget.compare_heads))
     infos, meshes = _eval_models(bop_root)
     held_out = synthetic_validation_crops(bop_root, stream_cfg, budget.synthetic_probe_per_object)
     val_spec = ",".join(str(i) for i in val_ids)
@@ -396,7 +400,7 @@ def run_lmo_experiment(
         est = load_estimator(model_json, device=device)
         records, _ = run_bop(est, bop_root, scene_id, val_spec, detections="gt")
         metrics, _ = score_objects(records, infos, meshes, names)
-        syn = synthetic_crop_accuracy(model_json, held_out, obj_ids, infos, meshes)
+        syn = synthetic_crop_accuracy(model_json, held_out, obj_ids, meshes)
         point = {"step": step, "val_proj_5px": metrics[SPLITS[1]]["mean_over_objects"]["proj_5px"],
                  "val_proj_5px_all": metrics["all"]["mean_over_objects"]["proj_5px"],
                  "synthetic_proj_5px": syn["proj_5px"]}
@@ -405,8 +409,8 @@ def run_lmo_experiment(
         return point
 
     runs = [(budget.head, methods, out)]
-    if budget.bb8_row and budget.head != "bb8" and "fm" in methods:
-        runs.append(("bb8", ("fm",), out / "bb8"))
+    if "fm" in methods:
+        runs += [(h, ("fm",), out / h) for h in dict.fromkeys(budget.compare_heads) if h != budget.head]
     paths: dict[str, Path] = {}
     wall: dict[str, float] = {}
     curves: dict[str, list[dict[str, float]]] = {}
@@ -437,7 +441,7 @@ def run_lmo_experiment(
         if name == "stage1" or name.startswith("stage1_"):
             continue
         evaluate(name, load_estimator(path, device=device), wall.get(name, 0.0))
-        results[name]["synthetic_crops"] = synthetic_crop_accuracy(path, held_out, obj_ids, infos, meshes)
+        results[name]["synthetic_crops"] = synthetic_crop_accuracy(path, held_out, obj_ids, meshes)
         results[name]["head"] = json.loads(path.read_text())["net"]["head"]
     if exemplars and budget.head == "bb8":
         bank_cfg = dataclasses.replace(stream_cfg, crop=budget.input_size)

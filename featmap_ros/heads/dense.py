@@ -125,6 +125,18 @@ def _shrinking_lm(xyz: np.ndarray, uv: np.ndarray, K: np.ndarray, threshold: flo
     return rvec, tvec, idx
 
 
+def most_visible(logits: np.ndarray, min_visibility: float, min_points: int, max_points: int
+                 ) -> tuple[np.ndarray, int]:
+    """Flat indices of the locations a decode uses, most visible first, and how many pass min_visibility.
+
+    Those above the threshold, at least min_points (the most visible, whatever their score) and
+    at most max_points.
+    """
+    vis = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).ravel()))
+    n_on = int((vis >= min_visibility).sum())
+    return np.argsort(-vis)[: min(max(n_on, min_points), max_points)], n_on
+
+
 def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz: np.ndarray, size_xyz: np.ndarray,
            cfg: DenseDecodeConfig = DenseDecodeConfig()) -> DenseDecoded:
     """One object's (4, H, W) head output in a crop window -> pose in the camera of K.
@@ -136,10 +148,7 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
     if channels.ndim != 3 or channels.shape[0] != DENSE_CHANNELS or not np.isfinite(channels).all():
         raise geo.GeometryError(f"dense output must be finite ({DENSE_CHANNELS}, H, W), got {channels.shape}")
     side = channels.shape[1]
-    vis = 1.0 / (1.0 + np.exp(-channels[0].ravel()))
-    order = np.argsort(-vis)
-    n_on = int((vis >= cfg.min_visibility).sum())
-    keep = order[: min(max(n_on, cfg.min_points), cfg.max_points)]
+    keep, n_on = most_visible(channels[0], cfg.min_visibility, cfg.min_points, cfg.max_points)
     stride = window.out / side
     uv = window.to_image(location_centres(side, stride)[keep])
     xyz = denormalise_coordinates(channels[1:].reshape(3, -1).T[keep], min_xyz, size_xyz)

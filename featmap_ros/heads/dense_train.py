@@ -26,14 +26,15 @@ def block_targets(coords: torch.Tensor, mask: torch.Tensor, stride: int = DENSE_
     return mean, share.squeeze(1)
 
 
-def select_object_channels(out: torch.Tensor, obj_index: torch.Tensor | None) -> torch.Tensor:
-    """(B, 4 * n_objects, H, W) -> (B, 4, H, W): each sample's own object's channels."""
-    if out.shape[1] == DENSE_CHANNELS:
+def select_object_channels(out: torch.Tensor, obj_index: torch.Tensor | None, per: int = DENSE_CHANNELS
+                           ) -> torch.Tensor:
+    """(B, per * n_objects, H, W) -> (B, per, H, W): each sample's own object's channels."""
+    if out.shape[1] == per:
         return out
     if obj_index is None:
-        raise ValueError(f"dense output has {out.shape[1]} channels for several objects, but no obj_index")
-    idx = obj_index.long().view(-1, 1) * DENSE_CHANNELS + torch.arange(DENSE_CHANNELS, device=out.device)
-    return out.gather(1, idx.view(-1, DENSE_CHANNELS, 1, 1).expand(-1, -1, *out.shape[2:]))
+        raise ValueError(f"spatial output has {out.shape[1]} channels for several objects, but no obj_index")
+    idx = obj_index.long().view(-1, 1) * per + torch.arange(per, device=out.device)
+    return out.gather(1, idx.view(-1, per, 1, 1).expand(-1, -1, *out.shape[2:]))
 
 
 def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor,

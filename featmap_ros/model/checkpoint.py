@@ -580,6 +580,19 @@ def _validate_objects(doc: dict[str, Any], cfg: NetConfig, where: str) -> None:
         raise CheckpointError(
             f"{where}: the bb8 head has {cfg.n_outputs} outputs for {len(objects)} objects; expected 16 each"
         )
+    if head == "keypoints":
+        # The keypoint head decodes against the model keypoints it was trained on: every object has them.
+        counts = set()
+        for i, obj in enumerate(objects):
+            if "keypoints_m" not in obj:
+                raise CheckpointError(f"{where}: objects[{i}]: key 'keypoints_m' is missing (the keypoint head's)")
+            kp = _numbers(obj["keypoints_m"], f"{where}: objects[{i}].keypoints_m")
+            if kp.ndim != 2 or kp.shape[1] != 3 or len(kp) < 4:
+                raise CheckpointError(f"{where}: objects[{i}].keypoints_m must be (n >= 4, 3), got shape {kp.shape}")
+            counts.add(len(kp))
+        if len(counts) != 1 or cfg.n_outputs != (1 + 2 * min(counts)) * len(objects):
+            raise CheckpointError(f"{where}: the keypoint head has {cfg.n_outputs} outputs for {len(objects)} objects "
+                                  f"with {sorted(counts)} keypoints; expected 1 + 2 n each, one n for all")
 
 
 def _validate_hands(doc: dict[str, Any], cfg: NetConfig, where: str) -> None:

@@ -21,17 +21,29 @@ import torch
 from torch import nn
 
 from featmap_ros.heads.dense import DENSE_CHANNELS, DENSE_STRIDE  # noqa: F401 (part of the nets' API)
+from featmap_ros.heads.keypoints import KEYPOINT_FPS, keypoint_channels
 
 TASKS = ("objects", "hands")
 # Object heads: "bb8" regresses the 8 box corners from a global feature (the paper's configuration);
 # "dense" predicts, at every location of a spatial feature map, a visibility logit and the object's
-# normalised model coordinates (pose by PnP-RANSAC over the correspondences, featmap_ros/heads/dense.py).
+# normalised model coordinates (pose by PnP-RANSAC over the correspondences, featmap_ros/heads/dense.py);
+# "keypoints" predicts there a visibility logit and unit vectors to the object's keypoints (PVNet: RANSAC
+# voting, then PnP; featmap_ros/heads/keypoints.py).
 # Hand heads: "fc" regresses the joints from a global feature (the paper's DeepPrior++ configuration);
 # "vote" lets every location of a spatial feature map vote for every joint (VoteHead).
-OBJECT_HEADS = ("bb8", "dense")
+OBJECT_HEADS = ("bb8", "dense", "keypoints")
 HAND_HEADS = ("fc", "vote")
 HEADS = OBJECT_HEADS + HAND_HEADS
-SPATIAL_HEADS = ("dense", "vote")
+SPATIAL_HEADS = ("dense", "keypoints", "vote")
+# Output channels per object of the object heads (keypoints: the box centre and KEYPOINT_FPS surface points).
+_OBJECT_HEAD_CHANNELS = {"bb8": 16, "dense": DENSE_CHANNELS, "keypoints": keypoint_channels(1 + KEYPOINT_FPS)}
+
+
+def object_head_channels(head: str) -> int:
+    """Outputs per object of an object head (OBJECT_HEADS) as the experiments train it."""
+    if head not in _OBJECT_HEAD_CHANNELS:
+        raise ValueError(f"object head must be one of {OBJECT_HEADS}, got {head!r}")
+    return _OBJECT_HEAD_CHANNELS[head]
 
 # What "paper-like" means per task when a field is left as None: VGG-16 convolutions for objects
 # (BB8), a DeepPrior++-like ResNet (5x5 stem of 32, stages 64/128/256/256) for hands.
@@ -77,12 +89,13 @@ class NetConfig:
         allowed = OBJECT_HEADS if self.task == "objects" else HAND_HEADS
         if self.head not in allowed:
             raise ValueError(f"{self.task} head must be one of {allowed}, got {self.head!r}")
-        if self.head == "dense" and self.n_outputs is None:
-            object.__setattr__(self, "n_outputs", DENSE_CHANNELS)  # one object; a caller sets 4 per object
+        if self.head in ("dense", "keypoints") and self.n_outputs is None:
+            # One object; a caller sets object_head_channels(head) per object.
+            object.__setattr__(self, "n_outputs", object_head_channels(self.head))
         if self.stride is None:
             object.__setattr__(self, "stride", 4 if self.head == "vote" else DENSE_STRIDE)
-        if self.stride not in (2, 4) or (self.head == "dense" and self.stride != DENSE_STRIDE):
-            raise ValueError(f"stride must be 2 or 4 (the dense object head: {DENSE_STRIDE}), got {self.stride}")
+        if self.stride not in (2, 4) or (self.head in ("dense", "keypoints") and self.stride != DENSE_STRIDE):
+            raise ValueError(f"stride must be 2 or 4 (the spatial object heads: {DENSE_STRIDE}), got {self.stride}")
         for name, value in _TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -317,7 +330,7 @@ class SpatialMappingBlock(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """h for the dense head: a 1x1 convolution, DENSE_CHANNELS per object at every location."""
+    """h of the spatial object heads (dense, keypoints): a 1x1 convolution, their channels per object everywhere."""
 
     def __init__(self, dim: int, n_outputs: int) -> None:
         super().__init__()
@@ -387,7 +400,8 @@ class FeatureMappingModel(nn.Module):
         self.cfg = cfg
         extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
         self.f_S: nn.Module = extractor(cfg)
-        self.h: nn.Module = {"dense": DenseHead, "vote": VoteHead}.get(cfg.head, Head)(cfg.feature_dim, cfg.n_outputs)
+        head = {"dense": DenseHead, "keypoints": DenseHead, "vote": VoteHead}.get(cfg.head, Head)
+        self.h: nn.Module = head(cfg.feature_dim, cfg.n_outputs)
         self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping and not cfg.shared_extractor else None
         self.g: nn.Module | None = None
         if cfg.mapping:
