@@ -47,7 +47,7 @@ from featmap_ros.datasets.streams import (
 )
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.keypoints import object_keypoints
-from featmap_ros.model.nets import object_head_channels
+from featmap_ros.model.nets import OBJECT_HEADS, SPATIAL_OBJECT_HEADS, object_head_channels
 from featmap_ros.render import sensor
 from featmap_ros.render.hand import HandShape
 from featmap_ros.train import Batch, StreamContext, TaskData
@@ -197,8 +197,8 @@ def objects_pool_task_data(
     if missing:
         raise DataError(f"objects {missing} are not in {root / 'models' / 'models_info.json'}")
     train_ids = [int(i) for i in train_ids]
-    if head not in ("bb8", "dense", "keypoints"):
-        raise DataError(f"pool batches serve the object heads bb8, dense and keypoints, not {head!r}")
+    if head not in OBJECT_HEADS:
+        raise DataError(f"pool batches serve the object heads {OBJECT_HEADS}, not {head!r}")
     S, aug = stream_cfg.crop, pool_cfg.augment
     pools: dict[str, Any] = {}
     meshes: dict[int, Any] = {}
@@ -451,7 +451,7 @@ def train_from_cli(task: str, config: str | None = None, method: str | None = No
         per = object_head_channels(cfg.net.head)
         if cfg.net.n_outputs != per * len(obj_ids):
             cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, n_outputs=per * len(obj_ids)))
-        if cfg.net.head in ("dense", "keypoints"):
+        if cfg.net.head in SPATIAL_OBJECT_HEADS:
             # The spatial heads' targets (model coordinates or keypoints, visibility) come with the pools.
             frames = scene.frames(ids)
             stream_cfg = ObjectStreamConfig(crop=size, photo_paths=tuple(str(f.rgb_path) for f in frames),

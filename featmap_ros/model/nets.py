@@ -35,6 +35,7 @@ OBJECT_HEADS = ("bb8", "dense", "keypoints")
 HAND_HEADS = ("fc", "vote")
 HEADS = OBJECT_HEADS + HAND_HEADS
 SPATIAL_HEADS = ("dense", "keypoints", "vote")
+SPATIAL_OBJECT_HEADS = ("dense", "keypoints")  # per-location maps at DENSE_STRIDE, their channels per object
 # Output channels per object of the object heads (keypoints: the box centre and KEYPOINT_FPS surface points).
 _OBJECT_HEAD_CHANNELS = {"bb8": 16, "dense": DENSE_CHANNELS, "keypoints": keypoint_channels(1 + KEYPOINT_FPS)}
 
@@ -89,12 +90,12 @@ class NetConfig:
         allowed = OBJECT_HEADS if self.task == "objects" else HAND_HEADS
         if self.head not in allowed:
             raise ValueError(f"{self.task} head must be one of {allowed}, got {self.head!r}")
-        if self.head in ("dense", "keypoints") and self.n_outputs is None:
+        if self.head in SPATIAL_OBJECT_HEADS and self.n_outputs is None:
             # One object; a caller sets object_head_channels(head) per object.
             object.__setattr__(self, "n_outputs", object_head_channels(self.head))
         if self.stride is None:
             object.__setattr__(self, "stride", 4 if self.head == "vote" else DENSE_STRIDE)
-        if self.stride not in (2, 4) or (self.head in ("dense", "keypoints") and self.stride != DENSE_STRIDE):
+        if self.stride not in (2, 4) or (self.head in SPATIAL_OBJECT_HEADS and self.stride != DENSE_STRIDE):
             raise ValueError(f"stride must be 2 or 4 (the spatial object heads: {DENSE_STRIDE}), got {self.stride}")
         for name, value in _TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
