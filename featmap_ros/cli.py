@@ -137,7 +137,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         budget = load_dataclass_yaml(LmoBudget, args.budget) if args.budget else None
         result = run_lmo_experiment(Path(args.bop), args.scene, args.train_frames, args.test_frames, Path(args.out),
-                                    quick=args.quick, budget=budget, device=args.device)
+                                    quick=args.quick, budget=budget, device=args.device,
+                                    methods=args.methods.split(",") if args.methods else None,
+                                    validation_only=args.validation_only)
     elif args.which == "hands":
         from featmap_ros.experiments.hands import run_hands_experiment
 
@@ -148,6 +150,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if not args.nyu:
             raise SystemExit("featmap experiment nyu needs --nyu DIR (the NYU dataset with train/ and test/)")
         result = run_nyu_experiment(Path(args.nyu), Path(args.out), quick=args.quick)
+    if getattr(args, "validation_only", False):
+        print(f"learning curves: {Path(args.out) / 'curves.json'} {Path(args.out) / 'learning_curves.png'}")
+        return 0
     print(f"table: {Path(args.out) / 'table.md'}")
     table = Path(args.out) / "table.md"
     if table.is_file():
@@ -292,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quick", action="store_true")
     x.add_argument("--budget", default=None, help="lmo: YAML of LmoBudget fields to change (net size, steps, ...)")
     x.add_argument("--device", default="auto", help="lmo: cpu, cuda or auto")
+    x.add_argument("--methods", default=None, help="lmo: comma-separated methods to train (default: every one)")
+    x.add_argument("--validation-only", action="store_true",
+                   help="lmo: a tuning run: learning curves on the held-out training frames; the test frames unread")
     x.set_defaults(func=cmd_experiment)
 
     b = sub.add_parser("bag", help="make replay bags, replay and score them").add_subparsers(dest="what", required=True)

@@ -22,6 +22,7 @@ from featmap_ros.datasets import bop
 from featmap_ros.estimator import load_estimator
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig
+from featmap_ros.ros.config import ProcessorError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_bag_memory import tiny_object_model  # noqa: E402 - the bench folder is no package
@@ -171,3 +172,27 @@ def test_nyu_frames_become_a_bag_with_their_ground_truth(nyu_root, tmp_path):
     original = nyu.read_depth(nyu_root / "test" / "depth_1_0000001.png")
     assert np.array_equal(np.isnan(depth), np.isnan(original))
     assert np.nanmax(np.abs(depth - original)) < 1e-6  # 16UC1 millimetres carry NYU's millimetres exactly
+
+
+def test_bag_eval_loads_the_model_as_the_node_would(lmo_bag, lmo_root):
+    # The config's estimator settings (here max_detections) apply in the replay as on the robot.
+    from dataclasses import replace
+
+    from featmap_ros.bag.replay import default_node_config
+    from featmap_ros.estimator import model_meta
+
+    bag_path, model, tmp = lmo_bag
+    cfg = replace(default_node_config("objects", str(model), model_meta(model)), max_detections=1)
+    res = eval_bag(bag_path, model, tmp / "eval_max1", models_dir=lmo_root / "models", device="cpu", config=cfg,
+                   write_output_bag=False)
+    # nearly every frame shows both of the model's objects: the second detection is dropped, and counted
+    # (detections of the scene's other objects are counted too, as unknown to the model)
+    dropped = res.metrics["dropped"]
+    assert res.processed == 12 and 10 <= dropped["max_detections"] <= 12 and dropped["unknown_object"] > 0
+    assert f"'max_detections': {dropped['max_detections']}" in (tmp / "eval_max1" / "report.md").read_text()
+    # without the limit nothing is dropped for it
+    assert "max_detections" not in eval_bag(bag_path, model, tmp / "eval_all", models_dir=lmo_root / "models",
+                                            device="cpu", write_output_bag=False).metrics["dropped"]
+    hands = replace(cfg, task="hands")  # a config for the other task fails with both named, before any frame
+    with pytest.raises(ProcessorError, match="'objects' model but task is 'hands'"):
+        eval_bag(bag_path, model, tmp / "eval_wrong", models_dir=lmo_root / "models", device="cpu", config=hands)

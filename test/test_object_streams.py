@@ -20,6 +20,7 @@ from featmap_ros.datasets.streams import (
     canonicalise_pose,
     corner_targets,
     exact_symmetry,
+    look_at_rotation,
     object_loader,
     random_background,
     random_rotation,
@@ -171,6 +172,34 @@ def test_poses_drawn_around_anchors_keep_the_view_within_the_spread(infos: dict[
     with pytest.raises(StreamError):
         anchors_by_object([(1.0, 0.0, 0.0)])
 
+
+def test_anchor_azimuth_turns_the_object_about_its_up_axis_only(infos: dict[int, ObjectInfo]) -> None:
+    rng = np.random.default_rng(8)
+    info = infos[1]
+    c = info.min_xyz + info.size_xyz / 2
+    # An upright object seen from 40 degrees above the table, straight ahead at 1 m.
+    R_anchor = look_at_rotation(np.radians(-70.0), np.radians(40.0), 0.0)
+    t_anchor = np.array([0.0, 0.0, 1.0]) - R_anchor @ c
+    anchors = anchors_by_object([(1.0, *R_anchor.ravel(), *t_anchor)], {1: c})[1]
+
+    def elevation_azimuth(R: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+        """The camera's elevation above the model's xy plane and its azimuth about z, seen from the box centre."""
+        d = R.T @ -(R @ c + t)
+        d /= np.linalg.norm(d)
+        return float(np.degrees(np.arcsin(d[2]))), float(np.degrees(np.arctan2(d[1], d[0])))
+
+    for azimuth in (0.0, 90.0, 360.0):
+        cfg = ObjectStreamConfig(anchor_spread_deg=0.0, anchor_azimuth_deg=azimuth)
+        drawn = [elevation_azimuth(*sample_pose(rng, cfg, info, anchors)) for _ in range(200)]
+        el, az = np.array(drawn).T
+        np.testing.assert_allclose(el, 40.0, atol=1e-6)  # the anchor's elevation is kept
+        turn = (az + 70.0 + 180.0) % 360.0 - 180.0  # signed turn from the anchor's azimuth
+        assert np.abs(turn).max() <= azimuth / 2 + 1e-6
+        if azimuth == 360.0:  # every side of the object is shown
+            assert np.histogram(az, bins=8, range=(-180, 180))[0].min() > 5
+    for bad in (-1.0, 400.0, float("nan")):
+        with pytest.raises(StreamError, match="anchor_azimuth_deg"):
+            sample_pose(rng, ObjectStreamConfig(anchor_azimuth_deg=bad), info, anchors)
 
 def test_stream_draws_only_around_its_anchors(lmo_root: Path) -> None:
     R0 = np.eye(3)

@@ -7,6 +7,7 @@ written and dropped before the next is read (memory flat in the bag's length).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import ExitStack
@@ -20,10 +21,10 @@ from tqdm import tqdm
 from featmap_ros.bag.io import TOPICS, BagError, BagTopics, BagWriter, open_bag, stream_frames
 from featmap_ros.bag.report import HandReplayScore, ObjectReplayScore, write_report_md
 from featmap_ros.bop_scoring import load_object_models
-from featmap_ros.estimator import load_estimator, model_meta
+from featmap_ros.estimator import model_meta
 from featmap_ros.ros.config import NodeConfig, ProcessorError
 from featmap_ros.ros.messages import MessageFactory
-from featmap_ros.ros.processor import FrameProcessor, check_input_types
+from featmap_ros.ros.processor import FrameProcessor, check_input_types, load_estimator_for
 from featmap_ros.ros.typestore import typestore
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _overlay_picks(n_images: int | None, n: int) -> set[int]:
 
 
 def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | None = None,
-             config: NodeConfig | None = None, topics: BagTopics | None = None, device: str = "auto",
+             config: NodeConfig | None = None, topics: BagTopics | None = None, device: str | None = None,
              backend: str | None = None, precision: str | None = None, write_output_bag: bool = True,
              storage: str = "mcap",
              distro: str = "humble", n_overlays: int = 4, targets: str = "all") -> EvalResult:
@@ -71,6 +72,7 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
             scene annotations under its parent give the annotated ground-truth rotations.
         config: the node's parameters (defaults from the checkpoint when None).
         topics: topic names (the task's defaults when None).
+        device: where the network runs (None: the config's device).
         backend: torch, onnxruntime or auto (None: the config's backend, as the node would run).
         precision: the torch backend's (None: the config's; estimator.load_estimator).
         targets: objects: "all" annotated instances or the "bop19" test targets.
@@ -83,8 +85,11 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     topics = topics or TOPICS[task]
     if task == "objects":
         infos, meshes = load_object_models(models_dir)
-    estimator = load_estimator(model_path, device=device, backend=backend or cfg.backend,
-                               precision=precision or cfg.precision)
+    # The node's own loading (ros.processor.load_estimator_for): cpu_threads, decode_threads,
+    # max_detections and refine_centre of the config apply here as they do on the robot.
+    cfg = dataclasses.replace(cfg, model_path=str(model_path), device=device or cfg.device,
+                              backend=backend or cfg.backend, precision=precision or cfg.precision)
+    estimator = load_estimator_for(cfg)
     messages: list[str] = []
     proc = FrameProcessor(estimator, MessageFactory.for_rosbags(typestore(distro)), cfg, log=messages.append)
     score = (ObjectReplayScore(Path(models_dir).parent, {o.obj_id for o in estimator.objects}, targets)
@@ -123,6 +128,8 @@ def eval_bag(bag_path: Path, model_path: Path, out: Path, *, models_dir: Path | 
     snap = proc.stats.snapshot()
     summary = {"bag": str(bag_path), "model": str(model_path), "task": task, "frames": n_frames,
                "processed": snap.processed, "skipped": dict(snap.skipped), "warnings": list(source.warnings),
+               # what the estimator dropped within processed frames (detections or hands), by reason
+               "dropped": dict(getattr(estimator, "skipped", {}) or {}),
                "latency_median_ms": snap.latency_median_s * 1e3, "latency_p95_ms": snap.latency_p95_s * 1e3,
                "wall_s": wall, "device": estimator.device, "log": messages}
     if isinstance(score, ObjectReplayScore):

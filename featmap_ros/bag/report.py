@@ -160,7 +160,7 @@ def write_report_md(out: Path, metrics: dict, task: str, out_bag: Path | None) -
     """A short human report of a bag replay."""
     lines = [f"# Bag replay: {task}", "", f"- bag: `{metrics.get('bag')}`", f"- model: `{metrics.get('model')}`",
              f"- frames: {metrics.get('frames')}, processed: {metrics.get('processed')}, "
-             f"skipped: {metrics.get('skipped')}",
+             f"skipped: {metrics.get('skipped')}, dropped within frames: {metrics.get('dropped', {})}",
              f"- device: {metrics.get('device')}, latency median {metrics.get('latency_median_ms', 0.0):.1f} ms, "
              f"p95 {metrics.get('latency_p95_ms', 0.0):.1f} ms"]
     if task == "objects":

@@ -58,6 +58,10 @@ class ObjectStreamConfig:
     # of annotated training instances; each draw takes one at random and turns it by up to anchor_spread_deg.
     pose_anchors: tuple[tuple[float, ...], ...] = ()
     anchor_spread_deg: float = 25.0
+    # Each anchored draw also turns the object about its model z axis (up for objects standing on a
+    # table, as the BOP models are) by up to +- half this range: 360 keeps the anchors' elevation
+    # and camera roll but shows the object from every side, which a few training views cannot.
+    anchor_azimuth_deg: float = 0.0
     window_margin: float = 1.2  # window side = margin * max(w, h) of the object's projected box
     window_shift: float = 0.08  # max centre shift, fraction of the window side (about 10 px of 128)
     window_scale: tuple[float, float] = (0.8, 1.2)
@@ -199,13 +203,18 @@ def sample_pose(rng: np.random.Generator, cfg: ObjectStreamConfig, info: ObjectI
     """Draw a model-to-camera pose in the configured range, with the box centre on a random image ray.
 
     anchors: viewpoints (rotations relative to the line of sight) to draw around instead of the
-    azimuth/elevation/in-plane ranges: a random one, turned about a random axis by up to
-    cfg.anchor_spread_deg.
+    azimuth/elevation/in-plane ranges: a random one, turned about the model's z axis by up to
+    +- cfg.anchor_azimuth_deg / 2, then about a random axis by up to cfg.anchor_spread_deg.
     """
+    if not 0.0 <= cfg.anchor_azimuth_deg <= 360.0:
+        raise StreamError(f"anchor_azimuth_deg is {cfg.anchor_azimuth_deg}; expected degrees in [0, 360]")
     if len(anchors):
         axis = rng.normal(size=3)
         turn = ta.axangle2mat(axis / np.linalg.norm(axis), math.radians(rng.uniform(0.0, cfg.anchor_spread_deg)))
         R_view = turn @ anchors[int(rng.integers(len(anchors)))]
+        if cfg.anchor_azimuth_deg > 0:
+            half = cfg.anchor_azimuth_deg / 2.0
+            R_view = R_view @ ta.axangle2mat([0.0, 0.0, 1.0], math.radians(rng.uniform(-half, half)))
     else:
         az, el, ip = (math.radians(rng.uniform(*r)) for r in (cfg.azimuth_deg, cfg.elevation_deg, cfg.inplane_deg))
         R_view = look_at_rotation(az, el, ip)

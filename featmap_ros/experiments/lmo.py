@@ -80,6 +80,8 @@ class LmoBudget:
     # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
     # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
     anchor_spread_deg: float = 25.0
+    # ... and about the model's up axis by up to +- half this (ObjectStreamConfig.anchor_azimuth_deg).
+    anchor_azimuth_deg: float = 0.0
     # The last validation_frames training frames are held out: never trained on, they give the
     # learning curves (every curve_every steps; 0: no curves) that settings are chosen from.
     validation_frames: int = 8
@@ -122,7 +124,8 @@ def lmo_stream_config(budget: LmoBudget, scene: bop.BopScene, train_ids: Sequenc
     if budget.anchor_spread_deg > 0:
         anchors = tuple((float(i.obj_id), *i.R.ravel().tolist(), *i.t.ravel().tolist())
                         for f in frames for i in f.instances if i.obj_id in obj_ids)
-        cfg = dataclasses.replace(cfg, pose_anchors=anchors, anchor_spread_deg=budget.anchor_spread_deg)
+        cfg = dataclasses.replace(cfg, pose_anchors=anchors, anchor_spread_deg=budget.anchor_spread_deg,
+                                  anchor_azimuth_deg=budget.anchor_azimuth_deg)
     if budget.train_frame_backgrounds > 0:
         cfg = dataclasses.replace(cfg, photo_paths=tuple(str(f.rgb_path) for f in frames),
                                   photo_prob=budget.train_frame_backgrounds)
@@ -360,11 +363,14 @@ def run_lmo_experiment(
     budget: LmoBudget | None = None,
     exemplars: bool = True,
     device: str = "cpu",
+    validation_only: bool = False,
 ) -> dict[str, Any]:
     """Train every method with the same budget, evaluate each on the test frames, write table.md/json and plots.
 
     quick: objects 1 and 5, two training and two test frames, a tiny net and a few steps (a check
-    of the pipeline and the table's shape, not of accuracy). Returns the table dict (also table.json).
+    of the pipeline and the table's shape, not of accuracy). validation_only: a tuning run: train
+    and write the learning curves (validation frames, synthetic crops: curves.json, the plot), never
+    read the test frames. Returns the table dict (also table.json), or the curves.
     """
     t_start = time.perf_counter()
     bop_root, out = Path(bop_root), Path(out)
@@ -424,6 +430,13 @@ def run_lmo_experiment(
         paths.update({f"{m}{suffix}": v for m, v in p.items()})
         wall.update({f"{m}{suffix}": v for m, v in w.items()})
         curves.update({f"{m}{suffix}": v for m, v in c.items()})
+
+    if validation_only:
+        write_learning_curves(out, curves)
+        doc = {"validation_only": True, "budget": dataclasses.asdict(budget), "methods": list(paths), "curves": curves,
+               "fit_frames": fit_ids, "validation_frames": val_ids, "wall_s": time.perf_counter() - t_start}
+        (out / "curves.json").write_text(json.dumps(doc, indent=1, default=list))
+        return doc
 
     results: dict[str, dict] = {}
 
