@@ -92,6 +92,28 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
     assert len(set(steps.values())) == 1
 
 
+def test_lmo_validation_only_run_never_reads_the_test_frames(lmo_root, tmp_path, monkeypatch):
+    from featmap_ros.experiments import lmo
+
+    scored: list[str] = []
+    real_run_bop = lmo.run_bop
+
+    def spy(est, root, scene_id, spec, **kw):
+        scored.append(spec)
+        return real_run_bop(est, root, scene_id, spec, **kw)
+
+    monkeypatch.setattr(lmo, "run_bop", spy)
+    doc = lmo.run_lmo_experiment(lmo_root, 2, "0-300", "301-611", tmp_path, quick=True, methods=("fm_joint",),
+                                 validation_only=True)
+    assert doc["validation_only"] and doc["methods"] == ["fm_joint"]
+    assert [p["step"] for p in doc["curves"]["fm_joint"]] == [4, 7]
+    # Only the held-out training frame was scored: no test frame, no table.
+    assert scored and {int(i) for spec in scored for i in spec.split(",")} == set(doc["validation_frames"])
+    assert max(doc["validation_frames"]) <= 300 and not (tmp_path / "table.md").exists()
+    assert json.loads((tmp_path / "curves.json").read_text())["curves"]["fm_joint"] == doc["curves"]["fm_joint"]
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_hands_quick_run_writes_one_table_of_every_method(tmp_path):
     from featmap_ros.experiments.hands import HAND_METHODS, run_hands_experiment

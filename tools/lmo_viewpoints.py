@@ -8,7 +8,7 @@ ceiling of Feature Mapping) is scored on the real frames of the other side ("uns
 -25 deg) and on the seen ones. The test frames are not read.
 
 Usage: python3 tools/lmo_viewpoints.py --tag NAME [--azimuth 0|360] [--spread 25] [--steps 1800]
-Every run appends a JSON line to /tmp/lmodev/results.jsonl.
+Every run appends a JSON line to /tmp/lmodev/results.jsonl; `--plot OUT.png` draws those lines instead.
 """
 
 import argparse
@@ -46,7 +46,28 @@ ap.add_argument("--azimuth", type=float, default=0.0, help="LmoBudget.anchor_azi
 ap.add_argument("--spread", type=float, default=25.0, help="LmoBudget.anchor_spread_deg")
 ap.add_argument("--steps", type=int, default=1800, help="synthetic steps (the experiment's stage 1)")
 ap.add_argument("--pool", type=int, default=LmoBudget().pool_per_object, help="renders per object")
+ap.add_argument("--plot", default=None, help="draw /tmp/lmodev/results.jsonl's runs into this PNG and stop")
 a = ap.parse_args()
+
+
+def plot(out: Path) -> None:
+    """Bars per run: the seen side, the unseen side (real frames, visib >= 0.5) and fresh synthetic crops."""
+    from featmap_ros.report import plot_bars
+
+    rows = [json.loads(line) for line in (ROOT / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = sorted((r for r in rows if r["steps"] >= 100), key=lambda r: r["azimuth"])  # smoke runs left out
+    labels = [f"azimuth {r['azimuth']:.0f}" for r in rows]
+    groups = {"seen side (real)": [r["seen_proj_5px"] for r in rows],
+              "unseen side (real)": [r["unseen_proj_5px"] for r in rows],
+              "synthetic crops": [r["synthetic_proj_5px"] for r in rows]}
+    plot_bars(out, labels, groups, "2D-proj@5px (%)",
+              title="synthetic-only, anchors from one side (LM-O training frames)")
+    print(f"plot: {out}")
+
+
+if a.plot:
+    plot(Path(a.plot))
+    raise SystemExit(0)
 
 
 def camera_azimuth(frame: bop.Frame) -> float | None:

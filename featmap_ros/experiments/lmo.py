@@ -5,12 +5,18 @@ image ids 0-300 (51 frames, 47-51 instances per object), test frames 301-611 (49
 instances per object). Nothing is tuned on the test frames: all settings below were fixed before
 the first test evaluation.
 
-Budget (default full run, about 70 minutes on an otherwise idle 2-core CPU): one multi-object net
-for the 8 objects, input 64x64, VGG width 16 (stages 16/32/64/128/128), feature 256, batch 32,
-stage 1 3000 + stage 2 2000 = 5000 steps for every method (half of that measured 35 min, and its
-models had not yet learnt even the synthetic crops: 8% within 5 px). Stage 1 (synthetic) is trained once and shared by
-synthetic, finetune, fm (and fm_mmd) via data.train_all. Test crops come from the ground-truth
-boxes (detections "gt"), as in BB8's evaluation with known 2D locations.
+Budget (LmoBudget; the default full run took 64 min on the 2-core CPU in session 7, before fm_joint
+joined, which adds about 12): one multi-object net for the 8 objects, input 64x64, the dense
+correspondence head on a U-Net of width 16 (a 32-channel map at S/2), batch 32, stage 1 1,800 +
+stage 2 1,200 = 3,000 steps for every method, bf16 autocast where the CPU has it. Stage 1
+(synthetic) is trained once and shared by synthetic, finetune, fm (and fm_mmd) via data.train_all.
+Test crops come from the ground-truth boxes (detections "gt"), as in BB8's evaluation with known
+2D locations.
+
+Feature Mapping twice: fm, the paper's two stages (f_S and h on renders, then f_R and g on the
+pairs with f_S frozen), and fm_joint, the same losses from step 0 with one f (train.py; the better
+of the two on the hands; on the LM-O validation frames the two and mixed are within an instance
+or two of each other, session 8).
 
 Baselines: synthetic, real, mixed, finetune; the exemplar baseline (Massa et al. 2016): a bank of
 synthetic exemplars' f_S features per object, the nearest exemplar's corners, then PnP, once with
@@ -44,7 +50,7 @@ from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_
 
 DEFAULT_TRAIN_FRAMES = "0-300"
 DEFAULT_TEST_FRAMES = "301-611"
-TRAINED_METHODS = ("synthetic", "real", "mixed", "finetune", "fm")
+TRAINED_METHODS = ("synthetic", "real", "mixed", "finetune", "fm", "fm_joint")
 EXEMPLAR_METHODS = ("exemplar", "exemplar_fm")
 QUICK_OBJECTS = (1, 5)
 METRICS = (("proj_5px", "2D-proj@5px"), ("add_10", "ADD(-S)@10%"), ("cm5_deg5", "5cm5deg"))
@@ -434,6 +440,7 @@ def run_lmo_experiment(
     if validation_only:
         write_learning_curves(out, curves)
         doc = {"validation_only": True, "budget": dataclasses.asdict(budget), "methods": list(paths), "curves": curves,
+               "train_s": wall,
                "fit_frames": fit_ids, "validation_frames": val_ids, "wall_s": time.perf_counter() - t_start}
         (out / "curves.json").write_text(json.dumps(doc, indent=1, default=list))
         return doc
