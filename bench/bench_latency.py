@@ -4,7 +4,7 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
-                                     [--heads dense bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
+                                     [--heads dense keypoints bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
                                      [--threads 0] [--decode-threads 1 2]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
@@ -34,8 +34,9 @@ from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
 from featmap_ros.estimator import NETWORK_CHUNK, HandEstimator, ObjectEstimator, load_estimator
 from featmap_ros.export import export_onnx
 from featmap_ros.geometry import Intrinsics, box_corners
+from featmap_ros.heads.keypoints import KEYPOINT_FPS
 from featmap_ros.model import checkpoint
-from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
+from featmap_ros.model.nets import SPATIAL_OBJECT_HEADS, FeatureMappingModel, NetConfig, object_head_channels
 from featmap_ros.model.refiner import CentreRefiner, RefinerConfig
 from featmap_ros.results import Detection2D
 from featmap_ros.ros.config import NodeConfig
@@ -55,20 +56,23 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
                     refiner: bool = False) -> Path:
     """A random-weight checkpoint of the given size and head.
 
-    The network's time does not depend on the weights. The dense head's PnP-RANSAC does: random
-    weights give unrelated correspondences, so RANSAC runs all its iterations on max_points
-    correspondences, an upper bound of a trained model's time.
+    The network's time does not depend on the weights. The spatial heads' decoding does: random
+    weights give unrelated correspondences (dense) or votes (keypoints), so RANSAC runs all its
+    iterations, an upper bound of a trained model's time.
     """
     kw = dict(PRESETS[preset])
     if task == "objects":
-        if head == "dense":
+        if head in SPATIAL_OBJECT_HEADS:
             kw["feature_dim"] = 32 if preset == "deploy" else 64
-        per = DENSE_CHANNELS if head == "dense" else 16
-        cfg = NetConfig(task="objects", n_outputs=per * n_objects, mapping=True, head=head, **kw)
+        cfg = NetConfig(task="objects", n_outputs=object_head_channels(head) * n_objects, mapping=True, head=head,
+                        **kw)
         corners = box_corners([-0.05] * 3, [0.1] * 3).tolist()
-        meta = {"objects": [{"obj_id": i + 1, "name": f"obj{i + 1}", "corners_m": corners, "extent_m": [0.1] * 3,
-                             "symmetric": False} for i in range(n_objects)],
-                "crop": {"size": cfg.input_size, "window_scale": 1.2}}
+        objects = [{"obj_id": i + 1, "name": f"obj{i + 1}", "corners_m": corners, "extent_m": [0.1] * 3,
+                    "symmetric": False} for i in range(n_objects)]
+        if head == "keypoints":  # the box centre and 8 surface points (here the box corners) per object
+            for o in objects:
+                o["keypoints_m"] = [[0.0, 0.0, 0.0], *corners][: 1 + KEYPOINT_FPS]
+        meta = {"objects": objects, "crop": {"size": cfg.input_size, "window_scale": 1.2}}
     else:
         if head == "vote":  # the experiments' vote net: width 8, a 32-channel S/4 map (64 at paper size)
             kw.update(width=8, feature_dim=32) if preset == "deploy" else kw.update(feature_dim=64)
@@ -145,8 +149,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--presets", nargs="+", default=["deploy", "paper"], choices=sorted(PRESETS))
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "bb8"],
-                        help="object heads: dense (the default model) and bb8 (the paper's), side by side")
+    parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "keypoints", "bb8"],
+                        help="object heads: dense (the default model), keypoints (PVNet's) and bb8 (the paper's)")
     parser.add_argument("--hand-heads", nargs="+", default=["vote", "fc"], choices=["vote", "fc"],
                         help="hand heads: vote (the default model, with its centre refiner) and fc (the paper's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS,

@@ -57,3 +57,18 @@ def die_at_rename(monkeypatch: pytest.MonkeyPatch):
         return lambda: monkeypatch.setattr(os, "replace", real)
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def small_pool_models(lmo_root: Path):
+    """Models of three LM-O objects (ape small, driller large, eggbox symmetric) and a 64-px stream config.
+
+    Returns (infos, meshes, cfg): what the head round-trip tests render their 12-per-object pools from.
+    """
+    from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
+    from featmap_ros.datasets.streams import ObjectStreamConfig
+
+    ids = (1, 8, 10)
+    infos = load_models_info(lmo_root / "models" / "models_info.json")
+    meshes = {i: load_ply(model_path(lmo_root, i)) for i in ids}
+    return infos, meshes, ObjectStreamConfig(obj_ids=ids, crop=64)

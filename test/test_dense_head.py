@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featmap_ros import geometry as geo
-from featmap_ros.datasets.bop import ObjectInfo, load_models_info, load_ply, model_path
+from featmap_ros.datasets.bop import ObjectInfo
 from featmap_ros.datasets.pool import (
     AugmentConfig,
     PoolConfig,
@@ -35,13 +35,8 @@ needs_lmo = pytest.mark.skipif(not (LMO / "models").is_dir(), reason="../shared/
 
 
 @pytest.fixture(scope="module")
-def lmo_pool() -> tuple[dict, dict, dict, ObjectStreamConfig]:
-    if not (LMO / "models").is_dir():
-        pytest.skip("../shared/data/lmo is absent")
-    ids = (1, 8, 10)  # small, large, symmetric
-    infos = load_models_info(LMO / "models" / "models_info.json")
-    meshes = {i: load_ply(model_path(LMO, i)) for i in ids}
-    cfg = ObjectStreamConfig(obj_ids=ids, crop=64)
+def lmo_pool(small_pool_models) -> tuple[dict, dict, dict, ObjectStreamConfig]:
+    infos, meshes, cfg = small_pool_models
     return render_object_pool(infos, meshes, cfg, 12, oversize=1.25, seed=3), infos, meshes, cfg
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from featmap_ros import geometry as geo
-from featmap_ros.datasets.bop import load_models_info, load_ply, model_path
 from featmap_ros.datasets.pool import (
     AugmentConfig,
     add_keypoints,
@@ -35,18 +34,11 @@ from featmap_ros.metrics import proj_2d
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig, object_head_channels
 
-LMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo"
-
 
 @pytest.fixture(scope="module")
-def lmo_pool() -> tuple[dict, dict, dict, ObjectStreamConfig, list[np.ndarray]]:
-    if not (LMO / "models").is_dir():
-        pytest.skip("../shared/data/lmo is absent")
-    ids = (1, 8, 10)  # small, large, symmetric
-    infos = load_models_info(LMO / "models" / "models_info.json")
-    meshes = {i: load_ply(model_path(LMO, i)) for i in ids}
-    cfg = ObjectStreamConfig(obj_ids=ids, crop=64)
-    kps = [object_keypoints(meshes[i].vertices, infos[i].min_xyz, infos[i].size_xyz) for i in ids]
+def lmo_pool(small_pool_models) -> tuple[dict, dict, dict, ObjectStreamConfig, list[np.ndarray]]:
+    infos, meshes, cfg = small_pool_models
+    kps = [object_keypoints(meshes[i].vertices, infos[i].min_xyz, infos[i].size_xyz) for i in cfg.obj_ids]
     pool = add_keypoints(render_object_pool(infos, meshes, cfg, 12, oversize=1.25, seed=3), kps)
     return pool, infos, meshes, cfg, kps
 

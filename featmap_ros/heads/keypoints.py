@@ -110,10 +110,12 @@ def vote_keypoints(p: np.ndarray, d: np.ndarray, cfg: KeypointDecodeConfig = Key
     best = hyp[np.arange(n), votes.argmax(1)]  # (n, 2)
     pa = np.broadcast_to(p, (n, M, 2))
     inl = _agree(np.nan_to_num(best, nan=1e9)[:, None, :], pa, d, cfg.inlier_cos)[:, 0]  # (n, M)
-    # The least-squares intersection of the voters' lines: sum(A) x = sum(A p), A = I - d d^T.
-    A = np.eye(2) - d[..., :, None] * d[..., None, :]  # (n, M, 2, 2)
-    w = inl[..., None, None].astype(np.float64)
-    lhs, rhs = (A * w).sum(1), (A @ p[None, :, :, None] * w).sum(1)[..., 0]
+    # The least-squares intersection of the voters' lines: sum(A) x = sum(A p), A = I - d d^T, so
+    # A p = p - d (d . p); written out, without (n, M) stacks of 2x2 matrix products.
+    w = inl.astype(np.float64)  # (n, M)
+    wd = w[..., None] * d
+    lhs = w.sum(1)[:, None, None] * np.eye(2) - np.einsum("nmi,nmj->nij", wd, d)
+    rhs = w @ p - (wd * (d * p[None]).sum(-1, keepdims=True)).sum(1)
     ok = (inl.sum(1) >= 2) & (np.abs(np.linalg.det(lhs)) > 1e-9)
     solved = np.linalg.solve(np.where(ok[:, None, None], lhs, np.eye(2)), rhs[..., None])[..., 0]
     refined = np.where(ok[:, None], solved, best)
