@@ -131,6 +131,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.which != "lmo" and (args.methods or args.validation_only):
+        raise SystemExit(f"--methods and --validation-only are for `featmap experiment lmo`, not {args.which}")
     if args.which == "lmo":
         from featmap_ros.experiments.lmo import LmoBudget, run_lmo_experiment
         from featmap_ros.train import load_dataclass_yaml
@@ -150,7 +152,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if not args.nyu:
             raise SystemExit("featmap experiment nyu needs --nyu DIR (the NYU dataset with train/ and test/)")
         result = run_nyu_experiment(Path(args.nyu), Path(args.out), quick=args.quick)
-    if getattr(args, "validation_only", False):
+    if args.validation_only:
         print(f"learning curves: {Path(args.out) / 'curves.json'} {Path(args.out) / 'learning_curves.png'}")
         return 0
     print(f"table: {Path(args.out) / 'table.md'}")
@@ -197,7 +199,7 @@ def cmd_bag_eval(args: argparse.Namespace) -> int:
     meta = model_meta(args.model)
     config = load_node_config(args.config) if args.config else None
     if config is not None:
-        config = replace(config, model_path=str(args.model), max_age_s=0.0)
+        config = replace(config, max_age_s=0.0)  # eval_bag puts the model path in
     topics = TOPICS[meta["task"]]
     topics = replace(topics, **{k: v for k, v in (("image", args.image_topic), ("camera_info", args.camera_info_topic),
                                                   ("detections", args.detections_topic),

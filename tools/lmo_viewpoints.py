@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featmap_ros.bop_scoring import run_bop
+from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
 from featmap_ros.datasets.pool import PoolConfig
 from featmap_ros.datasets.streams import LMO_OBJ_IDS
@@ -30,7 +30,6 @@ from featmap_ros.experiments import data as xdata
 from featmap_ros.experiments.lmo import (
     DEFAULT_TRAIN_FRAMES,
     LmoBudget,
-    _eval_models,
     lmo_stream_config,
     lmo_train_config,
     synthetic_crop_accuracy,
@@ -82,12 +81,13 @@ def camera_azimuth(frame: bop.Frame) -> float | None:
 bop_root = Path(a.bop)
 scene = bop.BopScene(bop_root, 2)
 train_ids = bop.select_ids(DEFAULT_TRAIN_FRAMES, scene.image_ids)
-az = {i: camera_azimuth(f) for i, f in zip(train_ids, scene.frames(train_ids))}
+frames = dict(zip(train_ids, scene.frames(train_ids)))
+az = {i: camera_azimuth(f) for i, f in frames.items()}
 seen = [i for i, v in az.items() if v is not None and v < -40.0]
 unseen = [i for i, v in az.items() if v is not None and -25.0 < v < 150.0]
 budget = dataclasses.replace(LmoBudget(), anchor_azimuth_deg=a.azimuth, anchor_spread_deg=a.spread,
                              stage1_steps=a.steps, stage2_steps=0, pool_per_object=a.pool)
-present = {i.obj_id for f in scene.frames(seen) for i in f.instances}
+present = {i.obj_id for k in seen for i in frames[k].instances}
 obj_ids = tuple(i for i in LMO_OBJ_IDS if i in present)
 stream_cfg = lmo_stream_config(budget, scene, seen, obj_ids)
 data = xdata.objects_pool_task_data(bop_root, 2, seen, obj_ids, stream_cfg,
@@ -98,7 +98,7 @@ t0 = time.perf_counter()
 model_json = train(cfg, data, ROOT / "runs" / a.tag, "synthetic")
 wall = time.perf_counter() - t0
 
-infos, meshes = _eval_models(bop_root)
+infos, meshes = load_object_models(bop_root / "models")
 names = dict(xdata.LMO_NAMES)
 row = {"tag": a.tag, "azimuth": a.azimuth, "spread": a.spread, "steps": a.steps, "train_s": round(wall, 1),
        "n_seen": len(seen), "n_unseen": len(unseen)}

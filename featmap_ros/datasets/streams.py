@@ -80,6 +80,10 @@ class ObjectStreamConfig:
     chunk: int = 16  # crops rendered per GL pass
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.anchor_azimuth_deg <= 360.0:
+            raise StreamError(f"anchor_azimuth_deg is {self.anchor_azimuth_deg}; expected degrees in [0, 360]")
+
 
 @dataclass(frozen=True)
 class PairConfig:
@@ -206,8 +210,6 @@ def sample_pose(rng: np.random.Generator, cfg: ObjectStreamConfig, info: ObjectI
     azimuth/elevation/in-plane ranges: a random one, turned about the model's z axis by up to
     +- cfg.anchor_azimuth_deg / 2, then about a random axis by up to cfg.anchor_spread_deg.
     """
-    if not 0.0 <= cfg.anchor_azimuth_deg <= 360.0:
-        raise StreamError(f"anchor_azimuth_deg is {cfg.anchor_azimuth_deg}; expected degrees in [0, 360]")
     if len(anchors):
         axis = rng.normal(size=3)
         turn = ta.axangle2mat(axis / np.linalg.norm(axis), math.radians(rng.uniform(0.0, cfg.anchor_spread_deg)))

@@ -273,15 +273,15 @@ def write_learning_curves(out: Path, curves: dict[str, list[dict[str, float]]]) 
     if not any(curves.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    # Up to 20 runs in distinct colours (tab20's dark shades, then its light ones); other heads dashed.
+    shades = [*range(0, 20, 2), *range(1, 20, 2)]
+    other_heads = tuple(f"_{h}" for h in OBJECT_HEADS)
     for ax, key, title in ((axes[0], "val_proj_5px", "validation frames (visib >= 0.5)"),
                            (axes[1], "synthetic_proj_5px", "held-out synthetic crops")):
-        colours = plt.cm.tab20(np.linspace(0.0, 1.0, 20))
-        other_heads = tuple(f"_{h}" for h in OBJECT_HEADS)
         for k, (method, points) in enumerate(curves.items()):
-            if points:  # up to 20 runs in distinct colours; the compared heads' runs dashed
+            if points:
                 ax.plot([p["step"] for p in points], [100 * p[key] for p in points], marker="o", label=method,
-                        color=colours[(2 * k) % 20 + (2 * k) // 20 % 2],
-                        linestyle="--" if method.endswith(other_heads) else "-")
+                        color=plt.cm.tab20(shades[k % 20]), linestyle="--" if method.endswith(other_heads) else "-")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
