@@ -6,7 +6,9 @@ torch on a checkpoint, or ONNX Runtime on its export (`featmap export`); this mo
 torch nor onnxruntime itself, so the ONNX Runtime path runs where torch is not installed.
 
 Checkpoint metadata this module reads (written by featmap_ros.train):
-- objects: meta["objects"] = [{"obj_id", "name", "corners_m" (8x3), "extent_m" (3), "symmetric"}],
+- objects: meta["objects"] = [{"obj_id", "name", "corners_m" (8x3), "extent_m" (3), "symmetric", optional
+  "silhouette_m" (Mx3: the model's extreme vertices, whose projected box the training windows were
+  cut around; what ObjectEstimator's recrop needs)}],
   meta["crop"] = {"size": S, "window_scale": s}; the head (net.head) has, per object in this order,
   16 outputs (bb8: corners, PnP) or 4 channels of a dense map (dense: visibility and model
   coordinates, PnP-RANSAC; heads/dense.py).
@@ -49,6 +51,7 @@ class EstimatorError(FeatmapError, ValueError):
 
 
 DEFAULT_MAX_DETECTIONS = 32
+MAX_RECROP = 3  # object recrop passes at most (each costs one more network pass and decode)
 NETWORK_CHUNK = 16  # crops per forward pass: bounds the memory of one frame whatever the detection count
 BB8_OUTPUTS = 16  # per object: 8 corners (u, v) normalised to the crop
 
@@ -64,6 +67,7 @@ class ObjectModelInfo:
     extent: np.ndarray
     symmetric: bool
     keypoints: np.ndarray | None = None
+    silhouette: np.ndarray | None = None  # (M, 3) extreme vertices: their projected box is a training window's box
 
 
 def _network(model: Any, meta: dict[str, Any], device: str) -> Any:
@@ -130,8 +134,13 @@ class ObjectEstimator:
     def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  pnp_method: str = "epnp", ransac: bool = False, dense_cfg: DenseDecodeConfig | None = None,
                  max_detections: int = DEFAULT_MAX_DETECTIONS, decode_threads: int = 1,
-                 keypoint_cfg: KeypointDecodeConfig | None = None) -> None:
+                 keypoint_cfg: KeypointDecodeConfig | None = None, recrop: int = 0) -> None:
         """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
+
+        recrop: after the first pose, cut each crop again around the box that pose projects the object
+        to (as the training windows were cut around the rendered object) and estimate again, this many
+        times (0 to MAX_RECROP; needs the checkpoint's silhouette_m). It undoes the detector's box error
+        at the cost of one more network pass and decode per pass; a pass that fails keeps the pose before.
 
         decode_threads > 1 solves the detections' PnP in that many threads (OpenCV releases the GIL), with
         the poses and counts of one thread; on the project's 2-core CPU it gave no reliable gain
@@ -144,9 +153,16 @@ class ObjectEstimator:
         self.objects = [
             ObjectModelInfo(int(o["obj_id"]), str(o["name"]), np.asarray(o["corners_m"], dtype=np.float64),
                             np.asarray(o["extent_m"], dtype=np.float64), bool(o.get("symmetric", False)),
-                            np.asarray(o["keypoints_m"], dtype=np.float64) if "keypoints_m" in o else None)
+                            np.asarray(o["keypoints_m"], dtype=np.float64) if "keypoints_m" in o else None,
+                            np.asarray(o["silhouette_m"], dtype=np.float64) if "silhouette_m" in o else None)
             for o in meta["objects"]
         ]
+        if isinstance(recrop, bool) or not isinstance(recrop, int) or not 0 <= recrop <= MAX_RECROP:
+            raise EstimatorError(f"recrop must be an integer in [0, {MAX_RECROP}], got {recrop!r}")
+        if recrop and any(o.silhouette is None for o in self.objects):
+            raise EstimatorError("recrop needs every object's silhouette_m in the checkpoint (models trained "
+                                 "before it was recorded have none): retrain, or set recrop 0")
+        self.recrop = recrop
         self.index = {o.obj_id: i for i, o in enumerate(self.objects)}
         self.by_name = {o.name: i for i, o in enumerate(self.objects)}
         self.crop_size = int(meta["crop"]["size"])
@@ -216,13 +232,44 @@ class ObjectEstimator:
             chosen = [chosen[j] for j in sorted(keep[: self.max_detections])]
         if not chosen:
             return []
+        found = self._estimate_windows(rgb, intrinsics.K, chosen, count=True)
+        for _ in range(self.recrop):
+            again = [(i, k, win) for i, k, win in ((i, k, self._window_of(p, intrinsics)) for i, k, p in found)
+                     if win is not None]
+            better = {i: (k, p) for i, k, p in self._estimate_windows(rgb, intrinsics.K, again, count=False)}
+            found = [(i, *better.get(i, (k, p))) for i, k, p in found]
+        poses = []
+        for i, _, p in found:
+            # The score is the detection's, times the pose's own confidence (dense head: the RANSAC inlier
+            # ratio, scaled down when few locations are visible).
+            p.score = float(detections[i].score) * p.score
+            poses.append(p)
+        return poses
+
+    def _window_of(self, pose: ObjectPose, intrinsics: geo.Intrinsics) -> geo.CropWindow | None:
+        """The crop window around the box pose projects the object's silhouette to, or None when unusable."""
+        info = self.objects[self.index[pose.obj_id]]
+        try:
+            uv = geo.project_model(info.silhouette, pose.R, pose.t, intrinsics.K)
+        except geo.GeometryError:
+            return None
+        lo, hi = uv.min(axis=0), uv.max(axis=0)
+        box = usable_box(Detection2D(np.r_[lo, hi - lo], obj_id=pose.obj_id), intrinsics.width, intrinsics.height)
+        return None if box is None else geo.CropWindow.around_box(box, self.crop_size, self.window_scale)
+
+    def _estimate_windows(self, rgb: np.ndarray, K: np.ndarray, chosen: list[tuple[int, int, geo.CropWindow]],
+                          count: bool) -> list[tuple[int, int, ObjectPose]]:
+        """(detection index, object index, pose) of each window that gives a finite pose in front of the
+        camera, its score the pose's confidence alone; count: add what is dropped to self.skipped."""
+        if not chosen:
+            return []
+        skipped: Counter[str] = self.skipped if count else Counter()
         outputs, ood = run_chunked(self.net, [rgb_to_input(win.crop(rgb)) for _, _, win in chosen])
-        K = intrinsics.K
         per = self.per_object
         todo = []
         for row, (i, k, win) in enumerate(chosen):
             if not np.isfinite(outputs[row, per * k: per * (k + 1)]).all():
-                self.skipped["non_finite_output"] += 1
+                skipped["non_finite_output"] += 1
                 log.debug("network output for object %d is not finite; dropped", self.objects[k].obj_id)
                 continue
             todo.append((row, i, k, win))
@@ -238,24 +285,22 @@ class ObjectEstimator:
                   else [attempt(item) for item in todo])
         poses = []
         for (row, i, k, _), found in zip(todo, solved, strict=True):
-            det, info = detections[i], self.objects[k]
+            info = self.objects[k]
             if isinstance(found, geo.GeometryError):
-                self.skipped["pnp_failed"] += 1
+                skipped["pnp_failed"] += 1
                 log.debug("PnP failed for object %d: %s", info.obj_id, found)
                 continue
             R, t, uv, confidence = found
             if not (np.isfinite(R).all() and np.isfinite(t).all() and np.isfinite(uv).all()):
-                self.skipped["non_finite_output"] += 1
+                skipped["non_finite_output"] += 1
                 continue
             if t[2] <= 0:
-                self.skipped["behind_camera"] += 1
+                skipped["behind_camera"] += 1
                 log.debug("PnP put object %d behind the camera; skipped", info.obj_id)
                 continue
-            # The score is the detection's, times the pose's own confidence (dense head: the RANSAC inlier
-            # ratio, scaled down when few locations are visible).
-            poses.append(ObjectPose(obj_id=info.obj_id, name=info.name, R=R, t=t, corners_uv=uv,
-                                    corners_3d=info.corners, extent=info.extent,
-                                    score=float(det.score) * float(confidence), out_of_domain=float(ood[row])))
+            poses.append((i, k, ObjectPose(obj_id=info.obj_id, name=info.name, R=R, t=t, corners_uv=uv,
+                                           corners_3d=info.corners, extent=info.extent, score=float(confidence),
+                                           out_of_domain=float(ood[row]))))
         return poses
 
     def solve(self, out: np.ndarray, k: int, win: geo.CropWindow, K: np.ndarray
@@ -516,7 +561,8 @@ def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
 def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
                    max_detections: int = DEFAULT_MAX_DETECTIONS,
                    backend: str | None = None, refine: bool = True,
-                   decode_threads: int = 1, precision: str = "auto") -> ObjectEstimator | HandEstimator:
+                   decode_threads: int = 1, precision: str = "auto", recrop: int = 0
+                   ) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
 
     backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
@@ -525,6 +571,7 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     on the same cores, a default thread pool can stall for many times the work (seen with torch:
     10-40x slower). refine: hands only, use the checkpoint's centre refiner where it has one.
     decode_threads: objects only, threads that solve the detections' PnP (ObjectEstimator).
+    recrop: objects only, passes that cut the crop again around the pose found (ObjectEstimator).
     precision: the torch backend's (backends.torch_net.TorchNetwork): "auto" (half on CUDA, float32 on a
     CPU), "float32" or "bf16" (bf16 autocast where the device has native bf16); not for onnxruntime.
 
@@ -549,5 +596,5 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
         net = torch_net.load(model_path, device, cpu_threads=cpu_threads, precision=precision)
     if net.meta["task"] == "objects":
         return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections,
-                               decode_threads=decode_threads)
+                               decode_threads=decode_threads, recrop=recrop)
     return HandEstimator(net, net.meta, device=device, max_detections=max_detections, refine=refine)

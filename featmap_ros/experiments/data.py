@@ -43,6 +43,7 @@ from featmap_ros.datasets.streams import (
     PairConfig,
     RealSyntheticPairs,
     SyntheticObjectStream,
+    extreme_vertices,
     object_loader,
 )
 from featmap_ros.errors import FeatmapError
@@ -97,10 +98,16 @@ def _select(batches: Iterator[dict[str, Any]], keys: Sequence[str]) -> Iterator[
 
 
 def objects_meta(infos: dict, obj_ids: Sequence[int], names: dict[int, str], crop: int,
-                 window_scale: float) -> dict[str, Any]:
-    """The checkpoint metadata ObjectEstimator reads: objects in head order, crop size and window scale."""
+                 window_scale: float, meshes: dict | None = None) -> dict[str, Any]:
+    """The checkpoint metadata ObjectEstimator reads: objects in head order, crop size and window scale.
+
+    With meshes, every object also gets silhouette_m: the extreme vertices whose projected box the
+    training windows are cut around (ObjectEstimator's recrop cuts its windows the same way).
+    """
     objects = [{"obj_id": int(i), "name": names.get(int(i), str(i)), "corners_m": infos[i].corners.tolist(),
                 "extent_m": infos[i].size_xyz.tolist(), "symmetric": bool(infos[i].symmetric)} for i in obj_ids]
+    for obj in objects if meshes is not None else ():
+        obj["silhouette_m"] = np.round(extreme_vertices(meshes[obj["obj_id"]]), 6).tolist()
     return {"objects": objects, "crop": {"size": int(crop), "window_scale": float(window_scale)}}
 
 
@@ -157,7 +164,7 @@ def objects_task_data(
         loader = object_loader(ds, ctx.batch_size, num_workers, sampler=sampler)
         return _select(iter(loader), ("real", "syn", "target", "obj_index"))
 
-    meta = objects_meta(infos, obj_ids, names, stream_cfg.crop, pair_cfg.window_margin)
+    meta = objects_meta(infos, obj_ids, names, stream_cfg.crop, pair_cfg.window_margin, meshes)
     meta["data"] = {"bop_root": str(root), "scene_id": int(scene_id), "train_ids": train_ids}
     return TaskData(synthetic=synthetic, pairs=pairs, labels=tuple(names.get(i, str(i)) for i in obj_ids),
                     normalisation=OBJECT_NORMALISATION, meta=meta, feature_stats_batches=feature_stats_batches)
@@ -248,7 +255,8 @@ def objects_pool_task_data(
         return endless_batches(len(p["pairs"]["real"]), ctx.batch_size, _derived_seed(seed, ctx.seed, ctx.rank, 2),
                                ctx.start_step, make)
 
-    meta = objects_meta(infos, obj_ids, names, S, stream_cfg.window_margin)
+    meshes.update({i: load_ply(model_path(root, i)) for i in obj_ids if i not in meshes})
+    meta = objects_meta(infos, obj_ids, names, S, stream_cfg.window_margin, meshes)
     meta["head"] = head
     for obj, kp in zip(meta["objects"], keypoints or (), strict=False):
         obj["keypoints_m"] = kp.tolist()

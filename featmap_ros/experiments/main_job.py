@@ -42,6 +42,9 @@ class MainJobSize:
     object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
     object_method: str = "fm"
     object_lr: float = 1e-3
+    # Replay: passes that crop each object again around its first pose (NodeConfig.recrop; the node's
+    # default is 0, the latency setting): +4 points 2D-proj@5px on the validation frames (docs/results.md).
+    object_recrop: int = 1
     hand_head: str = "vote"
     hand_width: int = 8
     hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
@@ -135,7 +138,8 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
     import numpy as np
 
     from featmap_ros.bag import make as bag
-    from featmap_ros.bag.replay import eval_bag
+    from featmap_ros.bag.replay import default_node_config, eval_bag
+    from featmap_ros.estimator import model_meta
     from featmap_ros.datasets.nyu import NYU_INTRINSICS
     from featmap_ros.render.hand import HandShape
 
@@ -179,8 +183,14 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
 
     t = time.perf_counter()
     print("[4/4] bag eval: replaying through the node's processing path")
+    obj_meta = model_meta(models["objects"])
+    recrop = size.object_recrop
+    if recrop and not all("silhouette_m" in o for o in obj_meta["objects"]):
+        print("      the objects model was trained before recrop existed: replaying without it (--retrain for it)")
+        recrop = 0
+    obj_cfg = dataclasses.replace(default_node_config("objects", str(models["objects"]), obj_meta), recrop=recrop)
     obj = eval_bag(obj_bag, models["objects"], out / "eval" / "objects", models_dir=root / "models",
-                   device=device)
+                   config=obj_cfg, device=device)
     hand = eval_bag(hand_bag, models["hands"], out / "eval" / "hands", device=device)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

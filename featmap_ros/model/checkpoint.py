@@ -568,6 +568,10 @@ def _validate_objects(doc: dict[str, Any], cfg: NetConfig, where: str) -> None:
             raise CheckpointError(f"{at}.name must be a non-empty string, got {obj['name']!r}")
         _numbers(obj["corners_m"], f"{at}.corners_m", (8, 3))
         _numbers(obj["extent_m"], f"{at}.extent_m", (3,))
+        if "silhouette_m" in obj:
+            sil = _numbers(obj["silhouette_m"], f"{at}.silhouette_m")
+            if sil.ndim != 2 or sil.shape[1] != 3 or len(sil) < 4:
+                raise CheckpointError(f"{at}.silhouette_m must be (M >= 4, 3) model points, got shape {sil.shape}")
         if not isinstance(obj.get("symmetric", False), bool):
             raise CheckpointError(f"{at}.symmetric must be true or false, got {obj['symmetric']!r}")
     net_head = getattr(cfg, "head", "bb8")

@@ -78,6 +78,10 @@ class NodeConfig:
         1, "objects: threads that solve the detections' PnP after the network (1: in the callback's thread); "
         "more can help on many idle cores (no reliable gain measured on 2, docs/results.md)"
     )
+    recrop: int = _param(
+        0, "objects: passes that cut each crop again around the box the pose found projects to, and estimate "
+        "again (0-3; each pass costs one more network pass and decode; docs/ros.md)"
+    )
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
     )
@@ -143,6 +147,8 @@ class NodeConfig:
             raise ProcessorError("config", f"max_detections {self.max_detections} must be >= 1")
         if self.decode_threads < 1:
             raise ProcessorError("config", f"decode_threads {self.decode_threads} must be >= 1")
+        if not 0 <= self.recrop <= 3:
+            raise ProcessorError("config", f"recrop {self.recrop} must be in [0, 3]")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
