@@ -67,8 +67,9 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
         cfg = NetConfig(task="objects", n_outputs=object_head_channels(head) * n_objects, mapping=True, head=head,
                         **kw)
         corners = box_corners([-0.05] * 3, [0.1] * 3).tolist()
+        # The box corners stand in for the silhouette points the recrop projects (estimator.ObjectEstimator).
         objects = [{"obj_id": i + 1, "name": f"obj{i + 1}", "corners_m": corners, "extent_m": [0.1] * 3,
-                    "symmetric": False} for i in range(n_objects)]
+                    "symmetric": False, "silhouette_m": corners} for i in range(n_objects)]
         if head == "keypoints":  # the box centre and 8 surface points (here the box corners) per object
             for o in objects:
                 o["keypoints_m"] = [[0.0, 0.0, 0.0], *corners][: 1 + KEYPOINT_FPS]
@@ -86,11 +87,11 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
 
 
 def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
-                 decode_threads: int = 1, spinning: bool = False):
+                 decode_threads: int = 1, spinning: bool = False, recrop: int = 0):
     """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
     if backend in ("torch", "torch-bf16"):
         return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads,
-                              precision="bf16" if backend == "torch-bf16" else "auto")
+                              precision="bf16" if backend == "torch-bf16" else "auto", recrop=recrop)
     if ckpt not in exports:
         exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
     providers = _PINNED.get(backend)
@@ -101,7 +102,7 @@ def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: d
     if providers is not None and net.provider != providers[0]:
         raise RuntimeError(f"{backend}: onnxruntime fell back to {net.provider}")
     if net.meta["task"] == "objects":
-        return ObjectEstimator(net, net.meta, decode_threads=decode_threads)
+        return ObjectEstimator(net, net.meta, decode_threads=decode_threads, recrop=recrop)
     return HandEstimator(net, net.meta)
 
 
@@ -162,6 +163,8 @@ def main() -> None:
                         help="let onnxruntime's threads busy-wait after each run (its default; ours is off)")
     parser.add_argument("--decode-threads", type=int, nargs="+", default=[1],
                         help="object rows once per number of PnP threads (the node's decode_threads)")
+    parser.add_argument("--recrop", type=int, nargs="+", default=[0],
+                        help="object rows once per number of recrop passes (the node's recrop)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
@@ -188,11 +191,12 @@ def main() -> None:
         speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
-    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1) -> list:
+    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1, recrop: int = 0) -> list:
         out = []
         for backend in args.backends:
             try:
-                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning)
+                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning,
+                                   recrop)
                 out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
@@ -204,10 +208,10 @@ def main() -> None:
             for preset in args.presets:
                 for head in args.heads:
                     ckpt = make_checkpoint(Path(tmp), "objects", preset, head=head)
-                    for dt in args.decode_threads:
-                        cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt)
-                        procs = processors(ckpt, device, cfg, dt)
-                        pnp = f", {dt} PnP threads" if dt > 1 else ""
+                    for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
+                        cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc)
+                        procs = processors(ckpt, device, cfg, dt, rc)
+                        pnp = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
                         for n in (1, 8):
                             row(device, preset, f"objects x{n}, {head} head{pnp}", procs, object_frame(f, n, rng))
                     size = PRESETS[preset]["input_size"]

@@ -139,8 +139,8 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
 
     from featmap_ros.bag import make as bag
     from featmap_ros.bag.replay import default_node_config, eval_bag
-    from featmap_ros.estimator import model_meta
     from featmap_ros.datasets.nyu import NYU_INTRINSICS
+    from featmap_ros.estimator import model_meta
     from featmap_ros.render.hand import HandShape
 
     size = TINY if tiny else MainJobSize()
