@@ -234,17 +234,15 @@ class ObjectEstimator:
             return []
         found = self._estimate_windows(rgb, intrinsics.K, chosen, count=True)
         for _ in range(self.recrop):
-            again = [(i, k, win) for i, k, win in ((i, k, self._window_of(p, intrinsics)) for i, k, p in found)
-                     if win is not None]
-            better = {i: (k, p) for i, k, p in self._estimate_windows(rgb, intrinsics.K, again, count=False)}
-            found = [(i, *better.get(i, (k, p))) for i, k, p in found]
-        poses = []
+            windows = [(i, k, self._window_of(p, intrinsics)) for i, k, p in found]
+            again = [(i, k, win) for i, k, win in windows if win is not None]
+            better = {i: p for i, _, p in self._estimate_windows(rgb, intrinsics.K, again, count=False)}
+            found = [(i, k, better.get(i, p)) for i, k, p in found]
         for i, _, p in found:
             # The score is the detection's, times the pose's own confidence (dense head: the RANSAC inlier
             # ratio, scaled down when few locations are visible).
-            p.score = float(detections[i].score) * p.score
-            poses.append(p)
-        return poses
+            p.score *= float(detections[i].score)
+        return [p for _, _, p in found]
 
     def _window_of(self, pose: ObjectPose, intrinsics: geo.Intrinsics) -> geo.CropWindow | None:
         """The crop window around the box pose projects the object's silhouette to, or None when unusable."""
