@@ -22,6 +22,6 @@ def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     hands = read_meta(tmp_path / "models" / "hands" / "model.json", expect_task="hands")
     assert hands["net"]["head"] == "vote" and hands["hands"]["refiner"]["iterations"] >= 1  # the defaults
     assert hands["net"]["shared_extractor"] and hands["net"]["mapping"] and hands["net"]["stride"] == 4
-    assert json.loads((tmp_path / "summary.json").read_text())["size"]["stage1_steps"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["size"]["object_steps"] == [3, 2]
     run_main_job(tmp_path, tiny=True, device="cpu")
     assert "using the objects model trained before" in capsys.readouterr().out

@@ -8,7 +8,7 @@ test frames (100-159) are not touched. --holdout N instead trains on 0-(99-N) an
 N training frames (the session-5 protocol, 20 instances).
 
 Usage: DEV_THREADS=1 python3 tools/objects_tuning.py --tag NAME [--method fm] [--lr 1e-3]
-       [--s1 500 --s2 300] [--width 16] [--no-amp] [--val 100 | --holdout 20]
+       [--s1 2000 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--no-amp] [--val 100 | --holdout 20]
 Assets go to /tmp/objdev/assets_val<N> (made once); every run appends a JSON line to /tmp/objdev/results.jsonl.
 """
 
@@ -35,9 +35,11 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--tag", required=True)
 ap.add_argument("--method", default="fm")
 ap.add_argument("--lr", type=float, default=1e-3)
-ap.add_argument("--s1", type=int, default=500)
-ap.add_argument("--s2", type=int, default=300)
+ap.add_argument("--s1", type=int, default=None, help="stage-1 steps (default: the main job's)")
+ap.add_argument("--s2", type=int, default=None, help="stage-2 steps (default: the main job's)")
 ap.add_argument("--width", type=int, default=16)
+ap.add_argument("--batch", type=int, default=None, help="images per step (default: the main job's)")
+ap.add_argument("--blocks", default=None, help="object net's convolutions per stage, e.g. 1222 (default: NetConfig's)")
 ap.add_argument("--no-amp", action="store_true", help="float32 training (no bf16 autocast)")
 group = ap.add_mutually_exclusive_group()
 group.add_argument("--val", type=int, default=100, help="validation frames after the main job's test frames")
@@ -45,8 +47,10 @@ group.add_argument("--holdout", type=int, default=0, help="score the last N trai
 a = ap.parse_args()
 
 base = MainJobSize()
-size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, stage1_steps=a.s1, stage2_steps=a.s2,
-                           width=a.width, amp=not a.no_amp)
+steps = (a.s1 or base.object_steps[0], a.s2 or base.object_steps[1])
+size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, object_steps=steps,
+                           width=a.width, amp=not a.no_amp, object_batch=a.batch or base.object_batch,
+                           object_blocks=tuple(int(c) for c in a.blocks) if a.blocks else base.object_blocks)
 n_val = 0 if a.holdout else a.val
 root = ROOT / f"assets_val{n_val}"
 if not (root / "test" / "000001" / "scene_gt.json").is_file():

@@ -32,14 +32,21 @@ class MainJobSize:
     hand_pairs: int = 400
     hand_pool: int = 1200  # clean synthetic hand crops rendered once (online rendering is ~1 s per batch here)
     hand_bag_frames: int = 60
-    stage1_steps: int = 500
-    stage2_steps: int = 300
-    batch_size: int = 32
+    # (stage 1, stage 2) steps and images per step of each model. Small batches, more steps at about
+    # the same images/s: objects 36% -> 54% 2D-proj@5px (batch 32 -> 8) and hands 22.1 -> 20.3 mm
+    # (32 -> 16) on validation data (docs/results.md, session 11).
+    object_steps: tuple[int, int] = (2000, 1200)
+    object_batch: int = 8
+    hand_steps: tuple[int, int] = (1000, 600)
+    hand_batch: int = 16
     input_size: int = 64
     width: int = 16
     feature_dim: int = 256  # the FC feature (hand_head "fc")
     dense_feature_dim: int = 32  # channels of the spatial heads' feature maps (objects' dense, hands' vote)
     object_pool: int = 2000  # synthetic object crops rendered once, augmented on the fly
+    # Convolutions per encoder stage (NetConfig.blocks; None: its default (2, 2, 3, 3, 3)). One fewer in the
+    # first four stages: 14% less training time, equal accuracy on the validation frames (docs/results.md).
+    object_blocks: tuple[int, ...] | None = (1, 2, 2, 2, 3)
     object_method: str = "fm"
     object_lr: float = 1e-3
     # Replay: passes that crop each object again around its first pose (NodeConfig.recrop; the node's
@@ -55,20 +62,22 @@ class MainJobSize:
     amp: bool = True  # bf16 autocast where the CPU or GPU computes bf16 natively (TrainConfig.amp)
 
 
-TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4, stage1_steps=3,
-                   stage2_steps=2, batch_size=4, input_size=32, width=4, feature_dim=32, dense_feature_dim=8,
-                   object_pool=8, hand_width=4, refine_synthetic_frames=3, refine_sensor_frames=2, refine_steps=3)
+TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4,
+                   object_steps=(3, 2), object_batch=4, hand_steps=(3, 2), hand_batch=4, input_size=32, width=4,
+                   feature_dim=32, dense_feature_dim=8, object_pool=8, hand_width=4, refine_synthetic_frames=3,
+                   refine_sensor_frames=2, refine_steps=3)
 
 
-def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: float, loss: Any = None):
+def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: float, steps: tuple[int, int],
+                  batch: int, loss: Any = None):
     """The main job's TrainConfig; net: NetConfig's fields, built at once so the head resolves its own defaults."""
     from featmap_ros.model.nets import NetConfig
     from featmap_ros.train import LossConfig, OptimConfig, TrainConfig
 
     return TrainConfig(
         method=method, net=NetConfig(input_size=size.input_size, **net), loss=loss or LossConfig(),
-        optim=OptimConfig(lr=lr, warmup_steps=min(50, size.stage1_steps // 5)), batch_size=size.batch_size,
-        stage1_steps=size.stage1_steps, stage2_steps=size.stage2_steps, checkpoint_every=200, log_every=20,
+        optim=OptimConfig(lr=lr, warmup_steps=min(50, steps[0] // 5)), batch_size=batch,
+        stage1_steps=steps[0], stage2_steps=steps[1], checkpoint_every=400, log_every=20,
         device=device, amp=size.amp, tensorboard=False,
     )
 
@@ -82,9 +91,9 @@ def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_i
     from featmap_ros.model.nets import DENSE_CHANNELS
     from featmap_ros.train import train
 
-    cfg = _train_config(size, device, {"task": "objects", "width": size.width, "head": "dense",
-                                       "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim,
-                                       "dropout": 0.0}, size.object_method, size.object_lr)
+    net = {"task": "objects", "width": size.width, "blocks": size.object_blocks, "head": "dense",
+           "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim, "dropout": 0.0}
+    cfg = _train_config(size, device, net, size.object_method, size.object_lr, size.object_steps, size.object_batch)
     train_ids = list(range(size.train_frames)) if train_ids is None else list(train_ids)
     frames = BopScene(root, 1).frames(train_ids)
     # As in the LM-O experiment: viewpoints around the training frames' poses, their backgrounds.
@@ -114,9 +123,9 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
 
     vote = size.hand_head == "vote"
     budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
-    cfg = _train_config(size, device, {"task": "hands", "width": size.hand_width, "head": size.hand_head,
-                                       "feature_dim": size.dense_feature_dim if vote else size.feature_dim,
-                                       "dropout": 0.0 if vote else 0.1}, size.hand_method, budget.lr,
+    net = {"task": "hands", "width": size.hand_width, "head": size.hand_head,
+           "feature_dim": size.dense_feature_dim if vote else size.feature_dim, "dropout": 0.0 if vote else 0.1}
+    cfg = _train_config(size, device, net, size.hand_method, budget.lr, size.hand_steps, size.hand_batch,
                         LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat))
     stream_cfg = HandStreamConfig(crop_px=size.input_size)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
