@@ -133,6 +133,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     if args.which != "lmo" and (args.methods or args.validation_only):
         raise SystemExit(f"--methods and --validation-only are for `featmap experiment lmo`, not {args.which}")
+    if args.which == "nyu" and args.budget:
+        raise SystemExit("--budget is for `featmap experiment lmo` and `featmap experiment hands`, not nyu")
     if args.which == "lmo":
         from featmap_ros.experiments.lmo import LmoBudget, run_lmo_experiment
         from featmap_ros.train import load_dataclass_yaml
@@ -143,9 +145,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                                     methods=args.methods.split(",") if args.methods else None,
                                     validation_only=args.validation_only)
     elif args.which == "hands":
-        from featmap_ros.experiments.hands import run_hands_experiment
+        from featmap_ros.experiments.hands import HandsBudget, run_hands_experiment
+        from featmap_ros.train import load_dataclass_yaml
 
-        result = run_hands_experiment(Path(args.out), quick=args.quick)
+        budget = load_dataclass_yaml(HandsBudget, args.budget) if args.budget else None
+        result = run_hands_experiment(Path(args.out), quick=args.quick, budget=budget)
     else:
         from featmap_ros.experiments.nyu import run_nyu_experiment
 
@@ -297,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--nyu", default=None)
     x.add_argument("--out", required=True)
     x.add_argument("--quick", action="store_true")
-    x.add_argument("--budget", default=None, help="lmo: YAML of LmoBudget fields to change (net size, steps, ...)")
+    x.add_argument("--budget", default=None,
+                   help="lmo, hands: YAML of the LmoBudget or HandsBudget fields to change (net size, steps, batch)")
     x.add_argument("--device", default="auto", help="lmo: cpu, cuda or auto")
     x.add_argument("--methods", default=None, help="lmo: comma-separated methods to train (default: every one)")
     x.add_argument("--validation-only", action="store_true",

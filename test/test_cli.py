@@ -86,3 +86,18 @@ def test_experiment_lmo_budget_file_of_differences(lmo_root, tmp_path, monkeypat
     with pytest.raises(TrainError, match="unknown keys \\['stage1_step'\\]"):
         main(["--debug", "experiment", "lmo", "--bop", str(lmo_root), "--out", str(tmp_path / "y"), "--budget",
               str(tmp_path / "bad.yaml")])
+
+
+def test_experiment_hands_budget_file_of_differences(tmp_path, monkeypatch):
+    from featmap_ros.experiments import hands
+
+    seen = {}
+    monkeypatch.setattr(hands, "run_hands_experiment", lambda *a, **kw: seen.update(kw) or {})
+    (tmp_path / "b16.yaml").write_text("batch_size: 16\nstage1_steps: 4800\n")
+    assert main(["experiment", "hands", "--out", str(tmp_path / "x"), "--budget", str(tmp_path / "b16.yaml")]) == 0
+    b = seen["budget"]
+    assert (b.batch_size, b.stage1_steps, b.stage2_steps) == (16, 4800, hands.HandsBudget().stage2_steps)
+    assert main(["experiment", "hands", "--out", str(tmp_path / "y")]) == 0
+    assert seen["budget"] is None  # the experiment's own default
+    with pytest.raises(SystemExit, match="--budget is for"):
+        main(["experiment", "nyu", "--out", str(tmp_path / "z"), "--budget", str(tmp_path / "b16.yaml")])

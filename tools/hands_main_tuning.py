@@ -6,7 +6,7 @@ seed 7) under the test-time sensor, a new pose every 5 frames, so 120 frames hol
 (the main job's 60-frame bag holds 5). Every run appends a JSON line to /tmp/handmain/results.jsonl.
 
 Usage: DEV_THREADS=2 python3 tools/hands_main_tuning.py --tag NAME [--s1 1000 --s2 600] [--batch 16]
-       [--pairs 400] [--pool 1200] [--width 8] [--method fm_joint] [--refine-steps 1500]
+       [--pairs 400] [--pool 1200] [--width 8] [--method fm_joint] [--refine-steps 1500] [--lr 3e-3]
 """
 
 import argparse
@@ -38,12 +38,14 @@ ap.add_argument("--pairs", type=int, default=None)
 ap.add_argument("--pool", type=int, default=None)
 ap.add_argument("--width", type=int, default=None)
 ap.add_argument("--refine-steps", type=int, default=None)
+ap.add_argument("--lr", type=float, default=None)
 a = ap.parse_args()
 
 base = MainJobSize()
 steps = (a.s1 or base.hand_steps[0], a.s2 or base.hand_steps[1]) if a.s1 or a.s2 else None
 changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
-           "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps}
+           "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
+           "hand_lr": a.lr}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
 if not (val_bag / "metadata.yaml").is_file():

@@ -55,6 +55,7 @@ class MainJobSize:
     hand_head: str = "vote"
     hand_width: int = 8
     hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
+    hand_lr: float | None = None  # None: the hands experiment's (HandsBudget.lr)
     # The hand centre refiner: crops of clean renders and of the sensor pairs' frames, rendered once.
     refine_synthetic_frames: int = 400
     refine_sensor_frames: int = 200
@@ -125,7 +126,8 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
     net = {"task": "hands", "width": size.hand_width, "head": size.hand_head,
            "feature_dim": size.dense_feature_dim if vote else size.feature_dim, "dropout": 0.0 if vote else 0.1}
-    cfg = _train_config(size, device, net, size.hand_method, budget.lr, size.hand_steps, size.hand_batch,
+    lr = budget.lr if size.hand_lr is None else size.hand_lr
+    cfg = _train_config(size, device, net, size.hand_method, lr, size.hand_steps, size.hand_batch,
                         LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat))
     stream_cfg = HandStreamConfig(crop_px=size.input_size)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
