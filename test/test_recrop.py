@@ -141,8 +141,11 @@ def test_the_node_parameter_recrop_reaches_the_estimator_and_the_checkpoint_keep
     path = checkpoint.save(tmp_path / "model", FeatureMappingModel(cfg), meta)
     est = load_estimator_for(NodeConfig(model_path=str(path), backend="torch", device="cpu", recrop=2))
     assert est.recrop == 2 and np.allclose(est.objects[0].silhouette, SILHOUETTE)
+    from featmap_ros.estimator import MAX_RECROP
+
+    assert NodeConfig(recrop=MAX_RECROP).recrop == MAX_RECROP  # the node and the estimator share one bound
     with pytest.raises(ProcessorError, match="recrop"):
-        NodeConfig(recrop=4)
+        NodeConfig(recrop=MAX_RECROP + 1)
     meta["objects"][0]["silhouette_m"] = [[0.0, 0.0, 0.1]] * 3  # too few points
     bad = checkpoint.save(tmp_path / "bad", FeatureMappingModel(cfg), meta)
     with pytest.raises(checkpoint.CheckpointError, match="silhouette_m"):

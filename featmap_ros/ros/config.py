@@ -19,6 +19,7 @@ import yaml
 
 from featmap_ros.backends import BACKENDS, PRECISIONS
 from featmap_ros.errors import FeatmapError
+from featmap_ros.estimator import MAX_RECROP
 
 __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_config", "parameter_specs",
            "unknown_parameters"]
@@ -80,7 +81,7 @@ class NodeConfig:
     )
     recrop: int = _param(
         0, "objects: passes that cut each crop again around the box the pose found projects to, and estimate "
-        "again (0-3; each pass costs one more network pass and decode; docs/ros.md)"
+        f"again (0-{MAX_RECROP}; each pass costs one more network pass and decode; docs/ros.md)"
     )
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
@@ -147,8 +148,8 @@ class NodeConfig:
             raise ProcessorError("config", f"max_detections {self.max_detections} must be >= 1")
         if self.decode_threads < 1:
             raise ProcessorError("config", f"decode_threads {self.decode_threads} must be >= 1")
-        if not 0 <= self.recrop <= 3:
-            raise ProcessorError("config", f"recrop {self.recrop} must be in [0, 3]")
+        if not 0 <= self.recrop <= MAX_RECROP:
+            raise ProcessorError("config", f"recrop {self.recrop} must be in [0, {MAX_RECROP}]")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
