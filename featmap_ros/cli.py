@@ -101,7 +101,8 @@ def cmd_evaluate_objects(args: argparse.Namespace) -> int:
     from featmap_ros.estimator import load_estimator
 
     root, out = Path(args.bop), Path(args.out)
-    est = load_estimator(args.model, device=args.device, backend=args.backend, precision=args.precision)
+    est = load_estimator(args.model, device=args.device, backend=args.backend, precision=args.precision,
+                         recrop=args.recrop)
     records, ctx = run_bop(est, root, args.scene, args.frames, args.detections, targets=args.targets)
     infos, meshes = load_object_models(root / "models")
     names = {o.obj_id: o.name for o in est.objects}
@@ -109,7 +110,7 @@ def cmd_evaluate_objects(args: argparse.Namespace) -> int:
                                   extra={"model": str(args.model), "bop": str(root), "scene": args.scene,
                                          "frames": args.frames, "detections": args.detections,
                                          "method": est.net.meta.get("method", "featmap"),
-                                         "precision": args.precision},
+                                         "precision": args.precision, "recrop": args.recrop},
                                   targets=args.targets, dataset=ctx["dataset"], split=ctx["split"])
     print(f"scored: {metrics['targets']['scored']}")
     write_overlays(out, root, args.scene, records, infos, names, n=args.overlays)
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the network runs (auto: onnxruntime when installed and the model has an export)")
     eo.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                     help="the torch backend's (auto: half on CUDA, float32 on a CPU; bf16: where native)")
+    eo.add_argument("--recrop", type=int, default=0,
+                    help="passes that crop each object again around its first pose (the node's recrop, 0-3)")
     eo.set_defaults(func=cmd_evaluate_objects)
 
     xp = sub.add_parser("export", help="write a checkpoint's run-time graph as ONNX for the onnxruntime backend")

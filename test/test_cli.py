@@ -32,6 +32,11 @@ def test_evaluate_objects_writes_the_report(lmo_root, tmp_path, capsys):
     assert set(metrics["all"]["per_object"]) == {"1", "5"}
     assert (tmp_path / "eval" / "fm_lmo-test.csv").read_text().startswith("scene_id,im_id,obj_id,score,R,t,time")
     assert len(list((tmp_path / "eval").glob("overlay_*.png"))) == 1
+    assert metrics["recrop"] == 0
+    # --recrop reaches the estimator: this checkpoint records no silhouettes, so recrop is refused by name.
+    assert main(["evaluate", "objects", "--model", str(model), "--bop", str(lmo_root), "--scene", "2",
+                 "--frames", "3", "--out", str(tmp_path / "eval1"), "--recrop", "1", "--device", "cpu"]) == 2
+    assert "silhouette_m" in capsys.readouterr().err
 
 
 def test_bag_make_and_eval_for_hands(tmp_path, capsys):
