@@ -49,7 +49,9 @@ class RefinerConfig:
 
     input_size: int = 64
     width: int = 8
-    iterations: int = 2
+    # 3 since session 11: 0.2-0.5 mm better than 2 for each of four main-job hand models on their
+    # validation bag, 4 no better (docs/results.md); each step is one more small network pass.
+    iterations: int = 3
     cube_m: float = 0.3
 
     def __post_init__(self) -> None:
