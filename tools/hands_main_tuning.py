@@ -39,13 +39,15 @@ ap.add_argument("--pool", type=int, default=None)
 ap.add_argument("--width", type=int, default=None)
 ap.add_argument("--refine-steps", type=int, default=None)
 ap.add_argument("--lr", type=float, default=None)
+ap.add_argument("--refine-synthetic", type=int, default=None, help="the refiner's clean renders")
+ap.add_argument("--refine-sensor", type=int, default=None, help="the refiner's crops of the sensor pairs' frames")
 a = ap.parse_args()
 
 base = MainJobSize()
 steps = (a.s1 or base.hand_steps[0], a.s2 or base.hand_steps[1]) if a.s1 or a.s2 else None
 changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
-           "hand_lr": a.lr}
+           "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
 if not (val_bag / "metadata.yaml").is_file():
