@@ -13,7 +13,8 @@ frames, taking turns frame by frame: torch on the checkpoint (float32 on a CPU; 
 autocast, a default column where the CPU has native bf16), onnxruntime on its `featmap export`
 (providers by availability:
 TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
-vote head (the default) carry a centre refiner, so their frames include its crop-and-move steps (RefinerConfig.iterations).
+vote head (the default) carry a centre refiner, so their frames include its crop-and-move steps
+(RefinerConfig.iterations).
 --decode-threads: the object rows once per count of threads solving the detections' PnP (the
 node's decode_threads).
 """
