@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from featmap_ros.backends import BACKENDS, PRECISIONS
+from featmap_ros.estimator import MAX_RECROP
 
 LMO_NAMES = {1: "ape", 5: "can", 6: "cat", 8: "driller", 9: "duck", 10: "eggbox", 11: "glue", 12: "holepuncher"}
 
@@ -136,6 +137,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise SystemExit(f"--methods and --validation-only are for `featmap experiment lmo`, not {args.which}")
     if args.which == "nyu" and args.budget:
         raise SystemExit("--budget is for `featmap experiment lmo` and `featmap experiment hands`, not nyu")
+    if args.quick and args.budget:
+        raise SystemExit("--budget changes the full budget and --quick is a tiny one of its own: give one of them")
     if args.which == "lmo":
         from featmap_ros.experiments.lmo import LmoBudget, run_lmo_experiment
         from featmap_ros.train import load_dataclass_yaml
@@ -284,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the network runs (auto: onnxruntime when installed and the model has an export)")
     eo.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                     help="the torch backend's (auto: half on CUDA, float32 on a CPU; bf16: where native)")
-    eo.add_argument("--recrop", type=int, default=0,
-                    help="passes that crop each object again around its first pose (the node's recrop, 0-3)")
+    eo.add_argument("--recrop", type=int, default=0, choices=range(MAX_RECROP + 1),
+                    help=f"passes that crop each object again around its first pose (the node's recrop, "
+                         f"0-{MAX_RECROP})")
     eo.set_defaults(func=cmd_evaluate_objects)
 
     xp = sub.add_parser("export", help="write a checkpoint's run-time graph as ONNX for the onnxruntime backend")

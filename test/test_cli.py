@@ -106,3 +106,9 @@ def test_experiment_hands_budget_file_of_differences(tmp_path, monkeypatch):
     assert seen["budget"] is None  # the experiment's own default
     with pytest.raises(SystemExit, match="--budget is for"):
         main(["experiment", "nyu", "--out", str(tmp_path / "z"), "--budget", str(tmp_path / "b16.yaml")])
+    with pytest.raises(SystemExit, match="give one of them"):
+        main(["experiment", "hands", "--quick", "--out", str(tmp_path / "q"), "--budget", str(tmp_path / "b16.yaml")])
+    # Bad values are refused with a clear error (exit 2), before any training starts.
+    for bad in ("head: fcc\n", "batch_size: 0\n", "validation_frames: 2000\n", "stage1_steps: -1\n"):
+        (tmp_path / "bad.yaml").write_text(bad)
+        assert main(["experiment", "hands", "--out", str(tmp_path / "b"), "--budget", str(tmp_path / "bad.yaml")]) == 2

@@ -6,6 +6,7 @@ import json
 
 from featmap_ros.experiments.main_job import run_main_job
 from featmap_ros.model.checkpoint import read_meta
+from featmap_ros.model.refiner import RefinerConfig
 
 
 def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
@@ -20,7 +21,7 @@ def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
         assert (tmp_path / "eval" / task / "report.md").is_file()
         assert (tmp_path / "eval" / task / "output_bag" / "metadata.yaml").is_file()
     hands = read_meta(tmp_path / "models" / "hands" / "model.json", expect_task="hands")
-    assert hands["net"]["head"] == "vote" and hands["hands"]["refiner"]["iterations"] >= 1  # the defaults
+    assert hands["net"]["head"] == "vote" and hands["hands"]["refiner"]["iterations"] == RefinerConfig().iterations
     assert hands["net"]["shared_extractor"] and hands["net"]["mapping"] and hands["net"]["stride"] == 4
     assert json.loads((tmp_path / "summary.json").read_text())["size"]["object_steps"] == [3, 2]
     run_main_job(tmp_path, tiny=True, device="cpu")

@@ -5,15 +5,20 @@ The steps are set on each loaded estimator (HandEstimator.refine_iterations), so
 is scored with every count.
 """
 
-import sys
+import argparse
 from pathlib import Path
 from unittest import mock
 
 from featmap_ros import estimator
 from featmap_ros.bag import replay
 
-model = Path(sys.argv[1])
-bag = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/handmain/val_bag")
+ap = argparse.ArgumentParser()
+ap.add_argument("model", type=Path, help="a hand checkpoint with a centre refiner (model.json)")
+ap.add_argument("bag", type=Path, nargs="?", default=Path("/tmp/handmain/val_bag"))
+a = ap.parse_args()
+model, bag = a.model, a.bag
+if not (estimator.model_meta(model).get("hands") or {}).get("refiner"):
+    raise SystemExit(f"{model} has no centre refiner: every step count would score the same")
 original_init = estimator.HandEstimator.__init__
 print("| refiner steps | mean joint error (mm) | palm (mm) | max err <= 40 mm |\n|---|---|---|---|")
 for steps in range(5):

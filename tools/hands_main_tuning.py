@@ -44,7 +44,9 @@ ap.add_argument("--refine-sensor", type=int, default=None, help="the refiner's c
 a = ap.parse_args()
 
 base = MainJobSize()
-steps = (a.s1 or base.hand_steps[0], a.s2 or base.hand_steps[1]) if a.s1 or a.s2 else None
+steps = None
+if a.s1 is not None or a.s2 is not None:
+    steps = (base.hand_steps[0] if a.s1 is None else a.s1, base.hand_steps[1] if a.s2 is None else a.s2)
 changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
            "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor}
@@ -59,7 +61,8 @@ model = _train_hands(ROOT / "runs" / a.tag, size, "cpu")
 wall = time.perf_counter() - t0
 res = eval_bag(val_bag, model, ROOT / "runs" / a.tag / "eval", device="cpu", write_output_bag=False)
 m = res.metrics
-row = {"tag": a.tag, "changes": {k: v for k, v in changes.items() if v is not None}, "train_s": round(wall, 1),
+row = {"tag": a.tag, "changes": {k: v for k, v in changes.items() if v is not None},
+       "size": dataclasses.asdict(size), "train_s": round(wall, 1),
        "frames_scored": m.get("frames_scored"), "mean_error_mm": m.get("mean_error_mm"),
        "max_40mm": m.get("max_error_fraction", {}).get("40mm"), "palm_mm": m.get("per_joint_mm", {}).get("palm")}
 ROOT.mkdir(parents=True, exist_ok=True)

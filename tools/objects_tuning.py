@@ -9,7 +9,8 @@ N training frames (the session-5 protocol, 20 instances).
 
 Usage: DEV_THREADS=1 python3 tools/objects_tuning.py --tag NAME [--method fm] [--lr 1e-3]
        [--s1 2000 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--no-amp] [--val 100 | --holdout 20]
-Assets go to /tmp/objdev/assets_val<N> (made once); every run appends a JSON line to /tmp/objdev/results.jsonl.
+Assets go to /tmp/objdev/assets_val<N> (made once); every run appends a JSON line to /tmp/objdev/results.jsonl
+(the arguments as given and the resolved MainJobSize). Scored without recrop (the main job replays with 1).
 """
 
 import argparse
@@ -39,7 +40,8 @@ ap.add_argument("--s1", type=int, default=None, help="stage-1 steps (default: th
 ap.add_argument("--s2", type=int, default=None, help="stage-2 steps (default: the main job's)")
 ap.add_argument("--width", type=int, default=16)
 ap.add_argument("--batch", type=int, default=None, help="images per step (default: the main job's)")
-ap.add_argument("--blocks", default=None, help="object net's convolutions per stage, e.g. 1222 (default: NetConfig's)")
+ap.add_argument("--blocks", default=None,
+                help="object encoder's convolutions per stage, 5 digits, e.g. 22333 (default: the main job's, 12223)")
 ap.add_argument("--no-amp", action="store_true", help="float32 training (no bf16 autocast)")
 group = ap.add_mutually_exclusive_group()
 group.add_argument("--val", type=int, default=100, help="validation frames after the main job's test frames")
@@ -47,7 +49,7 @@ group.add_argument("--holdout", type=int, default=0, help="score the last N trai
 a = ap.parse_args()
 
 base = MainJobSize()
-steps = (a.s1 or base.object_steps[0], a.s2 or base.object_steps[1])
+steps = (base.object_steps[0] if a.s1 is None else a.s1, base.object_steps[1] if a.s2 is None else a.s2)
 size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, object_steps=steps,
                            width=a.width, amp=not a.no_amp, object_batch=a.batch or base.object_batch,
                            object_blocks=tuple(int(c) for c in a.blocks) if a.blocks else base.object_blocks)
@@ -67,7 +69,8 @@ records, _ = run_bop(load_estimator(model, device="cpu"), root, 1, scored, detec
 metrics, rows = score_objects(records, infos, meshes, {assets.OBJ_ID: assets.OBJ_NAME})
 proj = np.array([r["proj_px"] for r in rows])
 mean = metrics["all"]["mean_over_objects"]
-row = {"tag": a.tag, "args": vars(a), "train_s": round(wall, 1), "val_instances": metrics["all"]["n_instances"],
+row = {"tag": a.tag, "args": vars(a), "size": dataclasses.asdict(size), "train_s": round(wall, 1),
+       "val_instances": metrics["all"]["n_instances"],
        "scored_frames": scored, "val_proj_5px": mean["proj_5px"], "val_add_10": mean["add_10"],
        "val_proj_10px": accuracy(proj, 10.0), "val_proj_median_px": float(np.median(proj))}
 with open(ROOT / "results.jsonl", "a") as f:

@@ -46,7 +46,7 @@ from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
 from featmap_ros.estimator import HandEstimator, load_estimator
 from featmap_ros.experiments import data as xdata
 from featmap_ros.model import checkpoint
-from featmap_ros.model.nets import NetConfig
+from featmap_ros.model.nets import HAND_HEADS, NetConfig
 from featmap_ros.render import sensor
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
 from featmap_ros.train import METHODS, LossConfig, OptimConfig, TrainConfig
@@ -100,6 +100,20 @@ class HandsBudget:
     shift_sigma: float = HANDS_AUGMENT.shift_sigma
     depth_sigma: float = HANDS_AUGMENT.depth_sigma
     scale: float = HANDS_AUGMENT.scale
+
+    def __post_init__(self) -> None:
+        if self.head not in HAND_HEADS:
+            raise ValueError(f"head must be one of {HAND_HEADS}, got {self.head!r}")
+        counts = {"batch_size": self.batch_size, "input_size": self.input_size, "width": self.width,
+                  "n_real": self.n_real, "n_test": self.n_test, "refine_steps": self.refine_steps}
+        if any(v < 1 for v in counts.values()):
+            raise ValueError(f"these must be >= 1: {counts}")
+        if self.stage1_steps < 0 or self.stage2_steps < 0 or self.stage1_steps + self.stage2_steps < 1:
+            raise ValueError(f"steps must be >= 0 and train at all, got {self.stage1_steps} + {self.stage2_steps}")
+        if not 0 <= self.validation_frames < self.n_real:
+            raise ValueError(f"validation_frames must be in [0, n_real = {self.n_real}), got {self.validation_frames}")
+        if not (self.lr > 0 and self.fc_step_factor > 0):
+            raise ValueError(f"lr and fc_step_factor must be > 0, got {self.lr} and {self.fc_step_factor}")
 
     def augment(self) -> HandAugmentConfig:
         """The augmentation these settings describe."""
