@@ -16,8 +16,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 PINNED_MMAP_THRESHOLD = 128 * 1024
+# Extra heap kept at the top when it grows or is trimmed: the renderer's many medium temporaries
+# (below the pinned threshold) then reuse pages instead of growing and trimming the heap, and
+# faulting zeroed pages in, on every frame.
+RENDER_TOP_PAD = 64 * 1024 * 1024
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _state = {"pinned": False}
 
@@ -37,10 +42,13 @@ def pin_mmap_threshold(threshold: int = PINNED_MMAP_THRESHOLD) -> bool:
     samples) pin it: the process grew by ~0.8 MB per kept crop (13 GB for 16,000). Fixing the
     threshold stops that, at a price: fresh mmaps make rendering ~2.7x slower (99 -> 36 frames/s
     here) and training ~2x slower (heap_for_training undoes it there). So only code that keeps
-    many rendered samples calls it. A no-op off glibc.
+    many rendered samples calls it. It also keeps RENDER_TOP_PAD of heap at the top: without it,
+    a sensor-domain hand frame took 68 ms in a fresh process, with it 26 ms, and 400 cached frames
+    peaked at the same RSS (session 11, docs/results.md). A no-op off glibc.
     """
     ok = _mallopt(M_MMAP_THRESHOLD, threshold)
     _state["pinned"] = _state["pinned"] or ok
+    _mallopt(M_TOP_PAD, RENDER_TOP_PAD)
     return ok
 
 
