@@ -17,8 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from featmap_ros.backends import BACKENDS, PRECISIONS
-from featmap_ros.estimator import MAX_RECROP
+from featmap_ros.backends import BACKENDS, MAX_RECROP, PRECISIONS
 
 LMO_NAMES = {1: "ape", 5: "can", 6: "cat", 8: "driller", 9: "duck", 10: "eggbox", 11: "glue", 12: "holepuncher"}
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featmap_ros import geometry as geo
-from featmap_ros.backends import BACKENDS, PRECISIONS, BackendError, onnx_net
+from featmap_ros.backends import BACKENDS, MAX_RECROP, PRECISIONS, BackendError, onnx_net
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
@@ -51,7 +51,6 @@ class EstimatorError(FeatmapError, ValueError):
 
 
 DEFAULT_MAX_DETECTIONS = 32
-MAX_RECROP = 3  # object recrop passes at most (each costs one more network pass and decode)
 NETWORK_CHUNK = 16  # crops per forward pass: bounds the memory of one frame whatever the detection count
 BB8_OUTPUTS = 16  # per object: 8 corners (u, v) normalised to the crop
 

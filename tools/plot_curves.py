@@ -10,10 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from featmap_ros.report import plot_curves
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -33,21 +30,15 @@ for spec in a.runs:
     elif len(runs) > 1:
         raise SystemExit(f"{run_dir}/curves.jsonl holds the runs {sorted(map(str, runs))}: "
                          "name one (LABEL=DIR:BATCH:RUN)")
-    points = {r["step"]: 100 * r[a.key] for r in rows if a.key in r}  # the last probe of a step wins
+    points = {r["step"]: r[a.key] for r in rows if a.key in r}  # the last probe of a step wins
     if not points:
         raise SystemExit(f"no {a.key} in {run_dir}/curves.jsonl for {run or 'its run'}")
     curves.append((label, int(batch), sorted(points.items())))
 for spec in a.series:
     label, batch, points = spec.split(":", 2)
-    curves.append((label, int(batch), [(int(s), float(v)) for s, v in (p.split("=") for p in points.split(","))]))
+    curves.append((label, int(batch),
+                   [(int(s), float(v) / 100) for s, v in (p.split("=") for p in points.split(","))]))
 
-fig, ax = plt.subplots(figsize=(7, 4))
-for label, batch, pts in curves:
-    ax.plot([s * batch / 1000 for s, _ in pts], [v for _, v in pts], marker="o", label=label)
-ax.set_xlabel("training images (thousands)")
-ax.set_ylabel(f"{a.key} (%)")
-ax.grid(alpha=0.3)
-ax.legend()
-fig.tight_layout()
-fig.savefig(a.out, dpi=100)
+named = {label: ([s * batch / 1000 for s, _ in pts], [v for _, v in pts]) for label, batch, pts in curves}
+plot_curves(Path(a.out), named, "training images (thousands)", a.key)
 print(f"wrote {a.out}")

@@ -14,6 +14,9 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 # The torch backend's precision (torch_net.TorchNetwork: auto = half on CUDA, float32 on a CPU); ONNX
 # Runtime runs its export in float32 (TensorRT: fp16) whatever this says.
 PRECISIONS = ("auto", "float32", "bf16")
+# Object recrop passes at most (estimator.ObjectEstimator; each costs one more network pass and decode).
+# Here, beside the other run-time choices, so the node config and the CLI read it without importing the estimator.
+MAX_RECROP = 3
 
 
 class BackendError(FeatmapError, ValueError):

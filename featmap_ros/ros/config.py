@@ -17,9 +17,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from featmap_ros.backends import BACKENDS, PRECISIONS
+from featmap_ros.backends import BACKENDS, MAX_RECROP, PRECISIONS
 from featmap_ros.errors import FeatmapError
-from featmap_ros.estimator import MAX_RECROP
 
 __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_config", "parameter_specs",
            "unknown_parameters"]
