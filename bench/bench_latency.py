@@ -29,6 +29,7 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 
+from featmap_ros.backends import HAND_RECENTRE
 from featmap_ros.backends.onnx_net import OnnxNetwork, onnxruntime_available
 from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
@@ -88,11 +89,12 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
 
 
 def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
-                 decode_threads: int = 1, spinning: bool = False, recrop: int = 0):
+                 decode_threads: int = 1, spinning: bool = False, recrop: int = 0, recentre: int = HAND_RECENTRE):
     """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
     if backend in ("torch", "torch-bf16"):
         return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads,
-                              precision="bf16" if backend == "torch-bf16" else "auto", recrop=recrop)
+                              precision="bf16" if backend == "torch-bf16" else "auto", recrop=recrop,
+                              recentre=recentre)
     if ckpt not in exports:
         exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
     providers = _PINNED.get(backend)
@@ -104,7 +106,7 @@ def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: d
         raise RuntimeError(f"{backend}: onnxruntime fell back to {net.provider}")
     if net.meta["task"] == "objects":
         return ObjectEstimator(net, net.meta, decode_threads=decode_threads, recrop=recrop)
-    return HandEstimator(net, net.meta)
+    return HandEstimator(net, net.meta, recentre=recentre)
 
 
 def object_frame(f: MessageFactory, n: int, rng: np.random.Generator) -> tuple:
@@ -166,6 +168,9 @@ def main() -> None:
                         help="object rows once per number of PnP threads (the node's decode_threads)")
     parser.add_argument("--recrop", type=int, nargs="+", default=[0],
                         help="object rows once per number of recrop passes (the node's recrop)")
+    parser.add_argument("--recentre", type=int, nargs="+", default=[HAND_RECENTRE],
+                        help=f"hand rows once per number of recentre passes (the node's recentre, {HAND_RECENTRE} "
+                             "by default)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
@@ -192,12 +197,13 @@ def main() -> None:
         speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
-    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1, recrop: int = 0) -> list:
+    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1, recrop: int = 0,
+                   recentre: int = HAND_RECENTRE) -> list:
         out = []
         for backend in args.backends:
             try:
                 est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning,
-                                   recrop)
+                                   recrop, recentre)
                 out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
@@ -221,10 +227,11 @@ def main() -> None:
                 for head in args.hand_heads:
                     refine = head == "vote"
                     ckpt = make_checkpoint(Path(tmp), "hands", preset, head=head, refiner=refine)
-                    procs = processors(ckpt, device, NodeConfig(task="hands", use_detections=False,
-                                                                publish_overlay=False))
-                    row(device, preset, f"hand, {head} head" + (" + centre refiner" if refine else ""), procs,
-                        hand_frame(f))
+                    for rc in args.recentre:
+                        cfg = NodeConfig(task="hands", use_detections=False, publish_overlay=False, recentre=rc)
+                        procs = processors(ckpt, device, cfg, recentre=rc)
+                        case = f"hand, {head} head" + (" + centre refiner" if refine else "") + f", recentre {rc}"
+                        row(device, preset, case, procs, hand_frame(f))
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featmap_ros import geometry as geo
-from featmap_ros.backends import BACKENDS, MAX_RECROP, PRECISIONS, BackendError, onnx_net
+from featmap_ros.backends import BACKENDS, HAND_RECENTRE, MAX_RECROP, PRECISIONS, BackendError, onnx_net
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
@@ -335,11 +335,15 @@ class HandEstimator:
 
     def __init__(self, model: FeatureMappingModel | Any, meta: dict[str, Any], device: str = "auto",
                  max_depth_m: float = 1.5, min_pixels: int = 200, max_detections: int = DEFAULT_MAX_DETECTIONS,
-                 refine: bool = True) -> None:
+                 refine: bool = True, recentre: int = HAND_RECENTRE) -> None:
         """model: a torch FeatureMappingModel (run on `device`) or a backend network (featmap_ros.backends).
 
         refine: use the checkpoint's centre refiner, where it has one (False: the located centre, as
         without one).
+        recentre: passes that crop each hand again around the palm its joints put it at and run the
+        joints network there (0 to MAX_RECROP, one network pass each): the joints network was trained
+        on crops about its palm, and the refined centre is still ~1 cm off it. A hand whose pass
+        fails keeps its pose (counted as 'non_finite_recentre' or 'recentre_out_of_range').
 
         Raises:
             EstimatorError: another task, a head that does not fit the joints, or a refiner the
@@ -355,8 +359,15 @@ class HandEstimator:
         self.max_depth_m, self.min_pixels = max_depth_m, min_pixels
         self.max_detections = _check_max_detections(max_detections)
         self.skipped: Counter[str] = Counter()
+        if isinstance(recentre, bool) or not isinstance(recentre, int) or not 0 <= recentre <= MAX_RECROP:
+            raise EstimatorError(f"recentre must be an integer in [0, {MAX_RECROP}], got {recentre!r}")
+        self.recentre = recentre
         if self.net.n_outputs != 3 * len(self.joint_names):
             raise EstimatorError(f"head has {self.net.n_outputs} outputs for {len(self.joint_names)} joints")
+        self.palm = self.joint_names.index("palm") if "palm" in self.joint_names else -1
+        if self.palm < 0 and self.recentre:
+            log.warning("recentre needs a 'palm' joint and this checkpoint's joints have none: recentre off")
+            self.recentre = 0
         refiner = meta["hands"].get("refiner")
         self.refine = bool(refine) and refiner is not None
         self.refine_iterations = int(refiner["iterations"]) if refiner else 0
@@ -468,20 +479,45 @@ class HandEstimator:
             return []
         if self.refine:
             centres = self.refine_centres(depth_m, intrinsics.K, centres)
+        hands = self._joints_at(depth_m, intrinsics.K, centres)
+        moving = [i for i, h in enumerate(hands) if h is not None]
+        for _ in range(self.recentre):
+            # Crop again around the palm each hand's joints put it at; one whose pass fails keeps its pose and stops.
+            near = [i for i in moving if hands[i].joints_xyz[self.palm, 2] <= self.cube_m / 2.0]  # type: ignore[union-attr]
+            if near:
+                self.skipped["recentre_out_of_range"] += len(near)
+                moving = [i for i in moving if i not in near]
+            if not moving:
+                break
+            again = self._joints_at(depth_m, intrinsics.K, [hands[i].joints_xyz[self.palm] for i in moving])  # type: ignore[union-attr]
+            still = []
+            for i, pose in zip(moving, again, strict=True):
+                if pose is None:
+                    self.skipped["non_finite_recentre"] += 1
+                else:
+                    hands[i] = pose
+                    still.append(i)
+            moving = still
+        if None in hands:
+            self.skipped["non_finite_output"] += hands.count(None)
+        return [h for h in hands if h is not None]
+
+    def _joints_at(self, depth_m: np.ndarray, K: np.ndarray, centres: list[np.ndarray]) -> list[HandPose | None]:
+        """One network pass on the cube crops at `centres`: a HandPose each, None where the output is not finite."""
         crops, cubes = [], []
         for c in centres:
-            crop, cube = geo.crop_depth_cube(depth_m, intrinsics.K, c, cube_m=self.cube_m, out=self.crop_size)
+            crop, cube = geo.crop_depth_cube(depth_m, K, c, cube_m=self.cube_m, out=self.crop_size)
             crops.append(depth_to_input(crop))
             cubes.append(cube)
         outputs, ood = run_chunked(self.net, crops)
-        hands = []
+        hands: list[HandPose | None] = []
         for row, cube in enumerate(cubes):
             joints = cube.denormalise_joints(outputs[row].reshape(-1, 3))
             if not np.isfinite(joints).all():
-                self.skipped["non_finite_output"] += 1
                 log.debug("network output for the hand at %s is not finite; dropped", cube.centre)
+                hands.append(None)
                 continue
-            conf = joint_confidence(joints, depth_m, intrinsics.K)
+            conf = joint_confidence(joints, depth_m, K)
             hands.append(HandPose(joints_xyz=joints, confidences=conf, centre=cube.centre, cube_m=self.cube_m,
                                   joint_names=self.joint_names, score=float(conf.mean()),
                                   out_of_domain=float(ood[row])))
@@ -558,8 +594,8 @@ def choose_backend(model_path: str | Path, backend: str = "auto") -> str:
 def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: int = 0,
                    max_detections: int = DEFAULT_MAX_DETECTIONS,
                    backend: str | None = None, refine: bool = True,
-                   decode_threads: int = 1, precision: str = "auto", recrop: int = 0
-                   ) -> ObjectEstimator | HandEstimator:
+                   decode_threads: int = 1, precision: str = "auto", recrop: int = 0,
+                   recentre: int = HAND_RECENTRE) -> ObjectEstimator | HandEstimator:
     """Rebuild the right estimator from a checkpoint or its ONNX export alone (its JSON says the task).
 
     backend: 'torch', 'onnxruntime' or 'auto' (choose_backend: what the node and the CLI default to);
@@ -569,6 +605,7 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     10-40x slower). refine: hands only, use the checkpoint's centre refiner where it has one.
     decode_threads: objects only, threads that solve the detections' PnP (ObjectEstimator).
     recrop: objects only, passes that cut the crop again around the pose found (ObjectEstimator).
+    recentre: hands only, passes that crop again around the palm found (HandEstimator).
     precision: the torch backend's (backends.torch_net.TorchNetwork): "auto" (half on CUDA, float32 on a
     CPU), "float32" or "bf16" (bf16 autocast where the device has native bf16); not for onnxruntime.
 
@@ -594,4 +631,5 @@ def load_estimator(model_path: str | Path, device: str = "auto", cpu_threads: in
     if net.meta["task"] == "objects":
         return ObjectEstimator(net, net.meta, device=device, max_detections=max_detections,
                                decode_threads=decode_threads, recrop=recrop)
-    return HandEstimator(net, net.meta, device=device, max_detections=max_detections, refine=refine)
+    return HandEstimator(net, net.meta, device=device, max_detections=max_detections, refine=refine,
+                         recentre=recentre)

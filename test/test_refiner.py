@@ -285,7 +285,8 @@ def test_refiner_tensors_and_their_description_come_together(tmp_path) -> None:
 
 def test_the_estimator_moves_the_located_centre_by_each_refinement_step(tmp_path) -> None:
     ckpt = checkpoint.attach_refiner(hand_checkpoint(tmp_path), constant_refiner((0.1, -0.05, 0.02)))
-    est, plain = load_estimator(ckpt, device="cpu"), load_estimator(ckpt, device="cpu", refine=False)
+    est = load_estimator(ckpt, device="cpu", recentre=0)  # the refiner alone: no recentre passes
+    plain = load_estimator(ckpt, device="cpu", refine=False, recentre=0)
     assert est.refine and not plain.refine and est.refine_iterations == 2
     (hand,), (located,) = est.estimate(blob_depth(), NYU_INTRINSICS), plain.estimate(blob_depth(), NYU_INTRINSICS)
     # Two steps of the constant offset, each over half the refiner's 0.3 m cube.
@@ -300,14 +301,14 @@ def test_the_estimator_moves_the_located_centre_by_each_refinement_step(tmp_path
 
 def test_a_non_finite_refiner_offset_is_counted_and_the_last_finite_centre_kept(tmp_path) -> None:
     ckpt = checkpoint.attach_refiner(hand_checkpoint(tmp_path), constant_refiner((np.nan, 0.0, 0.0)))
-    est = load_estimator(ckpt, device="cpu")
+    est = load_estimator(ckpt, device="cpu", recentre=0)
     (hand,) = est.estimate(blob_depth(), NYU_INTRINSICS)
     assert est.skipped["non_finite_refine"] == 1  # once per hand: it is not moved again
     assert np.allclose(hand.centre, geo.locate_hand(blob_depth(), K, cube_m=0.3))
     assert np.isfinite(hand.joints_xyz).all() and np.isfinite(hand.centre).all()
     # A step that would put the centre closer than half a cube is refused the same way.
     far = checkpoint.attach_refiner(ckpt, constant_refiner((0.0, 0.0, -5.0)))
-    est = load_estimator(far, device="cpu")
+    est = load_estimator(far, device="cpu", recentre=0)
     (hand,) = est.estimate(blob_depth(), NYU_INTRINSICS)
     assert est.skipped["refine_out_of_range"] == 1 and hand.centre[2] > 0.5
 
@@ -325,9 +326,9 @@ def test_the_node_parameter_refine_centre_reaches_the_estimator(tmp_path) -> Non
     from featmap_ros.ros.processor import load_estimator_for
 
     ckpt = checkpoint.attach_refiner(hand_checkpoint(tmp_path), constant_refiner((0.1, 0.0, 0.0)))
-    on = load_estimator_for(NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu"))
+    on = load_estimator_for(NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu", recentre=0))
     off = load_estimator_for(NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu",
-                                        refine_centre=False))
+                                        refine_centre=False, recentre=0))
     assert on.refine and not off.refine
     (moved,), (located,) = on.estimate(blob_depth(), NYU_INTRINSICS), off.estimate(blob_depth(), NYU_INTRINSICS)
     assert moved.centre[0] - located.centre[0] == pytest.approx(2 * 0.15 * 0.1, abs=1e-6)

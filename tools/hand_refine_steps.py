@@ -1,11 +1,14 @@
-"""A hand model's error on the main job's hand validation bag for 0-4 centre-refiner steps, no retraining.
+"""A hand model's error on the main job's hand validation bag for each run-time pass count, no retraining.
 
-Usage: python3 tools/hand_refine_steps.py MODEL.json [BAG]   (BAG: tools/hands_main_tuning.py's, by default)
-The steps are set on each loaded estimator (HandEstimator.refine_iterations), so one trained refiner
-is scored with every count.
+Usage: python3 tools/hand_refine_steps.py MODEL.json [BAG] [--steps 0 1 2 3 4] [--recentre 0]
+   (BAG: tools/hands_main_tuning.py's, by default)
+--steps: the centre refiner's crop-and-move steps (HandEstimator.refine_iterations); --recentre: the
+joints network's passes again around the palm it found (HandEstimator.recentre). Both are set on each
+loaded estimator, so one trained model is scored with every count.
 """
 
 import argparse
+import itertools
 from pathlib import Path
 from unittest import mock
 
@@ -15,20 +18,22 @@ from featmap_ros.bag import replay
 ap = argparse.ArgumentParser()
 ap.add_argument("model", type=Path, help="a hand checkpoint with a centre refiner (model.json)")
 ap.add_argument("bag", type=Path, nargs="?", default=Path("/tmp/handmain/val_bag"))
+ap.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+ap.add_argument("--recentre", type=int, nargs="+", default=[0])
 a = ap.parse_args()
 model, bag = a.model, a.bag
 if not (estimator.model_meta(model).get("hands") or {}).get("refiner"):
     raise SystemExit(f"{model} has no centre refiner: every step count would score the same")
 original_init = estimator.HandEstimator.__init__
-print("| refiner steps | mean joint error (mm) | palm (mm) | max err <= 40 mm |\n|---|---|---|---|")
-for steps in range(5):
-    def init(self, *args, _steps=steps, **kwargs):
+print("| refiner steps | recentre | mean joint error (mm) | palm (mm) | max err <= 40 mm |\n|---|---|---|---|---|")
+for steps, recentre in itertools.product(a.steps, a.recentre):
+    def init(self, *args, _steps=steps, _recentre=recentre, **kwargs):
         original_init(self, *args, **kwargs)
-        self.refine_iterations = _steps
+        self.refine_iterations, self.recentre = _steps, _recentre
 
     with mock.patch.object(estimator.HandEstimator, "__init__", init):
-        result = replay.eval_bag(bag, model, Path(f"/tmp/hand_refine_steps/{steps}"), device="cpu",
+        result = replay.eval_bag(bag, model, Path(f"/tmp/hand_refine_steps/{steps}_{recentre}"), device="cpu",
                                  write_output_bag=False)
     m = result.metrics
-    print(f"| {steps} | {m['mean_error_mm']:.2f} | {m['per_joint_mm']['palm']:.2f} | "
-          f"{100 * m['max_error_fraction']['40mm']:.0f}% |")
+    print(f"| {steps} | {recentre} | {m['mean_error_mm']:.2f} | {m['per_joint_mm']['palm']:.2f} | "
+          f"{100 * m['max_error_fraction']['40mm']:.0f}% |", flush=True)

@@ -39,6 +39,7 @@ import torch
 
 from featmap_ros import evaluation as ev
 from featmap_ros import geometry as geo
+from featmap_ros.backends import HAND_RECENTRE
 from featmap_ros.datasets import nyu
 from featmap_ros.datasets.hand_augment import HandAugmentConfig
 from featmap_ros.datasets.hand_refine import SensorCropRecorder
@@ -262,8 +263,8 @@ def _refinement_lines(header: dict[str, Any]) -> list[str]:
                      f"(p90 {h['after_p90']:.1f} mm).")
     without = header.get("runtime_without_refinement")
     if without:
-        lines.append(f"- {header.get('fm_method', 'fm')} on the run-time path without refinement (the located "
-                     f"centre of mass): mean "
+        lines.append(f"- {header.get('fm_method', 'fm')} on the run-time path without refinement or recentre (the "
+                     f"located centre of mass): mean "
                      f"{without['mean_error_mm_found']:.1f} mm, centre to palm {without['centre_error_mm_median']:.1f} "
                      f"/ {without['centre_error_mm_p90']:.1f} mm (median / p90).")
     return ["\n## Hand centre\n", *lines] if lines else []
@@ -287,7 +288,8 @@ def write_hands_table(out: Path, table: dict[str, Any], header: dict[str, Any]) 
             f"clean renders of the nominal hand; validation: the last {header['validation_frames']} frames of person A."
             f" Test: {header['n_test']} frames of person B, other poses, test-time sensor. Crops at the located "
             f"centre ({header['test_fallbacks']} of {header['n_test']} test frames fell back to the palm + 1 cm "
-            f"noise). Run-time path: HandEstimator on {header['runtime_frames']} full frames.\n",
+            f"noise). Run-time path: HandEstimator on {header['runtime_frames']} full frames (the refiner's steps, "
+            f"then {header.get('recentre', 0)} recentre passes; centre to palm: the last crop's centre).\n",
             f"Budget: {header['budget']}\n", markdown_table(cols, rows),
             *_refinement_lines(header),
             "\n## Per-joint mean error (mm)\n", markdown_table(["joint", *table], per)]
@@ -381,7 +383,7 @@ def run_hands_experiment(
     estimators = {m: load_estimator(p, device=device) for m, p in paths.items()}
     fm = budget.fm_method
     if fm in paths:  # the same fm model on the located centre alone: the refiner's share of the result
-        estimators[f"{fm} (no refinement)"] = load_estimator(paths[fm], device=device, refine=False)
+        estimators[f"{fm} (no refinement)"] = load_estimator(paths[fm], device=device, refine=False, recentre=0)
     runtime = runtime_path(estimators, test, min(budget.runtime_frames, budget.n_test))  # type: ignore[arg-type]
 
     table: dict[str, Any] = {}
@@ -409,7 +411,8 @@ def run_hands_experiment(
               "stage1_s": wall.get("stage1", 0.0), "nyu_frame": nyu_check,
               "augment": dataclasses.asdict(budget.augment()), "refine_s": refine_s,
               "refiners": {k: {kk: vv for kk, vv in v.items() if kk != "refiner"} for k, v in refiners.items()},
-              "fm_method": fm, "runtime_without_refinement": runtime.get(f"{fm} (no refinement)")}
+              "fm_method": fm, "runtime_without_refinement": runtime.get(f"{fm} (no refinement)"),
+              "recentre": HAND_RECENTRE}
     write_hands_table(out, table, header)
     plot_curves(out / "curves_max_error.png", curves, "max joint error threshold (mm)", "fraction of frames",
                 title="Hands: frames within a max joint error")

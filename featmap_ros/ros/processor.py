@@ -73,7 +73,8 @@ def load_estimator_for(config: NodeConfig) -> Estimator:
     estimator = load_estimator(config.model_path, config.device, cpu_threads=config.cpu_threads,
                                max_detections=config.max_detections, backend=config.backend,
                                refine=config.refine_centre, decode_threads=config.decode_threads,
-                               precision=config.precision, recrop=config.recrop)
+                               precision=config.precision, recrop=config.recrop,
+                               recentre=config.recentre)
     if estimator.task != config.task:
         raise ProcessorError("config", f"{config.model_path} is a {estimator.task!r} model but task is {config.task!r}")
     return estimator
