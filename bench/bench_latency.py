@@ -5,7 +5,7 @@ TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would r
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
                                      [--heads dense keypoints bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
-                                     [--threads 0] [--decode-threads 1 2]
+                                     [--threads 0] [--decode-threads 1 2] [--recrop 0 1] [--recentre 0 2]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
 Weights are random: latency does not depend on them. Backends run side by side on the same
@@ -29,7 +29,7 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 
-from featmap_ros.backends import HAND_RECENTRE
+from featmap_ros.backends import HAND_RECENTRE, MAX_RECENTRE
 from featmap_ros.backends.onnx_net import OnnxNetwork, onnxruntime_available
 from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
@@ -168,7 +168,7 @@ def main() -> None:
                         help="object rows once per number of PnP threads (the node's decode_threads)")
     parser.add_argument("--recrop", type=int, nargs="+", default=[0],
                         help="object rows once per number of recrop passes (the node's recrop)")
-    parser.add_argument("--recentre", type=int, nargs="+", default=[HAND_RECENTRE],
+    parser.add_argument("--recentre", type=int, nargs="+", default=[HAND_RECENTRE], choices=range(MAX_RECENTRE + 1),
                         help=f"hand rows once per number of recentre passes (the node's recentre, {HAND_RECENTRE} "
                              "by default)")
     args = parser.parse_args()

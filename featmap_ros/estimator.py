@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featmap_ros import geometry as geo
-from featmap_ros.backends import BACKENDS, HAND_RECENTRE, MAX_RECROP, PRECISIONS, BackendError, onnx_net
+from featmap_ros.backends import (
+    BACKENDS,
+    HAND_RECENTRE,
+    MAX_RECENTRE,
+    MAX_RECROP,
+    PRECISIONS,
+    BackendError,
+    onnx_net,
+)
 from featmap_ros.errors import FeatmapError
 from featmap_ros.heads.dense import DENSE_CHANNELS, DenseDecodeConfig
 from featmap_ros.heads.dense import decode as decode_dense
@@ -328,7 +336,8 @@ class HandEstimator:
 
     The centre refiner runs when the checkpoint carries one (meta hands.refiner) and `refine` is on:
     from the located centre, `iterations` times, crop the refiner's cube there and move the centre
-    by its predicted offset to the palm (DeepPrior++'s refinement step).
+    by its predicted offset to the palm (DeepPrior++'s refinement step). After the joints, `recentre`
+    passes crop again around the palm they found and run the joints network there.
     """
 
     task = "hands"
@@ -359,13 +368,13 @@ class HandEstimator:
         self.max_depth_m, self.min_pixels = max_depth_m, min_pixels
         self.max_detections = _check_max_detections(max_detections)
         self.skipped: Counter[str] = Counter()
-        if isinstance(recentre, bool) or not isinstance(recentre, int) or not 0 <= recentre <= MAX_RECROP:
-            raise EstimatorError(f"recentre must be an integer in [0, {MAX_RECROP}], got {recentre!r}")
+        if isinstance(recentre, bool) or not isinstance(recentre, int) or not 0 <= recentre <= MAX_RECENTRE:
+            raise EstimatorError(f"recentre must be an integer in [0, {MAX_RECENTRE}], got {recentre!r}")
         self.recentre = recentre
         if self.net.n_outputs != 3 * len(self.joint_names):
             raise EstimatorError(f"head has {self.net.n_outputs} outputs for {len(self.joint_names)} joints")
-        self.palm = self.joint_names.index("palm") if "palm" in self.joint_names else -1
-        if self.palm < 0 and self.recentre:
+        self.palm = self.joint_names.index("palm") if "palm" in self.joint_names else None
+        if self.palm is None and self.recentre:
             log.warning("recentre needs a 'palm' joint and this checkpoint's joints have none: recentre off")
             self.recentre = 0
         refiner = meta["hands"].get("refiner")
@@ -480,27 +489,35 @@ class HandEstimator:
         if self.refine:
             centres = self.refine_centres(depth_m, intrinsics.K, centres)
         hands = self._joints_at(depth_m, intrinsics.K, centres)
+        if self.palm is not None:
+            self._recentre(depth_m, intrinsics.K, hands)
+        if None in hands:
+            self.skipped["non_finite_output"] += hands.count(None)
+        return [h for h in hands if h is not None]
+
+    def _recentre(self, depth_m: np.ndarray, K: np.ndarray, hands: list[HandPose | None]) -> None:
+        """`recentre` times, replace each hand by the joints network's pass on the cube crop at its palm, in place.
+
+        A hand stops at its last pose when its palm lies outside the cube it was found in or nearer the
+        camera than half a cube (counted 'recentre_out_of_range'), or when the new pass is not finite
+        ('non_finite_recentre').
+        """
         moving = [i for i, h in enumerate(hands) if h is not None]
         for _ in range(self.recentre):
-            # Crop again around the palm each hand's joints put it at; one whose pass fails keeps its pose and stops.
-            near = [i for i in moving if hands[i].joints_xyz[self.palm, 2] <= self.cube_m / 2.0]  # type: ignore[union-attr]
-            if near:
-                self.skipped["recentre_out_of_range"] += len(near)
-                moving = [i for i in moving if i not in near]
-            if not moving:
-                break
-            again = self._joints_at(depth_m, intrinsics.K, [hands[i].joints_xyz[self.palm] for i in moving])  # type: ignore[union-attr]
-            still = []
-            for i, pose in zip(moving, again, strict=True):
+            palms = {i: hands[i].joints_xyz[self.palm].copy() for i in moving}  # type: ignore[union-attr]
+            usable = [i for i in moving if palms[i][2] > self.cube_m / 2.0
+                      and np.all(np.abs(palms[i] - hands[i].centre) <= self.cube_m / 2.0)]  # type: ignore[union-attr]
+            if len(usable) < len(moving):
+                self.skipped["recentre_out_of_range"] += len(moving) - len(usable)
+            if not usable:
+                return
+            moving = []
+            for i, pose in zip(usable, self._joints_at(depth_m, K, [palms[i] for i in usable]), strict=True):
                 if pose is None:
                     self.skipped["non_finite_recentre"] += 1
                 else:
                     hands[i] = pose
-                    still.append(i)
-            moving = still
-        if None in hands:
-            self.skipped["non_finite_output"] += hands.count(None)
-        return [h for h in hands if h is not None]
+                    moving.append(i)
 
     def _joints_at(self, depth_m: np.ndarray, K: np.ndarray, centres: list[np.ndarray]) -> list[HandPose | None]:
         """One network pass on the cube crops at `centres`: a HandPose each, None where the output is not finite."""

@@ -74,13 +74,12 @@ def test_max_detections_must_be_a_positive_integer(bad) -> None:
         ObjectEstimator(tiny_model("objects", 32), object_meta(2), device="cpu", max_detections=bad)
 
 
-def hands() -> HandEstimator:
-    return HandEstimator(tiny_model("hands", 42), hand_meta(), device="cpu")
+def hands(**kwargs) -> HandEstimator:
+    return HandEstimator(tiny_model("hands", 42), hand_meta(), device="cpu", **kwargs)
 
 
 def test_one_nan_hand_box_does_not_drop_the_good_hand() -> None:
-    est = hands()
-    est.recentre = 0  # the crop stays at the located centre, which this test checks
+    est = hands(recentre=0)  # the crop stays at the located centre, which this test checks
     centre = np.array([0.02, 0.01, 0.6])
     depth = sphere_depth(centre)
     uv = geo.project(centre[None], INTR.K)[0]

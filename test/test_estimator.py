@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from featmap_ros import geometry as geo
+from featmap_ros.datasets.nyu import JOINT_NAMES
 from featmap_ros.estimator import EstimatorError, HandEstimator, ObjectEstimator, joint_confidence, load_estimator
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, NetConfig
@@ -104,18 +105,18 @@ def sphere_depth(centre: np.ndarray, radius: float = 0.05) -> np.ndarray:
 
 
 def hand_meta() -> dict:
-    hands = {"joint_names": [f"j{i}" for i in range(14)], "cube_m": 0.3}
+    hands = {"joint_names": list(JOINT_NAMES), "cube_m": 0.3}
     return {"task": "hands", "hands": hands, "crop": {"size": 64}}
 
 
 def test_hand_estimator_returns_named_joints_in_the_cube(tmp_path):
     model = tiny_model("hands", 42)
     checkpoint.save(tmp_path / "hand", model, {"method": "fm", **{k: v for k, v in hand_meta().items() if k != "task"}})
-    est = load_estimator(tmp_path / "hand", device="cpu")
+    est = load_estimator(tmp_path / "hand", device="cpu", recentre=0)  # the crop at the located centre, checked here
     assert isinstance(est, HandEstimator)
     centre = np.array([0.02, 0.01, 0.6])
     (hand,) = est.estimate(sphere_depth(centre), INTR)
-    assert hand.joints_xyz.shape == (14, 3) and hand.joint_names[3] == "j3"
+    assert hand.joints_xyz.shape == (14, 3) and hand.joint_names == JOINT_NAMES
     assert np.linalg.norm(hand.centre[:2] - centre[:2]) < 0.01
     # the outputs are offsets from the centre in half-cube units: redo the crop and check the mapping
     crop, _ = geo.crop_depth_cube(sphere_depth(centre), INTR.K, hand.centre, cube_m=0.3, out=64)

@@ -63,18 +63,23 @@ def test_the_default_passes_are_the_nodes_and_bad_counts_are_refused(tmp_path) -
 
 
 class ScriptedNet:
-    """A hand network whose k-th call returns the k-th of `outputs` (normalised joints) for every crop."""
+    """A hand network whose k-th call returns the k-th of `outputs` (normalised joints: one row for every
+    crop, or one per crop), and records each call's batch size."""
 
     def __init__(self, net, outputs: list[np.ndarray]) -> None:
-        self.inner, self.outputs, self.calls = net, outputs, 0
+        self.inner, self.outputs, self.batches = net, outputs, []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    @property
+    def calls(self) -> int:
+        return len(self.batches)
+
     def run(self, batch):
-        out = self.outputs[min(self.calls, len(self.outputs) - 1)]
-        self.calls += 1
-        return np.tile(out.reshape(1, -1), (len(batch), 1)), np.zeros(len(batch))
+        out = np.atleast_2d(self.outputs[min(self.calls, len(self.outputs) - 1)])
+        self.batches.append(len(batch))
+        return (np.tile(out, (len(batch), 1)) if len(out) == 1 else out[: len(batch)]), np.zeros(len(batch))
 
 
 def test_a_failed_pass_keeps_the_last_pose_and_is_counted(tmp_path) -> None:
@@ -103,4 +108,33 @@ def test_joints_without_a_palm_turn_recentre_off_with_a_warning(tmp_path, caplog
     est = HandEstimator(model, meta, device="cpu", recentre=2)
     assert est.recentre == 0 and "recentre off" in caplog.text
     assert len(est.estimate(blob_depth(), NYU_INTRINSICS)) == 1
+
+
+def test_hands_of_one_frame_fail_or_go_on_each_on_its_own(tmp_path) -> None:
+    """Four hands in four boxes: one goes on through both passes, one's palm lies outside its cube, one's
+    recentred pass is not finite, and one's first pass is not finite (dropped)."""
+    from featmap_ros.results import Detection2D
+
+    depth = np.full((480, 640), 1.2, np.float32)
+    v, u = np.mgrid[0:480, 0:640]
+    spots = [(120, 120), (520, 120), (120, 360), (520, 360)]
+    for x, y in spots:
+        depth[(u - x) ** 2 + (v - y) ** 2 < 45**2] = 0.6
+    boxes = [Detection2D(np.array([x - 80.0, y - 80, 160, 160]), score=1.0 - 0.1 * k) for k, (x, y) in enumerate(spots)]
+    goes_on, outside, nan = np.full((14, 3), 0.05), np.full((14, 3), 0.05), np.full(42, np.nan)
+    outside[PALM] = (2.0, 0.0, 0.0)  # 0.3 m off: outside the 0.3 m cube it was found in
+    first = np.stack([goes_on.ravel(), outside.ravel(), goes_on.ravel(), nan])
+    est = load_estimator(hand_checkpoint(tmp_path), device="cpu", recentre=2)
+    est.net = ScriptedNet(est.net, [first, np.stack([goes_on.ravel(), nan]), goes_on.ravel()])
+    hands = est.estimate(depth, NYU_INTRINSICS, boxes)
+    assert est.net.batches == [4, 2, 1]  # all four; then the first and the third; then the first alone
+    assert +est.skipped == {"non_finite_output": 1, "recentre_out_of_range": 1, "non_finite_recentre": 1}
+    assert len(hands) == 3 and all(np.isfinite(h.joints_xyz).all() and np.isfinite(h.centre).all() for h in hands)
+    located = [geo.locate_hand(np.where(np.abs(u - x) < 80, np.where(np.abs(v - y) < 80, depth, np.nan), np.nan), K,
+                               cube_m=0.3) for x, y in spots[:3]]
+    step = 0.05 * 0.15  # one pass's palm offset, metres per axis
+    assert np.allclose(hands[0].centre, located[0] + 2 * step, atol=1e-9)  # cropped at the palm twice
+    assert np.allclose(hands[0].joints_xyz, hands[0].centre + step, atol=1e-9)
+    for hand, centre in zip(hands[1:], located[1:], strict=True):  # the first pass's pose, at the located centre
+        assert np.allclose(hand.centre, centre, atol=1e-9)
 

@@ -22,8 +22,10 @@ ap.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 3, 4])
 ap.add_argument("--recentre", type=int, nargs="+", default=[0])
 a = ap.parse_args()
 model, bag = a.model, a.bag
-if not (estimator.model_meta(model).get("hands") or {}).get("refiner"):
+if len(a.steps) > 1 and not (estimator.model_meta(model).get("hands") or {}).get("refiner"):
     raise SystemExit(f"{model} has no centre refiner: every step count would score the same")
+if not all(0 <= r <= estimator.MAX_RECENTRE for r in a.recentre):
+    raise SystemExit(f"--recentre must be in [0, {estimator.MAX_RECENTRE}]")
 original_init = estimator.HandEstimator.__init__
 print("| refiner steps | recentre | mean joint error (mm) | palm (mm) | max err <= 40 mm |\n|---|---|---|---|---|")
 for steps, recentre in itertools.product(a.steps, a.recentre):

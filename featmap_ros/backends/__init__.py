@@ -17,9 +17,10 @@ PRECISIONS = ("auto", "float32", "bf16")
 # Object recrop passes at most (estimator.ObjectEstimator; each costs one more network pass and decode).
 # Here, beside the other run-time choices, so the node config and the CLI read it without importing the estimator.
 MAX_RECROP = 3
-# Hand recentre passes by default (estimator.HandEstimator: crop again around the palm the joints found and run
-# the joints network there; at most MAX_RECROP): 19.8 -> 17.6 mm on the main job's hand validation bag
-# (docs/results.md, session 12) for one more network pass each.
+# Hand recentre passes (estimator.HandEstimator: crop again around the palm the joints found and run the
+# joints network there), at most and by default: 19.8 -> 17.6 mm with 2 on the main job's hand validation
+# bag (docs/results.md, session 12), one more network pass each.
+MAX_RECENTRE = 3
 HAND_RECENTRE = 2
 
 

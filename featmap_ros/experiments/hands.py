@@ -159,8 +159,9 @@ def predict_crops(model_json: Path, crops: torch.Tensor, centres: np.ndarray, cu
 
 
 def runtime_path(estimators: dict[str, HandEstimator], test: SensorHandSet, n: int) -> dict[str, dict[str, Any]]:
-    """Run each estimator on the first n full test frames (locate, crop, joints); found fraction, joint errors
-    and the located centre's distance to the palm (mm, median and 90th percentile)."""
+    """Run each estimator on the first n full test frames (locate, refine, crop, joints, recentre); found
+    fraction, joint errors and the last crop centre's distance to the palm (mm, median and 90th percentile:
+    the refined centre without recentre passes, else the palm of the pass before the last)."""
     from tqdm import tqdm
 
     K = test.intrinsics
@@ -382,7 +383,7 @@ def run_hands_experiment(
     centres, gt = items["centre"].numpy().astype(np.float64), items["joints"].numpy().astype(np.float64)
     estimators = {m: load_estimator(p, device=device) for m, p in paths.items()}
     fm = budget.fm_method
-    if fm in paths:  # the same fm model on the located centre alone: the refiner's share of the result
+    if fm in paths:  # the same fm model on the located centre alone: the share of the refiner and recentre
         estimators[f"{fm} (no refinement)"] = load_estimator(paths[fm], device=device, refine=False, recentre=0)
     runtime = runtime_path(estimators, test, min(budget.runtime_frames, budget.n_test))  # type: ignore[arg-type]
 
@@ -412,7 +413,7 @@ def run_hands_experiment(
               "augment": dataclasses.asdict(budget.augment()), "refine_s": refine_s,
               "refiners": {k: {kk: vv for kk, vv in v.items() if kk != "refiner"} for k, v in refiners.items()},
               "fm_method": fm, "runtime_without_refinement": runtime.get(f"{fm} (no refinement)"),
-              "recentre": HAND_RECENTRE}
+              "recentre": estimators[fm].recentre if fm in estimators else HAND_RECENTRE}
     write_hands_table(out, table, header)
     plot_curves(out / "curves_max_error.png", curves, "max joint error threshold (mm)", "fraction of frames",
                 title="Hands: frames within a max joint error")

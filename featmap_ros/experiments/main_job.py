@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from featmap_ros import assets
+from featmap_ros.backends import HAND_RECENTRE
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class MainJobSize:
     # Replay: passes that crop each object again around its first pose (NodeConfig.recrop; the node's
     # default is 0, the latency setting): +4 points 2D-proj@5px on the validation frames (docs/results.md).
     object_recrop: int = 1
+    # Replay: passes that crop each hand again around the palm its joints found (NodeConfig.recentre, the
+    # node's default): 19.8 -> 17.6 mm on the hand validation bag (docs/results.md, session 12).
+    hand_recentre: int = HAND_RECENTRE
     hand_head: str = "vote"
     hand_width: int = 8
     hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
@@ -202,7 +206,9 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
     obj_cfg = dataclasses.replace(default_node_config("objects", str(models["objects"]), obj_meta), recrop=recrop)
     obj = eval_bag(obj_bag, models["objects"], out / "eval" / "objects", models_dir=root / "models",
                    config=obj_cfg, device=device)
-    hand = eval_bag(hand_bag, models["hands"], out / "eval" / "hands", device=device)
+    hand_cfg = dataclasses.replace(default_node_config("hands", str(models["hands"]), model_meta(models["hands"])),
+                                   recentre=size.hand_recentre)
+    hand = eval_bag(hand_bag, models["hands"], out / "eval" / "hands", config=hand_cfg, device=device)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

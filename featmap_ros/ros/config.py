@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from featmap_ros.backends import BACKENDS, HAND_RECENTRE, MAX_RECROP, PRECISIONS
+from featmap_ros.backends import BACKENDS, HAND_RECENTRE, MAX_RECENTRE, MAX_RECROP, PRECISIONS
 from featmap_ros.errors import FeatmapError
 
 __all__ = ["NodeConfig", "ParamSpec", "ProcessorError", "TASKS", "load_node_config", "parameter_specs",
@@ -84,7 +84,7 @@ class NodeConfig:
     )
     recentre: int = _param(
         HAND_RECENTRE, "hands: passes that crop each hand again around the palm its joints found, and estimate "
-        f"again (0-{MAX_RECROP}; each pass costs one more network pass; docs/ros.md)"
+        f"again (0-{MAX_RECENTRE}; each pass costs one more network pass; docs/ros.md)"
     )
     max_detections: int = _param(
         32, "most detections estimated per frame: the highest scores are kept, the rest counted as dropped"
@@ -153,8 +153,8 @@ class NodeConfig:
             raise ProcessorError("config", f"decode_threads {self.decode_threads} must be >= 1")
         if not 0 <= self.recrop <= MAX_RECROP:
             raise ProcessorError("config", f"recrop {self.recrop} must be in [0, {MAX_RECROP}]")
-        if not 0 <= self.recentre <= MAX_RECROP:
-            raise ProcessorError("config", f"recentre {self.recentre} must be in [0, {MAX_RECROP}]")
+        if not 0 <= self.recentre <= MAX_RECENTRE:
+            raise ProcessorError("config", f"recentre {self.recentre} must be in [0, {MAX_RECENTRE}]")
         if self.queue_size < 1:
             raise ProcessorError("config", f"queue_size {self.queue_size} must be >= 1")
         for name in ("max_age_s", "marker_lifetime_s"):
