@@ -93,3 +93,23 @@ def test_pairs_rendered_with_the_frames_own_hand_have_its_joints() -> None:
     assert torch.equal(item["real"], nominal["real"]) and not torch.equal(item["syn"], nominal["syn"])
     with pytest.raises(HandStreamError, match="pair_shape"):
         SensorHandSet(1, shape, seed=2, config=replace(cfg, pair_shape="fitted"))[0]
+
+
+def test_pairs_cropped_at_the_palm_have_it_within_their_noise() -> None:
+    shape = HandShape.sample(np.random.default_rng(1))
+    cfg = HandStreamConfig(crop_px=32, pair_centre="palm", pair_centre_sigma_m=0.0075)
+    palm_set, located_set = SensorHandSet(6, shape, seed=2, config=cfg), SensorHandSet(
+        6, shape, seed=2, config=replace(cfg, pair_centre="located"))
+    to_palm, located = [], []
+    for i in range(6):
+        item, other = palm_set[i], located_set[i]
+        joints = item["joints"].numpy()
+        to_palm.append(np.linalg.norm(item["centre"].numpy() - joints[-1]))  # NYU's palm is the last joint
+        located.append(np.linalg.norm(other["centre"].numpy() - joints[-1]))
+        assert torch.allclose(item["target"].reshape(14, 3), (item["joints"] - item["centre"]) / 0.15, atol=1e-5)
+        assert not bool(item["fallback"])
+    # Within 4.5 sigma of 3D noise, and nearer than the centre of mass (the forearm pulls that one away).
+    assert max(to_palm) < 4.5 * 0.0075 and np.median(to_palm) < np.median(located)
+    assert palm_set.fallbacks == 0
+    with pytest.raises(HandStreamError, match="pair_centre"):
+        SensorHandSet(1, shape, seed=2, config=replace(cfg, pair_centre="refined"))[0]

@@ -41,6 +41,8 @@ ap.add_argument("--refine-steps", type=int, default=None)
 ap.add_argument("--lr", type=float, default=None)
 ap.add_argument("--refine-synthetic", type=int, default=None, help="the refiner's clean renders")
 ap.add_argument("--refine-sensor", type=int, default=None, help="the refiner's crops of the sensor pairs' frames")
+ap.add_argument("--pair-centre", default=None, choices=["located", "palm"], help="where the sensor pairs are cropped")
+ap.add_argument("--shift", type=float, default=None, help="centre-offset augmentation, xy and z, half-cube units")
 a = ap.parse_args()
 
 base = MainJobSize()
@@ -49,7 +51,8 @@ if a.s1 is not None or a.s2 is not None:
     steps = (base.hand_steps[0] if a.s1 is None else a.s1, base.hand_steps[1] if a.s2 is None else a.s2)
 changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
-           "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor}
+           "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor,
+           "hand_pair_centre": a.pair_centre, "hand_shift_sigma": a.shift}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
 if not (val_bag / "metadata.yaml").is_file():

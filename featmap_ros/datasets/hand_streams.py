@@ -51,6 +51,11 @@ class HandStreamConfig:
     # The shape of a pair's clean render: "nominal" (the synthetic stream's hand, as so far) or "same"
     # (the frame's own hand: what a hand model fitted to the real person gives, as in the paper).
     pair_shape: str = "nominal"
+    # Where a sensor pair is cropped: "located" (geometry.locate_hand on the noisy frame, falling back to the
+    # palm + fallback_sigma_m noise) or "palm" (the palm + pair_centre_sigma_m noise per axis: about where the
+    # run-time refiner and recentre passes put the crop).
+    pair_centre: str = "located"
+    pair_centre_sigma_m: float = 0.0075
     poses: PoseSamplerConfig = field(default_factory=PoseSamplerConfig)
     scene: sensor.SceneConfig = field(default_factory=sensor.SceneConfig)
 
@@ -169,13 +174,19 @@ class SensorHandSet(Dataset):
             hook(index, noisy, K, joints)
         palm = joints[PALM]
         rng = np.random.default_rng([self.seed, index, 1])
-        try:
-            centre = locate_hand(noisy, K, cube_m=cfg.cube_m)
-            failed = bool(np.linalg.norm(centre - palm) > cfg.locate_max_error_m)
-        except GeometryError:
-            failed = True
-        if failed:
-            centre = palm + cfg.fallback_sigma_m * rng.standard_normal(3)
+        if cfg.pair_centre not in ("located", "palm"):
+            raise HandStreamError(f"pair_centre must be 'located' or 'palm', got {cfg.pair_centre!r}")
+        failed = False
+        if cfg.pair_centre == "palm":
+            centre = palm + cfg.pair_centre_sigma_m * rng.standard_normal(3)
+        else:
+            try:
+                centre = locate_hand(noisy, K, cube_m=cfg.cube_m)
+                failed = bool(np.linalg.norm(centre - palm) > cfg.locate_max_error_m)
+            except GeometryError:
+                failed = True
+            if failed:
+                centre = palm + cfg.fallback_sigma_m * rng.standard_normal(3)
         self._fallback[index] = failed
         real, cube = crop_depth_cube(noisy, K, centre, cube_m=cfg.cube_m, out=cfg.crop_px)
         if cfg.pair_shape not in ("nominal", "same"):

@@ -60,6 +60,9 @@ class MainJobSize:
     hand_width: int = 8
     hand_method: str = "fm_joint"  # as the hands experiment's Feature Mapping model (its budget.fm_method)
     hand_lr: float | None = None  # None: the hands experiment's (HandsBudget.lr)
+    # HandStreamConfig.pair_centre of the sensor pairs: "palm" was 2.3 mm worse on the validation bag (docs/results.md).
+    hand_pair_centre: str = "located"
+    hand_shift_sigma: float | None = None  # the crops' centre-offset augmentation (None: HANDS_AUGMENT's)
     # The hand centre refiner: crops of clean renders and of the sensor pairs' frames, rendered once.
     refine_synthetic_frames: int = 400
     refine_sensor_frames: int = 200
@@ -133,14 +136,16 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     lr = budget.lr if size.hand_lr is None else size.hand_lr
     cfg = _train_config(size, device, net, size.hand_method, lr, size.hand_steps, size.hand_batch,
                         LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat))
-    stream_cfg = HandStreamConfig(crop_px=size.input_size)
+    stream_cfg = HandStreamConfig(crop_px=size.input_size, pair_centre=size.hand_pair_centre)
+    augment = HANDS_AUGMENT if size.hand_shift_sigma is None else dataclasses.replace(
+        HANDS_AUGMENT, shift_sigma=size.hand_shift_sigma, depth_sigma=size.hand_shift_sigma)
     shape, sensor_cfg = HandShape.sample(np.random.default_rng(1)), SensorConfig.nominal()
     # The centre refiner's (DeepPrior++'s step) crops of the pairs' frames, made as the pairs render them.
     refiner_cfg = RefinerConfig(input_size=size.input_size, cube_m=stream_cfg.cube_m)
     n_sensor = min(size.refine_sensor_frames, size.hand_pairs)
     recorder = SensorCropRecorder(n_sensor, refiner_cfg, seed=1)
     data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
-                           synthetic_pool=size.hand_pool, augment=HANDS_AUGMENT, on_render=(recorder,))
+                           synthetic_pool=size.hand_pool, augment=augment, on_render=(recorder,))
     path = train(cfg, data, out)
     # The refiner from clean renders and the pairs' own frames (rendered here only if training made no pairs).
     pool = refine_pool(size.refine_synthetic_frames, SensorHandSet(size.hand_pairs, shape, sensor_cfg, 1, stream_cfg),
