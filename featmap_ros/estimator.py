@@ -350,7 +350,7 @@ class HandEstimator:
         refine: use the checkpoint's centre refiner, where it has one (False: the located centre, as
         without one).
         recentre: passes that crop each hand again around the palm its joints put it at and run the
-        joints network there (0 to MAX_RECROP, one network pass each): the joints network was trained
+        joints network there (0 to MAX_RECENTRE, one network pass each): the joints network was trained
         on crops about its palm, and the refined centre is still ~1 cm off it. A hand whose pass
         fails keeps its pose (counted as 'non_finite_recentre' or 'recentre_out_of_range').
 
@@ -489,8 +489,7 @@ class HandEstimator:
         if self.refine:
             centres = self.refine_centres(depth_m, intrinsics.K, centres)
         hands = self._joints_at(depth_m, intrinsics.K, centres)
-        if self.palm is not None:
-            self._recentre(depth_m, intrinsics.K, hands)
+        self._recentre(depth_m, intrinsics.K, hands)  # no passes where the joints have no palm (recentre 0)
         if None in hands:
             self.skipped["non_finite_output"] += hands.count(None)
         return [h for h in hands if h is not None]
@@ -498,15 +497,21 @@ class HandEstimator:
     def _recentre(self, depth_m: np.ndarray, K: np.ndarray, hands: list[HandPose | None]) -> None:
         """`recentre` times, replace each hand by the joints network's pass on the cube crop at its palm, in place.
 
-        A hand stops at its last pose when its palm lies outside the cube it was found in or nearer the
-        camera than half a cube (counted 'recentre_out_of_range'), or when the new pass is not finite
+        A hand stops at its last pose when its palm leaves the first pass's cube (where the hand was
+        located and refined: a pass never wanders further, onto a neighbour) or comes nearer the camera
+        than half a cube (both counted 'recentre_out_of_range'), or when the new pass is not finite
         ('non_finite_recentre').
         """
-        moving = [i for i, h in enumerate(hands) if h is not None]
+        half = self.cube_m / 2.0
+        first = {i: h.centre for i, h in enumerate(hands) if h is not None}
+
+        def croppable(i: int, palm: np.ndarray) -> bool:
+            return bool(palm[2] > half and np.all(np.abs(palm - first[i]) <= half))
+
+        moving = list(first)
         for _ in range(self.recentre):
             palms = {i: hands[i].joints_xyz[self.palm].copy() for i in moving}  # type: ignore[union-attr]
-            usable = [i for i in moving if palms[i][2] > self.cube_m / 2.0
-                      and np.all(np.abs(palms[i] - hands[i].centre) <= self.cube_m / 2.0)]  # type: ignore[union-attr]
+            usable = [i for i in moving if croppable(i, palms[i])]
             if len(usable) < len(moving):
                 self.skipped["recentre_out_of_range"] += len(moving) - len(usable)
             if not usable:

@@ -139,3 +139,21 @@ def test_hand_drops_are_named_hands_in_the_diagnostics() -> None:
     assert level == "error" and "non-finite output for 1 hands" in message
     assert values["hands dropped: non_finite_refine"] == "3" and values["hands dropped: non_finite_output"] == "1"
     assert not any(key.startswith("detections dropped") for key in values)
+
+
+def test_a_non_finite_recentre_pass_makes_the_diagnostics_an_error_too() -> None:
+    from collections import Counter
+
+    from test_processor import FakeEstimator, make_processor
+
+    from featmap_ros.ros.messages import MessageFactory
+    from featmap_ros.ros.typestore import typestore
+
+    est = FakeEstimator("hands")
+    est.skipped = Counter(recentre_out_of_range=4)
+    proc, _ = make_processor(MessageFactory.for_rosbags(typestore("jazzy")), task="hands", estimator=est)
+    assert proc.diagnostics()[0] != "error"  # a palm out of range is no fault of the network
+    est.skipped["non_finite_recentre"] += 1
+    level, message, values = proc.diagnostics()
+    assert level == "error" and "non-finite output for 1 hands" in message
+    assert values["hands dropped: non_finite_recentre"] == "1" and values["hands dropped: recentre_out_of_range"] == "4"

@@ -8,7 +8,7 @@ import torch
 from test_refiner import blob_depth, constant_refiner, hand_checkpoint
 
 from featmap_ros import geometry as geo
-from featmap_ros.backends import HAND_RECENTRE, MAX_RECROP
+from featmap_ros.backends import HAND_RECENTRE, MAX_RECENTRE
 from featmap_ros.datasets.nyu import NYU_INTRINSICS, PALM
 from featmap_ros.estimator import EstimatorError, HandEstimator, load_estimator
 from featmap_ros.model import checkpoint
@@ -54,17 +54,18 @@ def test_the_default_passes_are_the_nodes_and_bad_counts_are_refused(tmp_path) -
     cfg = NodeConfig(task="hands", model_path=str(ckpt), backend="torch", device="cpu", recentre=0)
     assert load_estimator_for(cfg).recentre == 0
     model, meta = checkpoint.load(ckpt)
-    for bad in (-1, MAX_RECROP + 1, 1.5, True, "2"):
+    assert HandEstimator(model, meta, device="cpu", recentre=MAX_RECENTRE).recentre == MAX_RECENTRE
+    for bad in (-1, MAX_RECENTRE + 1, 1.5, True, "2"):
         with pytest.raises(EstimatorError, match="recentre must be an integer"):
             HandEstimator(model, meta, device="cpu", recentre=bad)
-    for bad in (-1, MAX_RECROP + 1):
+    for bad in (-1, MAX_RECENTRE + 1):
         with pytest.raises(ProcessorError, match="recentre"):
             NodeConfig(task="hands", recentre=bad)
 
 
 class ScriptedNet:
-    """A hand network whose k-th call returns the k-th of `outputs` (normalised joints: one row for every
-    crop, or one per crop), and records each call's batch size."""
+    """A hand network whose k-th call returns the k-th of `outputs` (normalised joints, (42,) for every crop
+    of the batch or (B, 42) a row per crop; the last again after that), and records each call's batch size."""
 
     def __init__(self, net, outputs: list[np.ndarray]) -> None:
         self.inner, self.outputs, self.batches = net, outputs, []
@@ -92,14 +93,30 @@ def test_a_failed_pass_keeps_the_last_pose_and_is_counted(tmp_path) -> None:
     # The first pass's joints stay: the recentred pass gave non-finite output (counted; no second try).
     assert np.allclose(hand.joints_xyz, centre + 0.1 * 0.15, atol=1e-9)
     assert est.skipped["non_finite_recentre"] == 1 and est.skipped["non_finite_output"] == 0 and est.net.calls == 2
-    # A palm closer to the camera than half the cube gets no crop: the pose stays, counted.
+
+
+def test_a_pass_stops_for_a_palm_too_near_the_camera_or_outside_the_first_cube(tmp_path) -> None:
+    # A hand 0.25 m from the camera; its palm put 0.12 m nearer: inside its cube, but too near for one.
+    near = np.full((480, 640), 1.2, np.float32)
+    v, u = np.mgrid[0:480, 0:640]
+    near[(u - 320) ** 2 + (v - 240) ** 2 < 120**2] = 0.25
+    centre = geo.locate_hand(near, K, cube_m=0.3)
+    towards = np.zeros((14, 3))
+    towards[PALM, 2] = -0.12 / 0.15
     est = load_estimator(hand_checkpoint(tmp_path), device="cpu", recentre=1)
-    towards = good.reshape(14, 3).copy()
-    towards[PALM, 2] = -(centre[2] - 0.1) / 0.15  # the palm 0.1 m from the camera
     est.net = ScriptedNet(est.net, [towards.ravel()])
-    (hand,) = est.estimate(depth, NYU_INTRINSICS)
+    (hand,) = est.estimate(near, NYU_INTRINSICS)
     assert est.skipped["recentre_out_of_range"] == 1 and est.net.calls == 1
-    assert hand.joints_xyz[PALM, 2] == pytest.approx(0.1) and np.isfinite(hand.joints_xyz).all()
+    assert np.allclose(hand.centre, centre) and hand.joints_xyz[PALM, 2] == pytest.approx(centre[2] - 0.12)
+    # Each pass moves the palm 0.1 m sideways: the second pass's crop would leave the first cube (0.2 m off).
+    sideways = np.zeros((14, 3))
+    sideways[PALM, 0] = 0.1 / 0.15
+    est = load_estimator(hand_checkpoint(tmp_path), device="cpu", recentre=3)
+    est.net = ScriptedNet(est.net, [sideways.ravel()])
+    (hand,) = est.estimate(blob_depth(), NYU_INTRINSICS)
+    start = geo.locate_hand(blob_depth(), K, cube_m=0.3)
+    assert est.net.calls == 2 and est.skipped["recentre_out_of_range"] == 1
+    assert np.allclose(hand.centre, start + [0.1, 0, 0]) and np.isfinite(hand.joints_xyz).all()
 
 
 def test_joints_without_a_palm_turn_recentre_off_with_a_warning(tmp_path, caplog) -> None:
@@ -130,8 +147,12 @@ def test_hands_of_one_frame_fail_or_go_on_each_on_its_own(tmp_path) -> None:
     assert est.net.batches == [4, 2, 1]  # all four; then the first and the third; then the first alone
     assert +est.skipped == {"non_finite_output": 1, "recentre_out_of_range": 1, "non_finite_recentre": 1}
     assert len(hands) == 3 and all(np.isfinite(h.joints_xyz).all() and np.isfinite(h.centre).all() for h in hands)
-    located = [geo.locate_hand(np.where(np.abs(u - x) < 80, np.where(np.abs(v - y) < 80, depth, np.nan), np.nan), K,
-                               cube_m=0.3) for x, y in spots[:3]]
+    def in_box(x: int, y: int) -> np.ndarray:  # the estimator's mask of a box [x - 80, x + 80) x [y - 80, y + 80)
+        masked = np.full_like(depth, np.nan)
+        masked[y - 80:y + 80, x - 80:x + 80] = depth[y - 80:y + 80, x - 80:x + 80]
+        return masked
+
+    located = [geo.locate_hand(in_box(x, y), K, cube_m=0.3) for x, y in spots[:3]]
     step = 0.05 * 0.15  # one pass's palm offset, metres per axis
     assert np.allclose(hands[0].centre, located[0] + 2 * step, atol=1e-9)  # cropped at the palm twice
     assert np.allclose(hands[0].joints_xyz, hands[0].centre + step, atol=1e-9)

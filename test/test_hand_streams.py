@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from featmap_ros.datasets.hand_streams import HandStreamConfig, HandStreamError, SensorHandSet, SyntheticHandStream
-from featmap_ros.datasets.nyu import NYU_INTRINSICS
+from featmap_ros.datasets.nyu import NYU_INTRINSICS, PALM
 from featmap_ros.geometry import crop_depth_cube
 from featmap_ros.render.hand import HandShape, forward_kinematics, sample_poses
 
@@ -98,18 +98,23 @@ def test_pairs_rendered_with_the_frames_own_hand_have_its_joints() -> None:
 def test_pairs_cropped_at_the_palm_have_it_within_their_noise() -> None:
     shape = HandShape.sample(np.random.default_rng(1))
     cfg = HandStreamConfig(crop_px=32, pair_centre="palm", pair_centre_sigma_m=0.0075)
-    palm_set, located_set = SensorHandSet(6, shape, seed=2, config=cfg), SensorHandSet(
-        6, shape, seed=2, config=replace(cfg, pair_centre="located"))
-    to_palm, located = [], []
-    for i in range(6):
-        item, other = palm_set[i], located_set[i]
-        joints = item["joints"].numpy()
-        to_palm.append(np.linalg.norm(item["centre"].numpy() - joints[-1]))  # NYU's palm is the last joint
-        located.append(np.linalg.norm(other["centre"].numpy() - joints[-1]))
-        assert torch.allclose(item["target"].reshape(14, 3), (item["joints"] - item["centre"]) / 0.15, atol=1e-5)
-        assert not bool(item["fallback"])
-    # Within 4.5 sigma of 3D noise, and nearer than the centre of mass (the forearm pulls that one away).
-    assert max(to_palm) < 4.5 * 0.0075 and np.median(to_palm) < np.median(located)
-    assert palm_set.fallbacks == 0
-    with pytest.raises(HandStreamError, match="pair_centre"):
-        SensorHandSet(1, shape, seed=2, config=replace(cfg, pair_centre="refined"))[0]
+
+    def offsets(config: HandStreamConfig) -> np.ndarray:
+        data = SensorHandSet(6, shape, seed=2, config=config)
+        items = [data[i] for i in range(6)]
+        assert data.fallbacks == 0 or config.pair_centre == "located"
+        for item in items:
+            assert torch.allclose(item["target"].reshape(14, 3), (item["joints"] - item["centre"]) / 0.15, atol=1e-5)
+        return np.stack([(it["centre"] - it["joints"][PALM]).numpy() for it in items]).astype(np.float64)
+
+    noise, doubled = offsets(cfg), offsets(replace(cfg, pair_centre_sigma_m=0.015))
+    assert np.abs(offsets(replace(cfg, pair_centre_sigma_m=0.0))).max() < 1e-6  # exactly at the palm
+    assert np.allclose(doubled, 2 * noise, atol=1e-6)  # the same draws, scaled by the sigma
+    assert 0.002 < np.linalg.norm(noise, axis=1).mean() < 4.5 * 0.0075
+    # The centre of mass lands further off (the forearm pulls it).
+    located = offsets(replace(cfg, pair_centre="located"))
+    assert np.median(np.linalg.norm(noise, axis=1)) < np.median(np.linalg.norm(located, axis=1))
+    for bad in ({"pair_centre": "refined"}, {"pair_centre_sigma_m": -0.01}, {"pair_centre_sigma_m": float("nan")},
+                {"pair_shape": "fitted"}):
+        with pytest.raises(HandStreamError, match=next(iter(bad))):
+            replace(cfg, **bad)

@@ -161,7 +161,7 @@ def predict_crops(model_json: Path, crops: torch.Tensor, centres: np.ndarray, cu
 def runtime_path(estimators: dict[str, HandEstimator], test: SensorHandSet, n: int) -> dict[str, dict[str, Any]]:
     """Run each estimator on the first n full test frames (locate, refine, crop, joints, recentre); found
     fraction, joint errors and the last crop centre's distance to the palm (mm, median and 90th percentile:
-    the refined centre without recentre passes, else the palm of the pass before the last)."""
+    the refined centre where no recentre pass ran, else the palm found by the pass before the last one run)."""
     from tqdm import tqdm
 
     K = test.intrinsics

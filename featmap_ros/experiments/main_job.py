@@ -62,7 +62,8 @@ class MainJobSize:
     hand_lr: float | None = None  # None: the hands experiment's (HandsBudget.lr)
     # HandStreamConfig.pair_centre of the sensor pairs: "palm" was 2.3 mm worse on the validation bag (docs/results.md).
     hand_pair_centre: str = "located"
-    hand_shift_sigma: float | None = None  # the crops' centre-offset augmentation (None: HANDS_AUGMENT's)
+    # The crops' centre-offset augmentation, xy and z alike, in half-cube units (None: HANDS_AUGMENT's 0.05).
+    hand_shift_sigma: float | None = None
     # The hand centre refiner: crops of clean renders and of the sensor pairs' frames, rendered once.
     refine_synthetic_frames: int = 400
     refine_sensor_frames: int = 200

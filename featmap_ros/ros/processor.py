@@ -434,15 +434,17 @@ class FrameProcessor:
         noted = {k: n for k, n in self.log_once.counts.items() if k not in s.skipped}
         values.update({f"noted: {kind}": str(n) for kind, n in sorted(noted.items())})
         # What the estimator dropped one by one: detections (bad boxes, over max_detections, PnP, non-finite
-        # output) or hands (no blob, a non-finite refinement or output).
+        # output) or hands (no blob, a non-finite output; and, kept at their last good centre or pose, a
+        # non-finite refinement or recentre pass, or one out of range).
         unit = "detections" if self.config.task == "objects" else "hands"
         dropped_dets = dict(getattr(self.estimator, "skipped", {}) or {})
         values.update({f"{unit} dropped: {kind}": str(n) for kind, n in sorted(dropped_dets.items())})
-        non_finite = int(dropped_dets.get("non_finite_output", 0))
+        # The joints network's non-finite output on a recentre pass is the same fault as on the first pass.
+        non_finite = int(dropped_dets.get("non_finite_output", 0)) + int(dropped_dets.get("non_finite_recentre", 0))
         new_non_finite, self._non_finite_seen = non_finite - self._non_finite_seen, non_finite
         if new_non_finite > 0:
             message = f"the network gave non-finite output for {new_non_finite} {unit} since the last update"
-            self.log_once("non_finite_output", message + " (dropped, never published)")
+            self.log_once("non_finite_output", message + " (never published: dropped, or the pose before kept)")
             return "error", message, values
         problem = None
         if inputs is not None:
