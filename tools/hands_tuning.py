@@ -2,7 +2,7 @@
 held-out frames of the training person; never on the test person.
 
 Usage: python3 tools/hands_tuning.py --tag NAME [--head vote|fc] [--method fm] [--s1 800 --s2 800]
-       [--rot 30 --shift 0.05 --dshift 0.05 --scale 0.1] [--loss smooth_l1] [--lr 3e-3]
+       [--rot 30 --shift 0.05 --dshift 0.05 --scale 0.1] [--loss smooth_l1] [--lr 3e-3] [--seed 0]
 The first run renders 6,000 clean crops and 1,200 sensor frames of person A into /tmp/handdev/cache
 (the last 200 frames are the validation split); every run appends one JSON line to
 /tmp/handdev/results.jsonl. DEV_THREADS (default 1) sets torch's threads, so two runs fit 2 cores.
@@ -49,6 +49,7 @@ ap.add_argument("--tag", default="run")
 ap.add_argument("--lambda-feat", type=float, default=1.0)
 ap.add_argument("--n-fit", type=int, default=0, help="train on only the first N of the fit frames (0: all)")
 ap.add_argument("--pair-shape", default="nominal", choices=["nominal", "same"])
+ap.add_argument("--seed", type=int, default=0, help="TrainConfig.seed: initial weights and batch draws")
 a = ap.parse_args()
 cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
 if a.pair_shape != "nominal":
@@ -111,6 +112,7 @@ tc = TrainConfig(
     log_every=200,
     device="cpu",
     tensorboard=False,
+    seed=a.seed,
 )
 out = Path(f"/tmp/handdev/runs/{a.tag}")
 t0 = time.perf_counter()
