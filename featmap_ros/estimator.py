@@ -86,9 +86,11 @@ def _network(model: Any, meta: dict[str, Any], device: str) -> Any:
     return TorchNetwork(model, meta, resolve_device(device))
 
 
-def _check_max_detections(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise EstimatorError(f"max_detections must be an integer >= 1, got {n!r}")
+def _check_int(name: str, n: Any, low: int, high: int | None = None) -> int:
+    """n itself if it is an int (not a bool) in [low, high] (high None: no upper bound), else EstimatorError."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < low or (high is not None and n > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise EstimatorError(f"{name} must be an integer {bounds}, got {n!r}")
     return n
 
 
@@ -164,8 +166,7 @@ class ObjectEstimator:
                             np.asarray(o["silhouette_m"], dtype=np.float64) if "silhouette_m" in o else None)
             for o in meta["objects"]
         ]
-        if isinstance(recrop, bool) or not isinstance(recrop, int) or not 0 <= recrop <= MAX_RECROP:
-            raise EstimatorError(f"recrop must be an integer in [0, {MAX_RECROP}], got {recrop!r}")
+        _check_int("recrop", recrop, 0, MAX_RECROP)
         if recrop and any(o.silhouette is None for o in self.objects):
             raise EstimatorError("recrop needs every object's silhouette_m in the checkpoint (models trained "
                                  "before it was recorded have none): retrain, or set recrop 0")
@@ -176,10 +177,8 @@ class ObjectEstimator:
         self.window_scale = float(meta["crop"].get("window_scale", 1.0))
         self.pnp_method, self.ransac = pnp_method, ransac
         self.head = self.net.head
-        self.max_detections = _check_max_detections(max_detections)
-        if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1:
-            raise EstimatorError(f"decode_threads must be an integer >= 1, got {decode_threads!r}")
-        self.decode_threads = decode_threads
+        self.max_detections = _check_int("max_detections", max_detections, 1)
+        self.decode_threads = _check_int("decode_threads", decode_threads, 1)
         self._pool = (ThreadPoolExecutor(decode_threads, thread_name_prefix="featmap-pnp")
                       if decode_threads > 1 else None)
         self.skipped: Counter[str] = Counter()
@@ -366,11 +365,9 @@ class HandEstimator:
         self.cube_m = float(meta["hands"]["cube_m"])
         self.crop_size = int(meta["crop"]["size"])
         self.max_depth_m, self.min_pixels = max_depth_m, min_pixels
-        self.max_detections = _check_max_detections(max_detections)
+        self.max_detections = _check_int("max_detections", max_detections, 1)
         self.skipped: Counter[str] = Counter()
-        if isinstance(recentre, bool) or not isinstance(recentre, int) or not 0 <= recentre <= MAX_RECENTRE:
-            raise EstimatorError(f"recentre must be an integer in [0, {MAX_RECENTRE}], got {recentre!r}")
-        self.recentre = recentre
+        self.recentre = _check_int("recentre", recentre, 0, MAX_RECENTRE)
         if self.net.n_outputs != 3 * len(self.joint_names):
             raise EstimatorError(f"head has {self.net.n_outputs} outputs for {len(self.joint_names)} joints")
         self.palm = self.joint_names.index("palm") if "palm" in self.joint_names else None
