@@ -7,7 +7,8 @@ Methods (all get the same number of steps, stage1_steps + stage2_steps, at the s
   fm_mmd     fm plus lambda_mmd * MMD(g(f_R(unlabelled real)), f_S(syn)).
   fm_joint   Feature Mapping learned jointly from step 0, one extractor f for both domains: every step
              pose(h(f(syn))) + pose(h(g(f(real)))) + lambda_feat * ||g(f(real)) - f(pair syn)||^2, the
-             synthetic features a fixed target (no gradient) for the feature loss; run time h(g(f(x))).
+             synthetic features a fixed target (no gradient) for the feature loss, which reaches f too
+             unless LossConfig.feat_through_f is False (then it trains g only); run time h(g(f(x))).
              mixed training plus the mapping (g is the identity at the start).
   synthetic  f, h on synthetic only; evaluated on real images as they are.
   real       f, h on the real labelled images only.
@@ -91,6 +92,11 @@ class LossConfig:
     lambda_feat: float = 1.0
     lambda_syn: float = 1.0
     lambda_mmd: float = 0.1
+    # fm_joint only: whether the feature loss reaches f through the real image's pass (True) or trains g
+    # alone (False: f(real) detached for that loss). f is shared with the synthetic domain there, so a
+    # feature loss that moves f moves the synthetic features too; with False only pose losses shape f.
+    # fm and fm_mmd ignore it (their f_R belongs to the real domain alone).
+    feat_through_f: bool = True
 
 
 @dataclass(frozen=True)
@@ -403,9 +409,14 @@ def stage_losses(
         with torch.no_grad() if stage == "fm" else contextlib.nullcontext():
             f_stream = model.features_syn(syn["image"])
         f_stream = f_stream.float() if stage == "fm" else f_stream
-        mapped = model.features_real(pairs["real"])
+        if stage == "fm_joint" and not loss.feat_through_f:
+            f_real = model.f_S(pairs["real"])
+            mapped = model.g(f_real)
+            feat_in = model.g(f_real.detach())  # the feature loss trains g only
+        else:
+            mapped = feat_in = model.features_real(pairs["real"])
         out["pose_real"] = pose(model.h(mapped), pairs)
-        out["feat"] = feature_loss(mapped.float(), f_pair)
+        out["feat"] = feature_loss(feat_in.float(), f_pair)
         out["pose_syn"] = pose(model.h(f_stream), syn)
         if with_mmd:
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None

@@ -73,7 +73,10 @@ def test_lmo_quick_run_writes_one_table_of_every_method(lmo_root, tmp_path):
         assert t["head"] == {"fm_bb8": "bb8", "fm_keypoints": "keypoints"}.get(m, "dense")
         # How well each learnt the synthetic images themselves: 2 held-out crops of each of the 2 objects.
         assert t["synthetic_crops"]["n"] == 4 and 0.0 <= t["synthetic_crops"]["proj_5px"] <= 1.0
-        assert t["synthetic_crops"]["median_px"] > 0
+        # A median of None: most crops gave no pose (PnP refused a 7-step net's correspondences; seen for
+        # fm_joint on one CPU), written as null rather than infinity.
+        median = t["synthetic_crops"]["median_px"]
+        assert median is None or median > 0
         metrics = json.loads((tmp_path / m / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["all"]["mean_over_objects"]["proj_5px"] <= 1.0
         assert (tmp_path / m / "eval" / "results.csv").is_file()

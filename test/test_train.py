@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from featmap_ros.model import checkpoint as ckpt
-from featmap_ros.model.nets import NetConfig
+from featmap_ros.model.nets import FeatureMappingModel, NetConfig
 from featmap_ros.train import (
     METHODS,
     LossConfig,
@@ -27,6 +27,7 @@ from featmap_ros.train import (
     load_config,
     plan_stages,
     save_config,
+    stage_losses,
     train,
 )
 
@@ -200,6 +201,29 @@ def test_joint_feature_mapping_shares_f_and_lowers_every_loss(tmp_path: Path) ->
         f = model.f_S(x)
         assert torch.equal(model.predict_real(x).outputs, model.h(model.g(f)))
         assert not torch.allclose(model.g(f), f)
+
+
+@pytest.mark.parametrize("through_f", [True, False])
+def test_joint_feature_loss_reaches_f_only_when_asked(through_f: bool) -> None:
+    """LossConfig.feat_through_f=False: the feature loss trains g alone; the pose losses are unchanged."""
+    torch.manual_seed(0)
+    net = dataclasses.replace(tiny_config("hands").net, head="vote", stride=4, mapping=True, shared_extractor=True)
+    model = FeatureMappingModel(net)
+    with torch.no_grad():  # g away from the identity, so that its own gradient is not trivially shaped
+        for p in model.g.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = fake_data("hands")
+    ctx = StreamContext(8, 0, 0, 1, 0)
+    batches = {"synthetic": next(data.synthetic(ctx)), "pairs": next(data.pairs(ctx))}
+    losses = stage_losses(model, "fm_joint", batches, LossConfig(feat_through_f=through_f), with_mmd=False)
+    reference = stage_losses(model, "fm_joint", batches, LossConfig(), with_mmd=False)
+    for key in ("pose_real", "pose_syn", "feat"):
+        assert torch.allclose(losses[key], reference[key]), key
+    losses["feat"].backward()
+    f_grad = sum(float(p.grad.abs().sum()) for p in model.f_S.parameters() if p.grad is not None)
+    g_grad = sum(float(p.grad.abs().sum()) for p in model.g.parameters() if p.grad is not None)
+    assert g_grad > 0
+    assert (f_grad > 0) == through_f
 
 
 def test_mapping_stage_freezes_f_S_and_starts_f_R_from_it(tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ ap.add_argument("--tag", default="run")
 ap.add_argument("--lambda-feat", type=float, default=1.0)
 ap.add_argument("--n-fit", type=int, default=0, help="train on only the first N of the fit frames (0: all)")
 ap.add_argument("--pair-shape", default="nominal", choices=["nominal", "same"])
+ap.add_argument("--feat-g-only", action="store_true",
+                help="LossConfig(feat_through_f=False): the feature loss trains g only")
 ap.add_argument("--seed", type=int, default=0, help="TrainConfig.seed: initial weights and batch draws")
 a = ap.parse_args()
 cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
@@ -104,7 +106,7 @@ tc = TrainConfig(
     method=a.method,
     net=net,
     optim=OptimConfig(lr=a.lr, warmup_steps=100),
-    loss=LossConfig(pose=a.loss, lambda_feat=a.lambda_feat),
+    loss=LossConfig(pose=a.loss, lambda_feat=a.lambda_feat, feat_through_f=not a.feat_g_only),
     batch_size=a.batch,
     stage1_steps=a.s1,
     stage2_steps=a.s2,

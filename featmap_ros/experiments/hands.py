@@ -14,9 +14,9 @@ Also the run-time path (HandEstimator on the full frame: locate, crop, joints) o
 the real NYU frame in ../shared/data/nyu through the Feature Mapping model (budget.fm_method).
 
 Budget (default full run: 42 minutes on session 12's otherwise idle 2-core Xeon with AMX-BF16, 73 on an
-older one, training in bf16 autocast): the vote head (a small
-U-Net to S/4, per-location joint votes), input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat
-0.03, stage 1 3000 + stage 2 3000 = 6000 steps per method (fm_joint: 6000 joint steps), fm_fc (the
+older one, training in bf16 autocast): the vote head (a small U-Net to S/4, per-location joint votes),
+input 64, width 8, batch 32, smooth L1, lr 3e-3, lambda_feat 0.03 (fm_joint: the feature loss trains g
+only), stage 1 3000 + stage 2 3000 = 6000 steps per method (fm_joint: 6000 joint steps), fm_fc (the
 paper's FC head, staged fm) at twice the steps (the same CPU time); 2000 "real" frames (the last 200
 are the validation split); synthetic crops from a pool of 12000 clean renders made once; pool and
 pairs augmented on the fly (HANDS_AUGMENT); two centre refiners (clean renders only, and with the
@@ -85,6 +85,9 @@ class HandsBudget:
     # The feature loss's weight (fm, fm_mmd, fm_joint), chosen on the validation frames: 0.1 since session 5;
     # 0.03 since session 12 (fm_joint over two seeds: 15.29 / 15.80 mm against 15.59 / 16.73 at 0.1, docs/results.md).
     lambda_feat: float = 0.03
+    # fm_joint's feature loss trains g alone (LossConfig.feat_through_f False) since session 13: on the
+    # validation frames over three seeds 14.93 mm against 15.35 (mixed) and 15.55 (through f, two seeds).
+    feat_through_f: bool = False
     # The Feature Mapping model of the checks (the run-time path without refinement, the real NYU frame).
     fm_method: str = "fm_joint"
     n_real: int = 2000
@@ -138,7 +141,8 @@ def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | Non
                     dropout=0.0 if vote else budget.dropout)
     factor = 1.0 if head == budget.head else budget.fc_step_factor
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
-                       loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat),
+                       loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat,
+                                       feat_through_f=budget.feat_through_f),
                        batch_size=budget.batch_size,
                        stage1_steps=int(round(budget.stage1_steps * factor)),
                        stage2_steps=int(round(budget.stage2_steps * factor)), checkpoint_every=500, log_every=50,

@@ -63,6 +63,9 @@ class MainJobSize:
     # The feature loss's weight (None: the experiment's HandsBudget.lambda_feat). 0.1, the experiment's until
     # session 12, is what this job's hand model was validated with; 0.03 was chosen for the experiment only.
     hand_lambda_feat: float | None = 0.1
+    # Whether fm_joint's feature loss reaches f (LossConfig.feat_through_f): True, as validated for this job;
+    # the experiment trains g only with it since session 13 (HandsBudget.feat_through_f).
+    hand_feat_through_f: bool = True
     # HandStreamConfig.pair_centre of the sensor pairs: "palm" was 2.3 mm worse on the validation bag (docs/results.md).
     hand_pair_centre: str = "located"
     # The crops' centre-offset augmentation, xy and z alike, in half-cube units (None: HANDS_AUGMENT's 0.05).
@@ -140,7 +143,8 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     lr = budget.lr if size.hand_lr is None else size.hand_lr
     lambda_feat = budget.lambda_feat if size.hand_lambda_feat is None else size.hand_lambda_feat
     cfg = _train_config(size, device, net, size.hand_method, lr, size.hand_steps, size.hand_batch,
-                        LossConfig(pose=budget.pose_loss, lambda_feat=lambda_feat))
+                        LossConfig(pose=budget.pose_loss, lambda_feat=lambda_feat,
+                                   feat_through_f=size.hand_feat_through_f))
     stream_cfg = HandStreamConfig(crop_px=size.input_size, pair_centre=size.hand_pair_centre)
     augment = HANDS_AUGMENT if size.hand_shift_sigma is None else dataclasses.replace(
         HANDS_AUGMENT, shift_sigma=size.hand_shift_sigma, depth_sigma=size.hand_shift_sigma)
