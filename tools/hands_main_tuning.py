@@ -7,6 +7,7 @@ seed 7) under the test-time sensor, a new pose every 5 frames, so 120 frames hol
 
 Usage: DEV_THREADS=2 python3 tools/hands_main_tuning.py --tag NAME [--s1 1000 --s2 600] [--batch 16]
        [--pairs 400] [--pool 1200] [--width 8] [--method fm_joint] [--refine-steps 1500] [--lr 3e-3]
+       [--lambda-feat 0.1] [--feat-g-only]
 """
 
 import argparse
@@ -43,6 +44,8 @@ ap.add_argument("--refine-synthetic", type=int, default=None, help="the refiner'
 ap.add_argument("--refine-sensor", type=int, default=None, help="the refiner's crops of the sensor pairs' frames")
 ap.add_argument("--pair-centre", default=None, choices=["located", "palm"], help="where the sensor pairs are cropped")
 ap.add_argument("--shift", type=float, default=None, help="centre-offset augmentation, xy and z, half-cube units")
+ap.add_argument("--lambda-feat", type=float, default=None, help="the feature loss's weight")
+ap.add_argument("--feat-g-only", action="store_true", help="fm_joint's feature loss trains g only")
 a = ap.parse_args()
 
 base = MainJobSize()
@@ -52,7 +55,8 @@ if a.s1 is not None or a.s2 is not None:
 changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
            "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor,
-           "hand_pair_centre": a.pair_centre, "hand_shift_sigma": a.shift}
+           "hand_pair_centre": a.pair_centre, "hand_shift_sigma": a.shift,
+           "hand_lambda_feat": a.lambda_feat, "hand_feat_through_f": False if a.feat_g_only else None}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
 if not (val_bag / "metadata.yaml").is_file():
