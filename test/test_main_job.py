@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from featmap_ros.experiments.main_job import run_main_job
+import pytest
+
+from featmap_ros.experiments.main_job import TINY, _train_hands, run_main_job
 from featmap_ros.model.checkpoint import read_meta
 from featmap_ros.model.refiner import RefinerConfig
 
@@ -26,3 +29,25 @@ def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["size"]["object_steps"] == [3, 2]
     run_main_job(tmp_path, tiny=True, device="cpu")
     assert "using the objects model trained before" in capsys.readouterr().out
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("through_f,seed", [(False, 0), (True, 3)])
+def test_hand_training_takes_the_sizes_loss_and_seed(tmp_path, monkeypatch, through_f, seed):
+    """MainJobSize.hand_feat_through_f and hand_seed reach the hand model's TrainConfig (no training run)."""
+    import featmap_ros.experiments.data as xdata
+    import featmap_ros.train as train_mod
+
+    def capture(cfg, data, out):
+        raise _Captured(cfg)
+
+    monkeypatch.setattr(xdata, "hands_task_data", lambda *a, **k: None)
+    monkeypatch.setattr(train_mod, "train", capture)
+    size = dataclasses.replace(TINY, hand_feat_through_f=through_f, hand_seed=seed, hand_lambda_feat=0.1)
+    with pytest.raises(_Captured) as got:
+        _train_hands(tmp_path, size, "cpu")
+    cfg = got.value.args[0]
+    assert (cfg.loss.feat_through_f, cfg.seed, cfg.loss.lambda_feat, cfg.method) == (through_f, seed, 0.1, "fm_joint")
