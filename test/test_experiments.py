@@ -212,3 +212,16 @@ def test_a_hands_run_without_the_checks_model_says_what_it_skips(tmp_path, caplo
         with caplog.at_level("WARNING", logger="featmap_ros.experiments.hands"), pytest.raises(Stop):
             run_hands_experiment(tmp_path, quick=True, methods=methods, nyu_dir=NYU)
         assert ("fm_joint (budget.fm_method) is not among the methods" in caplog.text) is warned, methods
+
+
+@pytest.mark.parametrize("text,through_f", [("", True), ("feat_through_f: false\n", False)])
+def test_lmo_budget_yaml_sets_which_parts_the_feature_loss_trains(tmp_path, text, through_f):
+    """`experiment lmo --budget` with feat_through_f reaches every method's LossConfig (default: through f)."""
+    from featmap_ros.experiments.lmo import LmoBudget, lmo_train_config
+    from featmap_ros.train import load_dataclass_yaml
+
+    path = tmp_path / "budget.yaml"
+    path.write_text(text + "stage1_steps: 7\n")
+    budget = load_dataclass_yaml(LmoBudget, str(path))
+    cfg = lmo_train_config(budget, n_objects=8)
+    assert (cfg.loss.feat_through_f, cfg.stage1_steps) == (through_f, 7)

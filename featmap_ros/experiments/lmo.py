@@ -46,7 +46,7 @@ from featmap_ros.evaluation import score_objects
 from featmap_ros.experiments import data as xdata
 from featmap_ros.model.nets import OBJECT_HEADS, ExemplarBank, FeatureMappingModel, NetConfig, object_head_channels
 from featmap_ros.report import markdown_table, plot_bars, plot_curves
-from featmap_ros.train import METHODS, OptimConfig, TrainConfig, build_exemplar_bank
+from featmap_ros.train import METHODS, LossConfig, OptimConfig, TrainConfig, build_exemplar_bank
 
 DEFAULT_TRAIN_FRAMES = "0-300"
 DEFAULT_TEST_FRAMES = "301-611"
@@ -75,6 +75,8 @@ class LmoBudget:
     stage2_steps: int = 1200
     lr: float = 1e-3
     warmup_steps: int = 100
+    # Whether fm_joint's feature loss reaches f (LossConfig.feat_through_f); the hands train g only with it.
+    feat_through_f: bool = True
     # Pools rendered once and augmented on the fly (datasets/pool.py), shared by every method.
     pool_per_object: int = 1500
     exemplars_per_object: int = 2000
@@ -118,7 +120,7 @@ def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", hea
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
-                       tensorboard=False)
+                       tensorboard=False, loss=LossConfig(feat_through_f=budget.feat_through_f))
 
 
 def lmo_stream_config(budget: LmoBudget, scene: bop.BopScene, train_ids: Sequence[int],
