@@ -75,7 +75,8 @@ class LmoBudget:
     stage2_steps: int = 1200
     lr: float = 1e-3
     warmup_steps: int = 100
-    # Whether fm_joint's feature loss reaches f (LossConfig.feat_through_f); the hands train g only with it.
+    # Whether fm_joint's feature loss reaches f (LossConfig.feat_through_f): yes; g only was 1.6 points lower on
+    # the validation frames (docs/results.md, session 14). The hands train g only with it.
     feat_through_f: bool = True
     # Pools rendered once and augmented on the fly (datasets/pool.py), shared by every method.
     pool_per_object: int = 1500
