@@ -45,11 +45,13 @@ ap.add_argument("--refine-sensor", type=int, default=None, help="the refiner's c
 ap.add_argument("--pair-centre", default=None, choices=["located", "palm"], help="where the sensor pairs are cropped")
 ap.add_argument("--shift", type=float, default=None, help="centre-offset augmentation, xy and z, half-cube units")
 ap.add_argument("--lambda-feat", type=float, default=None, help="the feature loss's weight")
-ap.add_argument("--feat-g-only", action="store_true", help="fm_joint's feature loss trains g only (the default now)")
-ap.add_argument("--feat-through-f", action="store_true", help="fm_joint's feature loss reaches f too")
+feat = ap.add_mutually_exclusive_group()  # neither: MainJobSize's default (g only)
+feat.add_argument("--feat-g-only", dest="through_f", action="store_const", const=False,
+                  help="fm_joint's feature loss trains g only")
+feat.add_argument("--feat-through-f", dest="through_f", action="store_const", const=True,
+                  help="fm_joint's feature loss reaches f too")
 ap.add_argument("--seed", type=int, default=None, help="the hand model's TrainConfig.seed")
 a = ap.parse_args()
-through_f = False if a.feat_g_only else True if a.feat_through_f else None
 
 base = MainJobSize()
 steps = None
@@ -59,7 +61,7 @@ changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_pairs": a.pairs, "hand_pool": a.pool, "hand_width": a.width, "refine_steps": a.refine_steps,
            "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor,
            "hand_pair_centre": a.pair_centre, "hand_shift_sigma": a.shift,
-           "hand_lambda_feat": a.lambda_feat, "hand_feat_through_f": through_f,
+           "hand_lambda_feat": a.lambda_feat, "hand_feat_through_f": a.through_f,
            "hand_seed": a.seed}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
