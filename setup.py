@@ -38,7 +38,7 @@ setup(
         "rosbags>=0.11.9",
         "mcap>=1.1",
         "safetensors>=0.4",
-        "tqdm>=4.60",
+        "tqdm>=4.66",  # reads TQDM_* environment variables (the main job's parallel bars)
         "matplotlib>=3.7",
     ],
     extras_require={

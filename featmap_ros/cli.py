@@ -132,8 +132,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    if args.which != "lmo" and (args.methods or args.validation_only):
-        raise SystemExit(f"--methods and --validation-only are for `featmap experiment lmo`, not {args.which}")
+    if args.which != "lmo" and args.validation_only:
+        raise SystemExit(f"--validation-only is for `featmap experiment lmo`, not {args.which}")
+    if args.which == "nyu" and args.methods:
+        raise SystemExit("--methods is for `featmap experiment lmo` and `featmap experiment hands`, not nyu")
     if args.which == "nyu" and args.budget:
         raise SystemExit("--budget is for `featmap experiment lmo` and `featmap experiment hands`, not nyu")
     if args.quick and args.budget:
@@ -152,7 +154,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from featmap_ros.train import load_dataclass_yaml
 
         budget = load_dataclass_yaml(HandsBudget, args.budget) if args.budget else None
-        result = run_hands_experiment(Path(args.out), quick=args.quick, budget=budget)
+        result = run_hands_experiment(Path(args.out), quick=args.quick, budget=budget,
+                                      methods=args.methods.split(",") if args.methods else None)
     else:
         from featmap_ros.experiments.nyu import run_nyu_experiment
 
@@ -310,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--budget", default=None,
                    help="lmo, hands: YAML of the LmoBudget or HandsBudget fields to change (net size, steps, batch)")
     x.add_argument("--device", default="auto", help="lmo: cpu, cuda or auto")
-    x.add_argument("--methods", default=None, help="lmo: comma-separated methods to train (default: every one)")
+    x.add_argument("--methods", default=None,
+                   help="lmo, hands: comma-separated methods to train (default: every one)")
     x.add_argument("--validation-only", action="store_true",
                    help="lmo: a tuning run: learning curves on the held-out training frames; the test frames unread")
     x.set_defaults(func=cmd_experiment)

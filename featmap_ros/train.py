@@ -81,6 +81,12 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
     grad_clip: float = 0.0
+    # Exponential moving average of the weights (0: off). The checkpoint holds the averaged weights
+    # (what is evaluated and deployed); the average restarts at each stage's start and its decay
+    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the stage's t-th update, so a stage shorter
+    # than ~9 / (1 - ema_decay) steps averages about its last 10% whatever the decay. No gain at the
+    # main job's CPU budgets (docs/results.md, session 15): meant for long runs.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
     ("optim", "warmup_steps"): (0, math.inf, False),
     ("optim", "min_lr_ratio"): (0.0, 1.0, False),
     ("optim", "grad_clip"): (0.0, math.inf, False),
+    ("optim", "ema_decay"): (0.0, 1.0, True),
     ("loss", "smooth_l1_beta"): (0.0, math.inf, False),
     ("loss", "lambda_feat"): (0.0, math.inf, False),
     ("loss", "lambda_syn"): (0.0, math.inf, False),
@@ -358,6 +365,55 @@ def lr_at(step: int, stage: Stage, optim: OptimConfig) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cos)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point state (parameters and buffers).
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) over the t-th update since the last reset, so a
+    short stage is not dominated by the weights it started from.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        state = model.state_dict()  # detached views of the live tensors: copies into them move the model
+        self.names = [k for k, v in state.items() if v.is_floating_point()]
+        self._live = [state[k] for k in self.names]
+        self.shadow = [v.detach().clone() for v in self._live]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average again at the model's current weights."""
+        for s, v in zip(self.shadow, self._live, strict=True):
+            s.copy_(v)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, self._live, 1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for s, v in zip(self.shadow, self._live, strict=True):
+            v.copy_(s)
+
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in zip(self.names, self._live, strict=True)}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Inside the block the model holds the averaged weights (the block gets the live ones); after, its own."""
+        live = self.live_weights()
+        self.copy_to_model()
+        try:
+            yield live
+        finally:
+            with torch.no_grad():
+                for k, v in zip(self.names, self._live, strict=True):
+                    v.copy_(live[k])
+
+
 # --------------------------------------------------------------------------------------------
 # Losses of one step, by stage.
 
@@ -512,6 +568,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
 
     # ---- resume
     step = 0
+    live: dict[str, torch.Tensor] | None = None
     json_path = stem.with_name(stem.name + ".json")
     if cfg.resume:
         _recover(stem, rank, distributed)
@@ -526,6 +583,13 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
         model.load_state_dict(saved.state_dict())
         ckpt.load_optimizer(stem, optimizer)
         step = int(doc["step"])
+        live = ckpt.load_live_weights(stem)
+    average = WeightAverage(model, o.ema_decay) if o.ema_decay > 0 else None
+    if live is not None:  # the checkpoint's weights are an average; training goes on from the live ones
+        model.load_state_dict({**model.state_dict(), **live})
+        if average is not None:
+            stage_now = next((s for s in stages if s.start <= step < s.end), None)
+            average.updates = step - stage_now.start if stage_now is not None else 0
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     if step >= stop:  # nothing left to do: keep the checkpoint (and its summary) as it is
         if created_group:
@@ -558,6 +622,12 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
     current: Stage | None = None
 
     def save_checkpoint(at: int, final: bool = False) -> Path:
+        if average is None:
+            return write_checkpoint(at, final, None)
+        with average.applied() as live_now:  # the average is what is evaluated and deployed
+            return write_checkpoint(at, final, live_now)
+
+    def write_checkpoint(at: int, final: bool, live_now: dict[str, torch.Tensor] | None) -> Path:
         # Every rank takes part in drawing the statistics' batches (cheap), only rank 0 writes.
         stats = feature_statistics(model, data, cfg, rank, world, device) if final else None
         if rank == 0:
@@ -575,6 +645,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
                     "world_size": world,
                     "device": str(device),
                     "bf16_autocast": use_amp,
+                    "ema_decay": o.ema_decay,
                     "last_losses": last_logged,
                     "wall_s_this_session": round(time.time() - t0, 1),
                 },
@@ -582,7 +653,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
             }
             if stats is not None:
                 meta["feature_stats"] = stats
-            ckpt.save(stem, model, meta, optimizer, keep_previous=True)
+            ckpt.save(stem, model, meta, optimizer, keep_previous=True, live_weights=live_now)
         if distributed:
             dist.barrier()
         return json_path
@@ -595,8 +666,12 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
         while step < stop:
             stage = next(s for s in stages if s.start <= step < s.end)
             if stage is not current:
+                if step == stage.start and step > 0 and average is not None:
+                    average.copy_to_model()  # a stage goes on from the previous stage's averaged weights
                 if stage.name == "fm" and step == stage.start:
                     model.init_real_from_syn()
+                if step == stage.start and average is not None:
+                    average.reset()
                 _set_trainable(model, stage.name)
                 current = stage
             lr = lr_at(step, stage, o)
@@ -624,6 +699,8 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], o.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update()
             step += 1
 
             for k, v in named.items():

@@ -103,7 +103,13 @@ def test_experiment_hands_budget_file_of_differences(tmp_path, monkeypatch):
     b = seen["budget"]
     assert (b.batch_size, b.stage1_steps, b.stage2_steps) == (16, 4800, hands.HandsBudget().stage2_steps)
     assert main(["experiment", "hands", "--out", str(tmp_path / "y")]) == 0
-    assert seen["budget"] is None  # the experiment's own default
+    assert seen["budget"] is None and seen["methods"] is None  # the experiment's own default: every method
+    assert main(["experiment", "hands", "--out", str(tmp_path / "m"), "--methods", "real,fm_joint"]) == 0
+    assert seen["methods"] == ["real", "fm_joint"]
+    with pytest.raises(SystemExit, match="--validation-only is for"):
+        main(["experiment", "hands", "--out", str(tmp_path / "v"), "--validation-only"])
+    with pytest.raises(SystemExit, match="--methods is for"):
+        main(["experiment", "nyu", "--out", str(tmp_path / "n"), "--methods", "fm"])
     with pytest.raises(SystemExit, match="--budget is for"):
         main(["experiment", "nyu", "--out", str(tmp_path / "z"), "--budget", str(tmp_path / "b16.yaml")])
     with pytest.raises(SystemExit, match="give one of them"):

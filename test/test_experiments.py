@@ -225,3 +225,17 @@ def test_lmo_budget_yaml_sets_which_parts_the_feature_loss_trains(tmp_path, text
     budget = load_dataclass_yaml(LmoBudget, str(path))
     cfg = lmo_train_config(budget, n_objects=8)
     assert (cfg.loss.feat_through_f, cfg.stage1_steps) == (through_f, 7)
+
+
+@pytest.mark.parametrize("text,seed", [("", 0), ("seed: 3\n", 3)])
+def test_hands_budget_yaml_sets_every_methods_training_seed(tmp_path, text, seed):
+    """`experiment hands --budget` with seed reaches every method's TrainConfig, the FC row's too."""
+    from featmap_ros.experiments.hands import HandsBudget, hands_train_config
+    from featmap_ros.train import load_dataclass_yaml
+
+    path = tmp_path / "budget.yaml"
+    path.write_text(text + "stage1_steps: 7\n")
+    budget = load_dataclass_yaml(HandsBudget, str(path))
+    for head in ("vote", "fc"):
+        cfg = hands_train_config(budget, head=head)
+        assert (cfg.seed, cfg.net.head) == (seed, head)

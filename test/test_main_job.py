@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from featmap_ros.experiments.main_job import TINY, _train_hands, run_main_job
+from featmap_ros.experiments.main_job import TINY, _cpu_cores, _train_hands, _train_models, run_main_job
 from featmap_ros.model.checkpoint import read_meta
 from featmap_ros.model.refiner import RefinerConfig
+from featmap_ros.train import TrainError
 
 
 def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
@@ -27,8 +28,30 @@ def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     assert hands["net"]["head"] == "vote" and hands["hands"]["refiner"]["iterations"] == RefinerConfig().iterations
     assert hands["net"]["shared_extractor"] and hands["net"]["mapping"] and hands["net"]["stride"] == 4
     assert json.loads((tmp_path / "summary.json").read_text())["size"]["object_steps"] == [3, 2]
+    # Both models at once in two processes where the CPU has 2+ cores (the bars' line is per process).
+    assert ("train_wall_s" in summary["timings"]) == (_cpu_cores() >= 2)
+    assert ("both at once" in printed) == (_cpu_cores() >= 2)
     run_main_job(tmp_path, tiny=True, device="cpu")
-    assert "using the objects model trained before" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "using the objects model trained before" in again and "both at once" not in again
+
+
+def test_a_failing_training_in_a_worker_process_stops_the_job_with_its_error(tmp_path):
+    size = dataclasses.replace(TINY, object_method="magic", hand_method="magic")
+    with pytest.raises(TrainError, match="method must be one of"):
+        _train_models(tmp_path, tmp_path, size, "cpu", True, {})
+    assert not (tmp_path / "models" / "objects" / "model.json").exists()
+
+
+def test_the_sequential_path_trains_in_this_process(tmp_path, monkeypatch):
+    import featmap_ros.experiments.main_job as mj
+
+    calls = []
+    monkeypatch.setattr(mj, "_train_task", lambda task, root, folder, size, device: calls.append(task) or folder)
+    timings: dict[str, float] = {}
+    size = dataclasses.replace(TINY, parallel_training=False)
+    models = _train_models(tmp_path, tmp_path, size, "cpu", True, timings)
+    assert calls == ["objects", "hands"] and set(models) == {"objects", "hands"} and "train_wall_s" not in timings
 
 
 class _Captured(Exception):
@@ -46,8 +69,10 @@ def test_hand_training_takes_the_sizes_loss_and_seed(tmp_path, monkeypatch, thro
 
     monkeypatch.setattr(xdata, "hands_task_data", lambda *a, **k: None)
     monkeypatch.setattr(train_mod, "train", capture)
-    size = dataclasses.replace(TINY, hand_feat_through_f=through_f, hand_seed=seed, hand_lambda_feat=0.1)
+    size = dataclasses.replace(TINY, hand_feat_through_f=through_f, hand_seed=seed, hand_lambda_feat=0.1,
+                               hand_ema=0.9 if through_f else 0.0)
     with pytest.raises(_Captured) as got:
         _train_hands(tmp_path, size, "cpu")
     cfg = got.value.args[0]
     assert (cfg.loss.feat_through_f, cfg.seed, cfg.loss.lambda_feat, cfg.method) == (through_f, seed, 0.1, "fm_joint")
+    assert cfg.optim.ema_decay == size.hand_ema

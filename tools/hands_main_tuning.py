@@ -51,6 +51,7 @@ feat.add_argument("--feat-g-only", dest="through_f", action="store_const", const
 feat.add_argument("--feat-through-f", dest="through_f", action="store_const", const=True,
                   help="fm_joint's feature loss reaches f too")
 ap.add_argument("--seed", type=int, default=None, help="the hand model's TrainConfig.seed")
+ap.add_argument("--ema", type=float, default=None, help="the hand model's OptimConfig.ema_decay (0: off)")
 a = ap.parse_args()
 
 base = MainJobSize()
@@ -62,7 +63,7 @@ changes = {"hand_method": a.method, "hand_steps": steps, "hand_batch": a.batch,
            "hand_lr": a.lr, "refine_synthetic_frames": a.refine_synthetic, "refine_sensor_frames": a.refine_sensor,
            "hand_pair_centre": a.pair_centre, "hand_shift_sigma": a.shift,
            "hand_lambda_feat": a.lambda_feat, "hand_feat_through_f": a.through_f,
-           "hand_seed": a.seed}
+           "hand_seed": a.seed, "hand_ema": a.ema}
 size = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 val_bag = ROOT / "val_bag"
 if not (val_bag / "metadata.yaml").is_file():

@@ -43,6 +43,7 @@ ap.add_argument("--batch", type=int, default=None, help="images per step (defaul
 ap.add_argument("--blocks", default=None,
                 help="object encoder's convolutions per stage, 5 digits, e.g. 22333 (default: the main job's, 12223)")
 ap.add_argument("--no-amp", action="store_true", help="float32 training (no bf16 autocast)")
+ap.add_argument("--ema", type=float, default=None, help="OptimConfig.ema_decay (default: the main job's)")
 group = ap.add_mutually_exclusive_group()
 group.add_argument("--val", type=int, default=100, help="validation frames after the main job's test frames")
 group.add_argument("--holdout", type=int, default=0, help="score the last N training frames instead")
@@ -52,6 +53,7 @@ base = MainJobSize()
 steps = (base.object_steps[0] if a.s1 is None else a.s1, base.object_steps[1] if a.s2 is None else a.s2)
 size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, object_steps=steps,
                            width=a.width, amp=not a.no_amp, object_batch=a.batch or base.object_batch,
+                           object_ema=base.object_ema if a.ema is None else a.ema,
                            object_blocks=tuple(int(c) for c in a.blocks) if a.blocks else base.object_blocks)
 n_val = 0 if a.holdout else a.val
 root = ROOT / f"assets_val{n_val}"

@@ -105,6 +105,9 @@ class HandsBudget:
     shift_sigma: float = HANDS_AUGMENT.shift_sigma
     depth_sigma: float = HANDS_AUGMENT.depth_sigma
     scale: float = HANDS_AUGMENT.scale
+    # Every method's TrainConfig.seed (initial weights, batch draws); the data, the test person and the
+    # refiners keep theirs, so two seeds' runs differ only in how the networks train.
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.head not in HAND_HEADS:
@@ -146,7 +149,7 @@ def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | Non
                        batch_size=budget.batch_size,
                        stage1_steps=int(round(budget.stage1_steps * factor)),
                        stage2_steps=int(round(budget.stage2_steps * factor)), checkpoint_every=500, log_every=50,
-                       device=device, tensorboard=False)
+                       device=device, tensorboard=False, seed=budget.seed)
 
 
 # --------------------------------------------------------------------------------------------

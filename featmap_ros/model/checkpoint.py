@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT = "featmap_ros.checkpoint"
 FORMAT_VERSION = 1
 EXEMPLAR_FORMAT = "featmap_ros.exemplars"
+_LIVE = "live."  # prefix of the live weights in an optimiser-state file (an averaged model's checkpoint)
 _RESERVED = ("format", "format_version", "code_version", "task", "net", "weights", "optimizer")
 PREVIOUS = ".prev"  # <stem>.prev.* holds the previous generation of a checkpoint saved with keep_previous
 # The metadata keys that make a checkpoint one the estimator can run, per task (see estimator.py).
@@ -169,6 +170,7 @@ def save(
     meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     keep_previous: bool = False,
+    live_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write weights, optional optimiser state and the JSON description; return the JSON path.
 
@@ -180,6 +182,8 @@ def save(
         keep_previous: keep the checkpoint being replaced, if complete, as <stem>.prev.* so that
             a kill during this save leaves a complete one (latest_complete finds it). Without,
             a previous generation left in place is removed once the new checkpoint is whole.
+        live_weights: when the model holds an average of the weights (OptimConfig.ema_decay), the
+            weights training goes on from; stored beside the optimiser state (load_live_weights).
     """
     clash = sorted(set(meta) & set(_RESERVED))
     if clash:
@@ -198,8 +202,11 @@ def save(
         **meta,
     }
     blob = b""
+    if live_weights is not None and optimizer is None:
+        raise CheckpointError("live_weights are stored with the optimiser state: pass the optimizer too")
     if optimizer is not None:
         tensors, rest = _optimizer_split(optimizer.state_dict())
+        tensors.update({f"{_LIVE}{k}": v for k, v in (live_weights or {}).items()})
         blob = _tensors_bytes(tensors)
         doc["optimizer"] = {"file": stem.name + ".optim.safetensors", "sha256": _sha256(blob), **rest}
     try:
@@ -621,6 +628,7 @@ def load_optimizer(path: str | os.PathLike[str], optimizer: torch.optim.Optimize
     if not info:
         raise CheckpointError(f"{stem}.json holds no optimiser state")
     tensors = _read_verified(stem.parent / Path(str(info["file"])).name, info["sha256"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(_LIVE)}
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *info["scalars"].items()]:
         _, idx, name = key.split(".", 2)
@@ -634,6 +642,17 @@ def load_optimizer(path: str | os.PathLike[str], optimizer: torch.optim.Optimize
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{stem}: optimiser state does not fit: {err}") from err
+
+
+def load_live_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor] | None:
+    """The live weights saved beside an averaged model's optimiser state, or None if the checkpoint has none."""
+    stem = stem_of(path)
+    info = read_meta(stem).get("optimizer")
+    if not info:
+        return None
+    tensors = _read_verified(stem.parent / Path(str(info["file"])).name, info["sha256"])
+    live = {k[len(_LIVE):]: v for k, v in tensors.items() if k.startswith(_LIVE)}
+    return live or None
 
 
 def save_exemplars(
