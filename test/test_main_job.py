@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -36,11 +42,49 @@ def test_tiny_main_job_runs_end_to_end_and_reuses_its_models(tmp_path, capsys):
     assert "using the objects model trained before" in again and "both at once" not in again
 
 
-def test_a_failing_training_in_a_worker_process_stops_the_job_with_its_error(tmp_path):
-    size = dataclasses.replace(TINY, object_method="magic", hand_method="magic")
+@pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")
+def test_a_failing_training_in_a_worker_process_stops_the_job_and_the_other_worker(tmp_path):
+    # The objects' config is refused at once; the hands' would train for 100,000 steps: it is stopped,
+    # not waited for, and no worker process outlives the error.
+    size = dataclasses.replace(TINY, object_method="magic", hand_steps=(100_000, 0))
     with pytest.raises(TrainError, match="method must be one of"):
         _train_models(tmp_path, tmp_path, size, "cpu", True, {})
-    assert not (tmp_path / "models" / "objects" / "model.json").exists()
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "models" / "hands" / "model.json").exists()
+
+
+_ORPHAN = """
+import multiprocessing, os, sys, time
+from featmap_ros.experiments.main_job import exit_with_parent
+
+def child(parent):
+    exit_with_parent(parent, poll_s=0.1)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_worker_ends_soon_after_its_parent_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()  # at once: before or after the child's watch starts, the child must end
+    parent.wait()
+    for _ in range(300):  # up to 30 s (a loaded CPU: the child may still be importing); it polls every 0.1 s
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker went on after its parent was killed")
 
 
 def test_the_sequential_path_trains_in_this_process(tmp_path, monkeypatch):

@@ -175,18 +175,47 @@ def _train_task(task: str, root: Path, folder: Path, size: MainJobSize, device: 
     return train_objects(root, folder, size, device) if task == "objects" else _train_hands(folder, size, device)
 
 
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this worker process soon after its parent (pid `parent`) is gone: no training goes on unwatched.
+
+    The parent's pid is the caller's to give: a worker whose parent died before it got here sees
+    another parent already and ends at once. Checkpoints are written atomically, so the exit at any
+    instant leaves the last complete one and a rerun resumes from it.
+    """
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _train_task_in_child(task: str, root: Path, folder: Path, size: MainJobSize, device: str, threads: int,
-                         bar_line: int) -> tuple[str, float]:
+                         bar_line: int, parent: int) -> tuple[str, float]:
     """One model's training in a worker process with `threads` torch threads; its progress bars on line bar_line."""
     import os
 
     import torch
 
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     os.environ["TQDM_POSITION"] = str(bar_line)  # every tqdm bar of this process (tqdm >= 4.66 reads TQDM_*)
     t = time.perf_counter()
     path = _train_task(task, root, folder, size, device)
     return str(path), time.perf_counter() - t
+
+
+def _stop_workers(pool: Any) -> None:
+    """Terminate a ProcessPoolExecutor's workers now (Python >= 3.14 has terminate_workers; before, its processes)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cpu_cores() -> int:
@@ -199,6 +228,7 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
                   timings: dict[str, float]) -> dict[str, Path]:
     """Both models (or the ones out/models lacks), at once in two processes where that is faster."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
     import torch
@@ -221,12 +251,17 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         threads = cores // 2
         print(f"      both at once: two processes of {threads} thread{'s' * (threads > 1)} each")
         # spawn: a fresh interpreter per model (forking a process whose torch threads exist can hang them).
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = {task: pool.submit(_train_task_in_child, task, root, out / "models" / task, size, device,
-                                      threads, line) for line, task in enumerate(todo)}
+        pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        jobs = {task: pool.submit(_train_task_in_child, task, root, out / "models" / task, size, device,
+                                  threads, line, os.getpid()) for line, task in enumerate(todo)}
+        try:
             for task, job in jobs.items():
                 path, seconds = job.result()
                 models[task], timings[f"train_{task}_s"] = Path(path), seconds
+        except BaseException:
+            _stop_workers(pool)  # one failed (or Ctrl-C): do not wait for the other to finish its training
+            raise
+        pool.shutdown()
         timings["train_wall_s"] = time.perf_counter() - t
         return models
     for task in todo:
