@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -239,3 +240,15 @@ def test_hands_budget_yaml_sets_every_methods_training_seed(tmp_path, text, seed
     for head in ("vote", "fc"):
         cfg = hands_train_config(budget, head=head)
         assert (cfg.seed, cfg.net.head) == (seed, head)
+
+
+def test_hands_budget_mapping_blocks_reach_g_and_are_checked(tmp_path):
+    """mapping_blocks sets g's depth in the trained model; zero blocks (no g at all) is refused."""
+    from featmap_ros.experiments.hands import QUICK, HandsBudget, hands_train_config
+    from featmap_ros.model.nets import FeatureMappingModel
+
+    cfg = hands_train_config(dataclasses.replace(QUICK, mapping_blocks=3))
+    model = FeatureMappingModel(dataclasses.replace(cfg.net, mapping=True))
+    assert len(model.g) == 3
+    with pytest.raises(ValueError, match="mapping_blocks"):
+        HandsBudget(mapping_blocks=0)

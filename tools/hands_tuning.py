@@ -3,6 +3,7 @@ held-out frames of the training person; never on the test person.
 
 Usage: python3 tools/hands_tuning.py --tag NAME [--head vote|fc] [--method fm] [--s1 800 --s2 800]
        [--rot 30 --shift 0.05 --dshift 0.05 --scale 0.1] [--loss smooth_l1] [--lr 3e-3] [--seed 0]
+       [--map-blocks 2]
 The first run renders 6,000 clean crops and 1,200 sensor frames of person A into /tmp/handdev/cache
 (the last 200 frames are the validation split); every run appends one JSON line to
 /tmp/handdev/results.jsonl. DEV_THREADS (default 1) sets torch's threads, so two runs fit 2 cores.
@@ -52,6 +53,7 @@ ap.add_argument("--pair-shape", default="nominal", choices=["nominal", "same"])
 ap.add_argument("--feat-g-only", action="store_true",
                 help="LossConfig(feat_through_f=False): the feature loss trains g only")
 ap.add_argument("--seed", type=int, default=0, help="TrainConfig.seed: initial weights and batch draws")
+ap.add_argument("--map-blocks", type=int, default=2, help="NetConfig.mapping_blocks: g's residual blocks")
 a = ap.parse_args()
 cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
 if a.pair_shape != "nominal":
@@ -101,6 +103,7 @@ net = NetConfig(
     dropout=0.1 if a.head == "vote" else 0.3,
     head=a.head,
     stride=a.stride if a.head == "vote" else None,
+    mapping_blocks=a.map_blocks,
 )
 tc = TrainConfig(
     method=a.method,

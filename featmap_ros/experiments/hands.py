@@ -88,6 +88,8 @@ class HandsBudget:
     # fm_joint's feature loss trains g alone (LossConfig.feat_through_f False) since session 13: on the
     # validation frames over three seeds 14.93 mm against 15.35 (mixed) and 15.55 (through f, two seeds).
     feat_through_f: bool = False
+    # g's residual blocks (NetConfig.mapping_blocks) in every method that has g (fm, fm_mmd, fm_joint, fm_fc).
+    mapping_blocks: int = 2
     # The Feature Mapping model of the checks (the run-time path without refinement, the real NYU frame).
     fm_method: str = "fm_joint"
     n_real: int = 2000
@@ -113,7 +115,8 @@ class HandsBudget:
         if self.head not in HAND_HEADS:
             raise ValueError(f"head must be one of {HAND_HEADS}, got {self.head!r}")
         counts = {"batch_size": self.batch_size, "input_size": self.input_size, "width": self.width,
-                  "n_real": self.n_real, "n_test": self.n_test, "refine_steps": self.refine_steps}
+                  "n_real": self.n_real, "n_test": self.n_test, "refine_steps": self.refine_steps,
+                  "mapping_blocks": self.mapping_blocks}
         if any(v < 1 for v in counts.values()):
             raise ValueError(f"these must be >= 1: {counts}")
         if self.stage1_steps < 0 or self.stage2_steps < 0 or self.stage1_steps + self.stage2_steps < 1:
@@ -141,7 +144,7 @@ def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | Non
     vote = head == "vote"
     net = NetConfig(task="hands", input_size=budget.input_size, width=budget.width, head=head,
                     feature_dim=budget.vote_feature_dim if vote else budget.feature_dim,
-                    dropout=0.0 if vote else budget.dropout)
+                    dropout=0.0 if vote else budget.dropout, mapping_blocks=budget.mapping_blocks)
     factor = 1.0 if head == budget.head else budget.fc_step_factor
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        loss=LossConfig(pose=budget.pose_loss, lambda_feat=budget.lambda_feat,
