@@ -91,11 +91,70 @@ def test_the_sequential_path_trains_in_this_process(tmp_path, monkeypatch):
     import featmap_ros.experiments.main_job as mj
 
     calls = []
-    monkeypatch.setattr(mj, "_train_task", lambda task, root, folder, size, device: calls.append(task) or folder)
+    def fake_train(task, root, folder, size, device):
+        calls.append(task)
+        folder.mkdir(parents=True)
+        return folder
+
+    monkeypatch.setattr(mj, "_train_task", fake_train)
     timings: dict[str, float] = {}
     size = dataclasses.replace(TINY, parallel_training=False)
     models = _train_models(tmp_path, tmp_path, size, "cpu", True, timings)
     assert calls == ["objects", "hands"] and set(models) == {"objects", "hands"} and "train_wall_s" not in timings
+
+
+def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_path, monkeypatch, capsys):
+    """A killed training leaves a checkpoint but no mark: the next run trains it again (train() resumes)."""
+    import featmap_ros.experiments.main_job as mj
+
+    calls = []
+
+    def fake_train(task, root, folder, size, device):
+        calls.append(task)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.json").write_text("{}")
+        return folder / "model.json"
+
+    monkeypatch.setattr(mj, "_train_task", fake_train)
+    size = dataclasses.replace(TINY, parallel_training=False)
+    _train_models(tmp_path, tmp_path, size, "cpu", False, {})
+    assert calls == ["objects", "hands"]
+    _train_models(tmp_path, tmp_path, size, "cpu", False, {})  # both finished: nothing trains
+    assert calls == ["objects", "hands"]
+    (tmp_path / "models" / "hands" / mj.TRAINED_MARK).unlink()  # killed after its last checkpoint
+    _train_models(tmp_path, tmp_path, size, "cpu", False, {})
+    assert calls[2:] == ["hands"] and "did not finish" in capsys.readouterr().out
+    (tmp_path / "models" / "objects" / mj.TRAINED_MARK).write_text('{"model": "model.js')  # a truncated mark
+    _train_models(tmp_path, tmp_path, size, "cpu", False, {})
+    assert calls[3:] == ["objects"]
+    _train_models(tmp_path, tmp_path, dataclasses.replace(size, hand_steps=(5, 1)), "cpu", False, {})
+    assert calls[4:] == ["objects", "hands"] and "other sizes" in capsys.readouterr().out  # the whole size is compared
+    assert json.loads((tmp_path / "models" / "hands" / mj.TRAINED_MARK).read_text())["size"]["hand_steps"] == [5, 1]
+    assert not list(tmp_path.glob("models/*/*.tmp"))
+
+
+@pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")
+def test_a_worker_killed_from_outside_gives_a_clear_error(tmp_path):
+    """SIGKILL (the OOM killer's way) of a training worker: a clear error, the other stopped, no mark written."""
+    import threading
+
+    def kill_a_worker():
+        for _ in range(600):  # the workers start within seconds; give up after 60 s
+            children = multiprocessing.active_children()
+            if children:
+                time.sleep(1.0)
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    size = dataclasses.replace(TINY, object_steps=(100_000, 0), hand_steps=(100_000, 0))
+    with pytest.raises(RuntimeError, match="training process died before it finished.*last checkpoint"):
+        _train_models(tmp_path, tmp_path, size, "cpu", True, {})
+    killer.join()
+    assert multiprocessing.active_children() == []
+    assert not list(tmp_path.glob("models/*/trained.json"))
 
 
 class _Captured(Exception):

@@ -224,12 +224,40 @@ def _cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+TRAINED_MARK = "trained.json"  # beside a model that its whole training wrote (a killed one leaves a checkpoint only)
+
+
+def _size_doc(size: MainJobSize) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(size)))  # tuples as lists, as the mark file holds them
+
+
+def _mark_trained(folder: Path, size: MainJobSize) -> None:
+    """Record that folder's model finished its training (pose net and, for hands, the refiner) with `size`."""
+    tmp = folder / (TRAINED_MARK + ".tmp")
+    tmp.write_text(json.dumps({"model": "model.json", "size": _size_doc(size)}, indent=1))
+    tmp.replace(folder / TRAINED_MARK)  # atomic: a kill leaves the old mark or none, never half of one
+
+
+def _finished_model(folder: Path, size: MainJobSize) -> str | None:
+    """None where folder holds a model trained to the end with this size, else why it must be trained (again)."""
+    if not (folder / "model.json").is_file():
+        return "no model yet"
+    try:
+        mark = json.loads((folder / TRAINED_MARK).read_text())
+    except (OSError, ValueError):
+        return "its training did not finish: it resumes from its last checkpoint"
+    if not isinstance(mark, dict) or mark.get("size") != _size_doc(size):
+        return "it was trained with other sizes"
+    return None
+
+
 def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain: bool,
                   timings: dict[str, float]) -> dict[str, Path]:
     """Both models (or the ones out/models lacks), at once in two processes where that is faster."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -237,8 +265,9 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
     todo = []
     for task in ("objects", "hands"):
         folder = out / "models" / task
-        if retrain or not (folder / "model.json").is_file():
-            print(f"[2/4] training Feature Mapping for {task} -> {folder}")
+        why = "--retrain" if retrain else _finished_model(folder, size)
+        if why:
+            print(f"[2/4] training Feature Mapping for {task} -> {folder} ({why})")
             todo.append(task)
         else:
             print(f"[2/4] using the {task} model trained before: {folder / 'model.json'} (--retrain to train again)")
@@ -256,8 +285,14 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
                                   threads, line, os.getpid()) for line, task in enumerate(todo)}
         try:
             for task, job in jobs.items():
-                path, seconds = job.result()
+                try:
+                    path, seconds = job.result()
+                except BrokenProcessPool as e:  # a worker killed from outside (the OOM killer, a signal)
+                    # The pool fails every pending job alike, so which of the two died is not known here.
+                    raise RuntimeError(f"a training process died before it finished ({e}); run the job again: "
+                                       "each unfinished training resumes from its last checkpoint") from e
                 models[task], timings[f"train_{task}_s"] = Path(path), seconds
+                _mark_trained(out / "models" / task, size)
         except BaseException:
             _stop_workers(pool)  # one failed (or Ctrl-C): do not wait for the other to finish its training
             raise
@@ -268,6 +303,7 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         t = time.perf_counter()
         models[task] = _train_task(task, root, out / "models" / task, size, device)
         timings[f"train_{task}_s"] = time.perf_counter() - t
+        _mark_trained(out / "models" / task, size)
     return models
 
 
