@@ -147,11 +147,16 @@ def test_a_worker_killed_from_outside_gives_a_clear_error(tmp_path):
                 return
             time.sleep(0.1)
 
+    from featmap_ros import assets
+
+    root = tmp_path / "assets"  # both trainings must have what they need, or one fails before the kill
+    assets.write_object_models(root)
+    assets.write_real_scene(root, TINY.real_frames, seed=0)
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     size = dataclasses.replace(TINY, object_steps=(100_000, 0), hand_steps=(100_000, 0))
     with pytest.raises(RuntimeError, match="training process died before it finished.*last checkpoint"):
-        _train_models(tmp_path, tmp_path, size, "cpu", True, {})
+        _train_models(root, tmp_path, size, "cpu", True, {})
     killer.join()
     assert multiprocessing.active_children() == []
     assert not list(tmp_path.glob("models/*/trained.json"))

@@ -251,12 +251,18 @@ def _finished_model(folder: Path, size: MainJobSize) -> str | None:
     return None
 
 
+def _worker_died(why: str) -> RuntimeError:
+    # The pool fails every pending job alike, so which of the two trainings died is not known here.
+    return RuntimeError(f"a training process died before it finished ({why}); run the job again: "
+                        "each unfinished training resumes from its last checkpoint")
+
+
 def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain: bool,
                   timings: dict[str, float]) -> dict[str, Path]:
     """Both models (or the ones out/models lacks), at once in two processes where that is faster."""
     import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     import torch
@@ -284,15 +290,21 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         jobs = {task: pool.submit(_train_task_in_child, task, root, out / "models" / task, size, device,
                                   threads, line, os.getpid()) for line, task in enumerate(todo)}
         try:
-            for task, job in jobs.items():
-                try:
-                    path, seconds = job.result()
-                except BrokenProcessPool as e:  # a worker killed from outside (the OOM killer, a signal)
-                    # The pool fails every pending job alike, so which of the two died is not known here.
-                    raise RuntimeError(f"a training process died before it finished ({e}); run the job again: "
-                                       "each unfinished training resumes from its last checkpoint") from e
-                models[task], timings[f"train_{task}_s"] = Path(path), seconds
-                _mark_trained(out / "models" / task, size)
+            pending = dict(jobs)
+            while pending:
+                done, _ = wait(pending.values(), timeout=1.0, return_when=FIRST_COMPLETED)
+                for task in [k for k, job in pending.items() if job in done]:
+                    try:
+                        path, seconds = pending.pop(task).result()
+                    except BrokenProcessPool as e:  # a worker killed from outside (the OOM killer, a signal)
+                        raise _worker_died(str(e)) from e
+                    models[task], timings[f"train_{task}_s"] = Path(path), seconds
+                    _mark_trained(out / "models" / task, size)
+                # The pool itself can miss a worker that died while the other was being spawned (CPython's
+                # executor watches the workers it knew of when it last woke up), so look at them too.
+                codes = [proc.exitcode for proc in (getattr(pool, "_processes", None) or {}).values()]
+                if pending and any(code is not None for code in codes):
+                    raise _worker_died(f"exit codes {codes}")
         except BaseException:
             _stop_workers(pool)  # one failed (or Ctrl-C): do not wait for the other to finish its training
             raise
