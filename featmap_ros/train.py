@@ -275,14 +275,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
     """Write the full resolved config as YAML (load_config reads it back to an equal config)."""
-    _write_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace a text file whole: a kill leaves the old or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    ckpt.atomic_write(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,7 +776,7 @@ def _trim_history(path: Path, step: int) -> None:
                 keep.append(line)
         elif line.strip() and i < len(lines) - 1:
             raise TrainError(f"{path}:{i + 1} is not a history record with a step: {line[:80]!r}")
-    _write_atomic(path, "".join(line + "\n" for line in keep))
+    ckpt.atomic_write(path, "".join(line + "\n" for line in keep).encode())
 
 
 # --------------------------------------------------------------------------------------------

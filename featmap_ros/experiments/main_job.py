@@ -233,9 +233,10 @@ def _size_doc(size: MainJobSize) -> dict[str, Any]:
 
 def _mark_trained(folder: Path, size: MainJobSize) -> None:
     """Record that folder's model finished its training (pose net and, for hands, the refiner) with `size`."""
-    tmp = folder / (TRAINED_MARK + ".tmp")
-    tmp.write_text(json.dumps({"model": "model.json", "size": _size_doc(size)}, indent=1))
-    tmp.replace(folder / TRAINED_MARK)  # atomic: a kill leaves the old mark or none, never half of one
+    from featmap_ros.model.checkpoint import atomic_write
+
+    # atomic: a kill leaves the old mark or none, never half of one
+    atomic_write(folder / TRAINED_MARK, json.dumps({"size": _size_doc(size)}, indent=1).encode())
 
 
 def _finished_model(folder: Path, size: MainJobSize) -> str | None:
@@ -294,19 +295,18 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
             while pending:
                 done, _ = wait(pending.values(), timeout=1.0, return_when=FIRST_COMPLETED)
                 for task in [k for k, job in pending.items() if job in done]:
-                    try:
-                        path, seconds = pending.pop(task).result()
-                    except BrokenProcessPool as e:  # a worker killed from outside (the OOM killer, a signal)
-                        raise _worker_died(str(e)) from e
+                    path, seconds = pending.pop(task).result()
                     models[task], timings[f"train_{task}_s"] = Path(path), seconds
                     _mark_trained(out / "models" / task, size)
                 # The pool itself can miss a worker that died while the other was being spawned (CPython's
                 # executor watches the workers it knew of when it last woke up), so look at them too.
                 codes = [proc.exitcode for proc in (getattr(pool, "_processes", None) or {}).values()]
                 if pending and any(code is not None for code in codes):
-                    raise _worker_died(f"exit codes {codes}")
-        except BaseException:
+                    raise BrokenProcessPool(f"exit codes {codes}")
+        except BaseException as e:
             _stop_workers(pool)  # one failed (or Ctrl-C): do not wait for the other to finish its training
+            if isinstance(e, BrokenProcessPool):  # a worker killed from outside (the OOM killer, a signal)
+                raise _worker_died(str(e)) from e
             raise
         pool.shutdown()
         timings["train_wall_s"] = time.perf_counter() - t

@@ -80,7 +80,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write bytes to a temporary file in the same directory, fsync, then rename over path.
 
     The file gets the mode any new file gets (0666 less the umask), not mkstemp's 0600.
@@ -230,10 +230,10 @@ def _write_generation(stem: Path, text: str, weights: bytes, optimizer_blob: byt
     if link_previous and _complete(stem):
         _link_generation(stem, prev)
     # From here until the JSON's rename the current generation is torn and the previous one whole.
-    _atomic_write(stem.with_name(stem.name + ".safetensors"), weights)
+    atomic_write(stem.with_name(stem.name + ".safetensors"), weights)
     if optimizer_blob is not None:
-        _atomic_write(stem.with_name(stem.name + ".optim.safetensors"), optimizer_blob)
-    _atomic_write(json_path, text.encode())
+        atomic_write(stem.with_name(stem.name + ".optim.safetensors"), optimizer_blob)
+    atomic_write(json_path, text.encode())
     if not keep_previous:
         for suffix in (".json", ".safetensors", ".optim.safetensors"):  # the JSON first: never a torn pair
             prev.with_name(prev.name + suffix).unlink(missing_ok=True)
@@ -248,7 +248,7 @@ def _link_generation(src: Path, dst: Path) -> None:
         if doc.get(key):
             _atomic_link(src.parent / Path(str(doc[key]["file"])).name, dst.with_name(dst.name + suffix))
             doc[key] = {**doc[key], "file": dst.name + suffix}
-    _atomic_write(dst.with_name(dst.name + ".json"), json.dumps(doc, indent=2).encode())
+    atomic_write(dst.with_name(dst.name + ".json"), json.dumps(doc, indent=2).encode())
     _fsync_dir(dst.parent)
 
 
@@ -262,7 +262,7 @@ def recover(path: str | os.PathLike[str]) -> Path | None:
         CheckpointError: no generation is complete (see latest_complete).
     """
     stem = stem_of(path)
-    for tmp in stem.parent.glob(f".{stem.name}.*.tmp"):  # left by a kill inside _atomic_write
+    for tmp in stem.parent.glob(f".{stem.name}.*.tmp"):  # left by a kill inside atomic_write
         tmp.unlink(missing_ok=True)
     found = latest_complete(stem)
     if found is None:
@@ -664,7 +664,7 @@ def save_exemplars(
     stem = stem_of(path)
     header = {"format": EXEMPLAR_FORMAT, "format_version": str(FORMAT_VERSION), "task": task, "meta": json.dumps(meta)}
     out = stem.with_name(stem.name + ".exemplars.safetensors")
-    _atomic_write(out, _tensors_bytes({"features": features, "targets": targets}, metadata=header))
+    atomic_write(out, _tensors_bytes({"features": features, "targets": targets}, metadata=header))
     return out
 
 
