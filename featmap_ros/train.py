@@ -103,6 +103,8 @@ class LossConfig:
     # feature loss that moves f moves the synthetic features too; with False only pose losses shape f.
     # fm and fm_mmd ignore it (their f_R belongs to the real domain alone).
     feat_through_f: bool = True
+    # The dense object head: weight of the coordinate term against the visibility term.
+    dense_coord_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -430,9 +432,14 @@ def stage_losses(
 ) -> dict[str, torch.Tensor]:
     """Named, unweighted losses of one step; batches maps stream name to its batch (on device)."""
 
-    def pose(pred: torch.Tensor, batch: Batch, key: str = "target") -> torch.Tensor:
+    def pose(features: torch.Tensor, batch: Batch, key: str = "target") -> torch.Tensor:
+        """The pose loss of h on these features (the dense head's loss reads its training outputs)."""
         if model.cfg.head == "dense":
-            return dense_loss(pred, batch["coords"], batch["visibility"], batch.get("obj_index"), loss.smooth_l1_beta)
+            idx = batch.get("obj_index")
+            return dense_loss(model.h.train_outputs(features, idx), batch["coords"], batch["visibility"], idx,
+                              loss.smooth_l1_beta, coord_weight=loss.dense_coord_weight,
+                              coord_bins=model.cfg.coord_bins)
+        pred = model.h(features)
         if model.cfg.head == "keypoints":
             if "keypoints" not in batch:
                 raise TrainError("the keypoint head needs batches with 'keypoints' (pools made with head='keypoints')")
@@ -444,10 +451,10 @@ def stage_losses(
     out: dict[str, torch.Tensor] = {}
     if stage in ("syn", "mixed"):
         syn = batches["synthetic"]
-        out["pose_syn"] = pose(model.predict_syn(syn["image"]).outputs, syn)
+        out["pose_syn"] = pose(model.features_syn(syn["image"]), syn)
     if stage in ("real", "mixed"):
         pairs = batches["pairs"]
-        out["pose_real"] = pose(model.predict_real(pairs["real"]).outputs, pairs)
+        out["pose_real"] = pose(model.features_real(pairs["real"]), pairs)
     if stage in ("fm", "fm_joint"):
         syn, pairs = batches["synthetic"], batches["pairs"]
         # The pair's synthetic features are a fixed target: the feature loss trains g and the real image's f.
@@ -464,9 +471,9 @@ def stage_losses(
             feat_in = model.g(f_real.detach())  # the feature loss trains g only
         else:
             mapped = feat_in = model.features_real(pairs["real"])
-        out["pose_real"] = pose(model.h(mapped), pairs)
+        out["pose_real"] = pose(mapped, pairs)
         out["feat"] = feature_loss(feat_in.float(), f_pair)
-        out["pose_syn"] = pose(model.h(f_stream), syn)
+        out["pose_syn"] = pose(f_stream, syn)
         if with_mmd:
             unl = batches["unlabeled_real"]["image"] if "unlabeled_real" in batches else None
             mapped_unl = mapped if unl is None else model.features_real(unl)

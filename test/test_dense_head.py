@@ -367,3 +367,82 @@ def test_the_lm_rounds_follow_lm_scales(monkeypatch) -> None:
     for bad in [(), (0.0,), (2.0, float("nan"))]:
         with pytest.raises(ValueError, match="lm_scales"):
             dense.DenseDecodeConfig(lm_scales=bad)
+
+
+def _two_hot(target: torch.Tensor, bins: int) -> torch.Tensor:
+    """(B, 3, H, W) coordinates -> (B, 3, bins, H, W) probabilities on the two nearest bins."""
+    pos = (target + 1) / 2 * (bins - 1)
+    low = pos.floor().clamp(max=bins - 2)
+    w = pos - low
+    prob = torch.zeros(*target.shape[:2], bins, *target.shape[2:])
+    prob.scatter_(2, low.long().unsqueeze(2), (1 - w).unsqueeze(2))
+    prob.scatter_add_(2, low.long().unsqueeze(2) + 1, w.unsqueeze(2))
+    return prob
+
+
+@pytest.mark.parametrize("bins", [2, 16])
+def test_binned_coordinates_read_out_the_two_hot_target_and_its_loss_is_lowest_there(bins: int) -> None:
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 4, 4) * 2 - 1
+    target[0, 0, 0, 0], target[0, 1, 0, 0] = -1.0, 1.0  # the ends of the range
+    logits = torch.log(_two_hot(target, bins).clamp_min(1e-12))
+    out = dense_train.binned_to_coordinates(torch.cat([torch.zeros(2, 1, 4, 4), logits.flatten(1, 2)], 1), bins)
+    assert out.shape == (2, DENSE_CHANNELS, 4, 4)
+    torch.testing.assert_close(out[:, 1:], target, atol=1e-5, rtol=0)
+    ce = dense_train.two_hot_cross_entropy(logits, target)
+    assert ce.shape == target.shape
+    # Any other distribution (here the target's one moved by a bin) costs more.
+    shifted = torch.log(_two_hot((target + 2.0 / (bins - 1)).clamp(-1, 1), bins).clamp_min(1e-12))
+    moved = (target + 2.0 / (bins - 1) <= 1).float()
+    assert (dense_train.two_hot_cross_entropy(shifted, target) * moved).sum() > (ce * moved).sum() + 1.0
+
+
+def test_a_binned_dense_head_keeps_the_output_layout_and_learns_coordinates() -> None:
+    """forward gives the 4-channel layout the decoding reads; the loss on train_outputs fits a fixed target."""
+    torch.manual_seed(0)
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=2 * DENSE_CHANNELS,
+                    head="dense", coord_bins=8)
+    model = FeatureMappingModel(cfg)
+    x = torch.randn(4, 3, 32, 32)
+    feats = model.f_S(x)
+    assert model.h.train_outputs(feats).shape == (4, 2 * (1 + 3 * 8), 16, 16)
+    out = model(x)
+    assert out.shape == (4, 2 * DENSE_CHANNELS, 16, 16) and out[:, [1, 2, 3, 5, 6, 7]].abs().max() <= 1.0
+    idx = torch.tensor([0, 1, 0, 1])
+    per_object = torch.tensor([[0.5, -0.3, 0.8], [-0.6, 0.2, 0.0]])  # a target the 1x1 convolution can fit
+    coords = per_object[idx].view(4, 3, 1, 1).expand(4, 3, 16, 16)
+    vis = torch.ones(4, 16, 16)
+    opt = torch.optim.Adam(model.h.parameters(), lr=0.05)
+    feats = feats.detach()
+
+    def coord_error() -> float:
+        o = dense_train.select_object_channels(model.h(feats), idx)
+        return float((o[:, 1:] - coords).abs().mean())
+
+    before = coord_error()
+    for _ in range(60):
+        opt.zero_grad()
+        dense_train.dense_loss(model.h.train_outputs(feats), coords, vis, idx, coord_bins=8).backward()
+        opt.step()
+    assert coord_error() < 0.25 * before
+    with pytest.raises(ValueError, match="coord_bins"):
+        NetConfig(task="objects", head="bb8", coord_bins=8)
+    with pytest.raises(ValueError, match="coord_bins"):
+        NetConfig(task="objects", head="dense", feature_dim=32, coord_bins=1)
+
+
+def test_a_binned_dense_checkpoint_loads_with_the_same_outputs(tmp_path: Path) -> None:
+    cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS, head="dense",
+                    coord_bins=4)
+    torch.manual_seed(1)
+    model = FeatureMappingModel(cfg).eval()
+    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": geo.box_corners(np.full(3, -0.05),
+                                                                                      np.full(3, 0.1)).tolist(),
+                         "extent_m": [0.1] * 3, "symmetric": False}],
+            "crop": {"size": 32, "window_scale": 1.2}, "head": "dense", "method": "synthetic", "step": 0}
+    path = checkpoint.save(tmp_path / "model", model, meta)
+    loaded, doc = checkpoint.load(path)
+    assert doc["net"]["coord_bins"] == 4 and loaded.cfg.coord_bins == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x))

@@ -252,3 +252,38 @@ def test_hands_budget_mapping_blocks_reach_g_and_are_checked(tmp_path):
     assert len(model.g) == 3
     with pytest.raises(ValueError, match="mapping_blocks"):
         HandsBudget(mapping_blocks=0)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_hands_budget_sampled_shapes_render_the_pool_with_other_hands(monkeypatch, sampled):
+    """sampled_shapes reaches the synthetic pool: a new sampled hand every render batch, else the nominal one."""
+    from featmap_ros.experiments import data as xdata
+    from featmap_ros.experiments.hands import QUICK, hands_stream_config
+    from featmap_ros.render.hand import HandRenderer, HandShape
+
+    shapes = []
+    render = HandRenderer.render
+
+    def spy(self, shape, pose, **kwargs):
+        shapes.append(shape)
+        return render(self, shape, pose, **kwargs)
+
+    monkeypatch.setattr(HandRenderer, "render", spy)
+    cfg = dataclasses.replace(hands_stream_config(dataclasses.replace(QUICK, sampled_shapes=sampled)), render_batch=4)
+    pool = xdata.render_synthetic_pool(12, 0, cfg)
+    assert pool["image"].shape[0] == 12 and bool(pool["target"].isfinite().all())
+    assert len(shapes) == 3
+    if sampled:
+        assert all(s != HandShape.nominal() for s in shapes) and len({repr(s) for s in shapes}) == 3
+    else:
+        assert all(s == HandShape.nominal() for s in shapes)
+
+
+def test_train_all_refuses_no_stage2_for_methods_seeded_from_stage1(tmp_path: Path) -> None:
+    """stage2_steps 0 would deploy a seeded copy of stage 1 (no task metadata): a clear error before any training."""
+    from featmap_ros.train import TrainConfig
+
+    cfg = TrainConfig(method="synthetic", stage1_steps=5, stage2_steps=0)
+    with pytest.raises(xdata.DataError, match="stage2_steps is 0: synthetic"):
+        xdata.train_all(cfg, data=None, out=tmp_path, methods=["real", "synthetic"])  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())

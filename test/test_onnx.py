@@ -81,6 +81,10 @@ def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) 
         cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * 2,
                         mapping=True, head="dense", norm="none", blocks=(1, 1, 1, 1, 1))
         meta = object_meta(2, "dense")
+    elif kind == "dense_bins":  # model coordinates as distributions over bins, read out in the graph
+        cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * 2,
+                        mapping=True, head="dense", coord_bins=8)
+        meta = object_meta(2, "dense")
     else:
         cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=16, n_outputs=32, mapping=True,
                         dropout=0.0)
@@ -154,7 +158,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """kind -> (checkpoint JSON, export JSON written beside it)."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
-    for kind in ("bb8", "dense", "hands", "hands_refined", "hands_joint"):
+    for kind in ("bb8", "dense", "dense_bins", "hands", "hands_refined", "hands_joint"):
         ckpt = tiny_checkpoint(folder, kind)
         out[kind] = (ckpt, export_onnx(ckpt, ckpt.parent))
     return out
@@ -188,7 +192,7 @@ def test_export_writes_the_graph_and_the_checkpoint_metadata_beside_it(exported)
     assert doc["check"]["batch"] == 3 and max(doc["check"]["max_abs_diff"].values()) < OUTPUT_ATOL
 
 
-@pytest.mark.parametrize("kind", ["bb8", "dense", "hands", "hands_joint"])
+@pytest.mark.parametrize("kind", ["bb8", "dense", "dense_bins", "hands", "hands_joint"])
 def test_onnxruntime_gives_torchs_outputs_and_out_of_domain_scores_on_the_same_crops(exported, kind) -> None:
     ckpt, export = exported[kind]
     t_net = torch_net.load(ckpt, "cpu")

@@ -3,13 +3,14 @@ held-out frames of the training person; never on the test person.
 
 Usage: python3 tools/hands_tuning.py --tag NAME [--head vote|fc] [--method fm] [--s1 800 --s2 800]
        [--rot 30 --shift 0.05 --dshift 0.05 --scale 0.1] [--loss smooth_l1] [--lr 3e-3] [--seed 0]
-       [--map-blocks 2]
+       [--map-blocks 2] [--sampled-shapes]
 The first run renders 6,000 clean crops and 1,200 sensor frames of person A into /tmp/handdev/cache
 (the last 200 frames are the validation split); every run appends one JSON line to
 /tmp/handdev/results.jsonl. DEV_THREADS (default 1) sets torch's threads, so two runs fit 2 cores.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -54,21 +55,24 @@ ap.add_argument("--feat-g-only", action="store_true",
                 help="LossConfig(feat_through_f=False): the feature loss trains g only")
 ap.add_argument("--seed", type=int, default=0, help="TrainConfig.seed: initial weights and batch draws")
 ap.add_argument("--map-blocks", type=int, default=2, help="NetConfig.mapping_blocks: g's residual blocks")
+ap.add_argument("--sampled-shapes", action="store_true",
+                help="HandStreamConfig.sampled_shapes: the pool's renders use a new sampled hand every render batch")
 a = ap.parse_args()
 cfgs = HandStreamConfig(crop_px=64, pair_shape=a.pair_shape)
 if a.pair_shape != "nominal":
     C = C.with_name(f"cache_{a.pair_shape}")
 C.mkdir(parents=True, exist_ok=True)
-if not (C / "pool.safetensors").exists():
-    pool = xd.render_synthetic_pool(a.pool, 123, cfgs)
-    save_file({k: v.contiguous() for k, v in pool.items()}, C / "pool.safetensors")
+POOL = C / f"pool{'_shapes' if a.sampled_shapes else ''}{'' if a.pool == 6000 else f'_{a.pool}'}.safetensors"
+if not POOL.exists():
+    pool = xd.render_synthetic_pool(a.pool, 123, dataclasses.replace(cfgs, sampled_shapes=a.sampled_shapes))
+    save_file({k: v.contiguous() for k, v in pool.items()}, POOL)
 if not (C / "pairs.safetensors").exists():
     ds = xd.hand_validation_set(
         a.real, a.real, xd.hand_train_shape(), sensor.SensorConfig.nominal(), xd.HAND_TRAIN_SEED, cfgs
     )
     items = xd.stack_items(ds, ("real", "syn", "target", "centre", "joints"), "pairs")
     save_file({k: v.contiguous() for k, v in items.items()}, C / "pairs.safetensors")
-pool = load_file(C / "pool.safetensors")
+pool = load_file(POOL)
 pairs = load_file(C / "pairs.safetensors")
 n_fit = len(pairs["real"]) - a.holdout
 fit = {k: pairs[k][: min(n_fit, a.n_fit or n_fit)] for k in ("real", "syn", "target")}

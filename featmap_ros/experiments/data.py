@@ -549,6 +549,10 @@ def train_all(cfg: Any, data: TaskData, out: Path, methods: Sequence[str], share
     paths: dict[str, Path] = {}
     wall: dict[str, float] = {}
     shared = [m for m in methods if m in SHARED_STAGE1] if share_stage1 and cfg.stage1_steps > 0 else []
+    if shared and cfg.stage2_steps < 1:
+        # A seeded copy of stage 1 is not a finished checkpoint (no task metadata, no feature statistics).
+        raise DataError(f"stage2_steps is {cfg.stage2_steps}: {', '.join(shared)} would have no step of their own "
+                        "after the shared stage 1; give stage 2 at least one step")
     stage1 = None
     if shared:
         curves["stage1"] = []

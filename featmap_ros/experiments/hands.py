@@ -97,6 +97,9 @@ class HandsBudget:
     n_test: int = 500
     runtime_frames: int = 150  # test frames also run through the full run-time path (locate + crop)
     synthetic_pool: int = 12000  # 0: render online (the paper's way), slower on a CPU
+    # The synthetic stream's hand (HandStreamConfig.sampled_shapes): the one nominal hand (the paper's one
+    # hand model) or a new sampled person every render batch of 16 (bone lengths, radii, overall scale).
+    sampled_shapes: bool = False
     # The centre refiner (model/refiner.py), trained once per data regime on crops rendered once: clean
     # renders for the synthetic method, clean renders + the training frames for every other method.
     refine_synthetic_frames: int = 1500
@@ -136,6 +139,11 @@ QUICK = HandsBudget(input_size=32, width=4, feature_dim=32, vote_feature_dim=8, 
                     stage1_steps=4, stage2_steps=3, warmup_steps=2, n_real=10, validation_frames=2, n_test=6,
                     runtime_frames=2, synthetic_pool=16, refine_synthetic_frames=4, refine_sensor_frames=3,
                     refine_steps=5, rotation_deg=20.0, shift_sigma=0.03)
+
+
+def hands_stream_config(budget: HandsBudget) -> HandStreamConfig:
+    """The crops and the synthetic stream of an experiment (the pairs and test frames are cut the same way)."""
+    return HandStreamConfig(crop_px=budget.input_size, sampled_shapes=budget.sampled_shapes)
 
 
 def hands_train_config(budget: HandsBudget, device: str = "cpu", head: str | None = None) -> TrainConfig:
@@ -351,7 +359,7 @@ def run_hands_experiment(
     if budget.fm_method not in (*methods, *(("fm_fc",) if fc_row else ())):
         log.warning("the checks' Feature Mapping model %s (budget.fm_method) is not among the methods %s: "
                     "no run-time row without refinement and no real NYU frame check", budget.fm_method, methods)
-    stream_cfg = HandStreamConfig(crop_px=budget.input_size)
+    stream_cfg = hands_stream_config(budget)
     shape, sensor_cfg = xdata.hand_train_shape(), sensor.SensorConfig.nominal()
     # The refiner's crops of the training frames are made as the pairs render them (one render per frame).
     n_fit = budget.n_real - budget.validation_frames

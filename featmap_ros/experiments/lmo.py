@@ -78,6 +78,12 @@ class LmoBudget:
     # Whether fm_joint's feature loss reaches f (LossConfig.feat_through_f): yes; g only was 1.6 points lower on
     # the validation frames (docs/results.md, session 14). The hands train g only with it.
     feat_through_f: bool = True
+    # The dense head's coordinate term against its visibility term (LossConfig.dense_coord_weight).
+    dense_coord_weight: float = 1.0
+    # The dense head's model coordinates as distributions over this many bins (NetConfig.coord_bins; 0: regressed).
+    # Synthetic-only, 1,800 steps (tools/lmo_fit.py, session 17): held-out synthetic crops 29.7% -> 43.2% @5px,
+    # validation frames 10.4% -> 22.1%; the regressed coordinates with dense_coord_weight 4: 42.2% and 15.5%.
+    coord_bins: int = 16
     # Pools rendered once and augmented on the fly (datasets/pool.py), shared by every method.
     pool_per_object: int = 1500
     exemplars_per_object: int = 2000
@@ -117,11 +123,13 @@ def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", hea
     spatial = head != "bb8"
     net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width, head=head,
                     feature_dim=budget.dense_feature_dim if spatial else budget.feature_dim,
-                    n_outputs=object_head_channels(head) * n_objects, dropout=0.0 if spatial else budget.dropout)
+                    n_outputs=object_head_channels(head) * n_objects, dropout=0.0 if spatial else budget.dropout,
+                    coord_bins=budget.coord_bins if head == "dense" else 0)
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
-                       tensorboard=False, loss=LossConfig(feat_through_f=budget.feat_through_f))
+                       tensorboard=False, loss=LossConfig(feat_through_f=budget.feat_through_f,
+                                                     dense_coord_weight=budget.dense_coord_weight))
 
 
 def lmo_stream_config(budget: LmoBudget, scene: bop.BopScene, train_ids: Sequence[int],
@@ -223,7 +231,7 @@ def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], ob
     pixels (image fx / crop fx), so they compare with the real frames' 2D-proj@5px. Separates
     "did not learn the synthetic images" from "learnt them but does not transfer to real ones".
     Symmetric objects are scored against the canonical pose the net is trained on.
-    Returns proj_5px (fraction), median_px, n.
+    Returns proj_5px (fraction), median_px, n, and per_object: {obj_id: {proj_5px, median_px, n}}.
     """
     from featmap_ros import geometry as geo
     from featmap_ros.estimator import ObjectEstimator
@@ -236,10 +244,12 @@ def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], ob
     S = crops["image"].shape[-1]
     identity = geo.CropWindow(S / 2.0 - 0.5, S / 2.0 - 0.5, float(S), S)
     errors: list[float] = []
+    objects: list[int] = []
     for first in range(0, len(crops["image"]), 64):
         out = model.predict_syn(crops["image"][first:first + 64]).outputs.double().numpy()
         for j, row in enumerate(out, start=first):
             k = int(crops["obj_index"][j])
+            objects.append(obj_ids[k])
             K = crops["K"][j].numpy()
             try:
                 R, t, _, _ = est.solve(row[per * k:per * (k + 1)], k, identity, K)
@@ -248,8 +258,12 @@ def synthetic_crop_accuracy(model_json: Path, crops: dict[str, torch.Tensor], ob
                 continue
             err = proj_2d(R, t, crops["R"][j].numpy(), crops["t"][j].numpy(), K, meshes[obj_ids[k]].vertices)
             errors.append(err * image_fx / K[0, 0])
-    e = np.asarray(errors)
-    return {"proj_5px": float((e < 5.0).mean()), "median_px": float(np.median(e)), "n": len(e)}
+    e, o = np.asarray(errors), np.asarray(objects)
+
+    def summary(x: np.ndarray) -> dict[str, float]:
+        return {"proj_5px": float((x < 5.0).mean()), "median_px": float(np.median(x)), "n": len(x)}
+
+    return {**summary(e), "per_object": {int(i): summary(e[o == i]) for i in dict.fromkeys(objects)}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,8 +37,46 @@ def select_object_channels(out: torch.Tensor, obj_index: torch.Tensor | None, pe
     return out.gather(1, idx.view(-1, per, 1, 1).expand(-1, -1, *out.shape[2:]))
 
 
+def bin_centres(bins: int, device: torch.device | None = None) -> torch.Tensor:
+    """(bins,) centres of the coordinate bins: evenly spaced from -1 to 1, both included."""
+    return torch.linspace(-1.0, 1.0, bins, device=device)
+
+
+def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
+    """(B, n_objects * (1 + 3 * bins), H, W) -> (B, n_objects * DENSE_CHANNELS, H, W), float32.
+
+    Per object: the visibility logit as it is, then each coordinate as the expectation of the softmax
+    over its bins (a value in [-1, 1]).
+    """
+    b, c, h, w = logits.shape
+    per = 1 + 3 * bins
+    if c % per:
+        raise ValueError(f"{c} channels are not a whole number of objects of 1 + 3 x {bins} bins")
+    x = logits.float().view(b, c // per, per, h, w)
+    prob = torch.softmax(x[:, :, 1:].reshape(b, c // per, 3, bins, h, w), dim=3)
+    coords = (prob * bin_centres(bins, logits.device).view(1, 1, 1, bins, 1, 1)).sum(3)
+    return torch.cat([x[:, :, :1], coords], 2).reshape(b, c // per * DENSE_CHANNELS, h, w)
+
+
+def two_hot_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, 3, bins, H, W) logits against (B, 3, H, W) coordinates in [-1, 1], per location.
+
+    The target's mass is split between its two nearest bins in proportion to its distance to each (as
+    Distribution Focal Loss does), so the expectation of the ideal distribution is the target itself.
+    Returns (B, 3, H, W).
+    """
+    bins = logits.shape[2]
+    pos = (target.clamp(-1.0, 1.0) + 1.0) / 2.0 * (bins - 1)
+    low = pos.floor().clamp(max=bins - 2)
+    w_high = (pos - low).unsqueeze(2)
+    logp = torch.log_softmax(logits, dim=2)
+    low_i = low.long().unsqueeze(2)
+    return -((1.0 - w_high) * logp.gather(2, low_i) + w_high * logp.gather(2, low_i + 1)).squeeze(2)
+
+
 def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor,
-               obj_index: torch.Tensor | None, beta: float = 0.05) -> torch.Tensor:
+               obj_index: torch.Tensor | None, beta: float = 0.05, coord_weight: float = 1.0,
+               coord_bins: int = 0) -> torch.Tensor:
     """Visibility BCE everywhere plus smooth-L1 of the coordinates on visible locations; () scalar.
 
     Args:
@@ -46,10 +84,20 @@ def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor
         coords: (B, 3, H, W) target coordinates (block_targets).
         visibility: (B, H, W) target visible share in [0, 1] (block_targets).
         obj_index: (B,) object of each sample, or None for one object.
+        coord_weight: weight of the coordinate term (the visibility term has weight 1).
+        coord_bins: 0: out holds the coordinates (smooth-L1); N: out holds N logits per coordinate
+            (DenseHead.train_outputs), trained by two_hot_cross_entropy plus smooth-L1 of their expectation.
     """
-    o = select_object_channels(out, obj_index).float()
+    per = DENSE_CHANNELS if not coord_bins else 1 + 3 * coord_bins
+    o = select_object_channels(out, obj_index, per).float()
     vis_loss = F.binary_cross_entropy_with_logits(o[:, 0], visibility.float())
     on = (visibility >= 0.5).float().unsqueeze(1)
-    err = F.smooth_l1_loss(o[:, 1:], coords.float(), beta=beta, reduction="none") * on
-    coord_loss = err.sum() / (3.0 * on.sum()).clamp_min(1.0)
-    return vis_loss + coord_loss
+    target = coords.float()
+    if coord_bins:
+        logits = o[:, 1:].reshape(o.shape[0], 3, coord_bins, *o.shape[2:])
+        expect = (torch.softmax(logits, 2) * bin_centres(coord_bins, o.device).view(1, 1, -1, 1, 1)).sum(2)
+        err = two_hot_cross_entropy(logits, target) + F.smooth_l1_loss(expect, target, beta=beta, reduction="none")
+    else:
+        err = F.smooth_l1_loss(o[:, 1:], target, beta=beta, reduction="none")
+    coord_loss = (err * on).sum() / (3.0 * on.sum()).clamp_min(1.0)
+    return vis_loss + coord_weight * coord_loss

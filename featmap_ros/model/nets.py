@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from featmap_ros.heads.dense import DENSE_CHANNELS, DENSE_STRIDE  # noqa: F401 (part of the nets' API)
+from featmap_ros.heads.dense_train import binned_to_coordinates
 from featmap_ros.heads.keypoints import KEYPOINT_FPS, keypoint_channels
 
 TASKS = ("objects", "hands")
@@ -81,6 +82,9 @@ class NetConfig:
     # Spatial heads: the feature map's stride (2: S/2 x S/2 locations, 4: S/4). The dense object head
     # needs DENSE_STRIDE; the hand vote head defaults to 4 (a quarter of the locations, enough to vote).
     stride: int | None = None
+    # The dense head: 0 regresses each model coordinate; N >= 2 predicts it as a distribution over N bins
+    # spanning [-1, 1] (trained with a cross-entropy on the two nearest bins), read out as its expectation.
+    coord_bins: int = 0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -119,6 +123,9 @@ class NetConfig:
             # gigabytes of activations; the experiments use 32 (CPU) to 64 (paper size).
             raise ValueError(f"a spatial head's feature_dim is the channel count of its S/{self.stride} map; "
                              f"expected <= 256, got {self.feature_dim}")
+        if self.coord_bins and (self.head != "dense" or not 2 <= self.coord_bins <= 256):
+            raise ValueError(f"coord_bins is 0 or 2-256, for the dense head only; got {self.coord_bins} "
+                             f"with head {self.head!r}")
         if self.head == "dense" and self.n_outputs % DENSE_CHANNELS:
             raise ValueError(f"a dense head has {DENSE_CHANNELS} channels per object, got n_outputs={self.n_outputs}")
 
@@ -331,15 +338,38 @@ class SpatialMappingBlock(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """h of the spatial object heads (dense, keypoints): a 1x1 convolution, their channels per object everywhere."""
+    """h of the spatial object heads (dense, keypoints): a 1x1 convolution, their channels per object everywhere.
 
-    def __init__(self, dim: int, n_outputs: int) -> None:
+    With coord_bins (the dense head), the convolution gives per object a visibility logit and, per model
+    coordinate, coord_bins logits over bins spanning [-1, 1]: train_outputs() returns them (what the loss
+    reads), forward() their expectation, so the outputs keep the layout the decoding reads (DENSE_CHANNELS).
+    """
+
+    def __init__(self, dim: int, n_outputs: int, coord_bins: int = 0, per_object: int = DENSE_CHANNELS) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(dim, n_outputs, 1)
+        self.bins = int(coord_bins)
+        n_objects = n_outputs // per_object
+        self.per_object = per_object if not self.bins else 1 + 3 * self.bins  # channels of one object
+        self.conv = nn.Conv2d(dim, n_outputs if not self.bins else n_objects * self.per_object, 1)
+
+    def train_outputs(self, x: torch.Tensor, obj_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, H, W) -> the convolution's (B, channels, H, W), float32: what the training loss reads.
+
+        With obj_index (B,), only each sample's own object's channels, (B, channels / n_objects, H, W):
+        the loss reads no other, and a multi-object head then costs what a one-object head does.
+        """
+        if obj_index is None or self.conv.out_channels == self.per_object:
+            return full_precision(self.conv, x)
+        n = self.conv.out_channels // self.per_object
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.conv.weight.view(n, self.per_object, -1)[obj_index.long()]
+            b = self.conv.bias.view(n, self.per_object)[obj_index.long()]
+            return (torch.einsum("bpd,bdhw->bphw", w.float(), x.float()) + b.float()[:, :, None, None]).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, n_outputs, H, W), float32."""
-        return full_precision(self.conv, x)
+        out = self.train_outputs(x)
+        return binned_to_coordinates(out, self.bins) if self.bins else out
 
 
 class VoteHead(nn.Module):
@@ -402,7 +432,11 @@ class FeatureMappingModel(nn.Module):
         extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
         self.f_S: nn.Module = extractor(cfg)
         head = {"dense": DenseHead, "keypoints": DenseHead, "vote": VoteHead}.get(cfg.head, Head)
-        self.h: nn.Module = head(cfg.feature_dim, cfg.n_outputs)
+        if cfg.head in SPATIAL_OBJECT_HEADS:
+            self.h: nn.Module = DenseHead(cfg.feature_dim, cfg.n_outputs, cfg.coord_bins,
+                                          per_object=object_head_channels(cfg.head))
+        else:
+            self.h = head(cfg.feature_dim, cfg.n_outputs)
         self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping and not cfg.shared_extractor else None
         self.g: nn.Module | None = None
         if cfg.mapping:
