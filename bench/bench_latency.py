@@ -4,7 +4,7 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
-                                     [--heads dense keypoints bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
+                                     [--heads dense16 dense keypoints bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
                                      [--threads 0] [--decode-threads 1 2] [--recrop 0 1] [--recentre 0 2]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
@@ -64,6 +64,8 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
     """
     kw = dict(PRESETS[preset])
     if task == "objects":
+        if head.startswith("dense") and head != "dense":  # "dense16": model coordinates over 16 bins
+            kw["coord_bins"], head = int(head[5:]), "dense"
         if head in SPATIAL_OBJECT_HEADS:
             kw["feature_dim"] = 32 if preset == "deploy" else 64
         cfg = NetConfig(task="objects", n_outputs=object_head_channels(head) * n_objects, mapping=True, head=head,
@@ -153,8 +155,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--presets", nargs="+", default=["deploy", "paper"], choices=sorted(PRESETS))
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--heads", nargs="+", default=["dense", "bb8"], choices=["dense", "keypoints", "bb8"],
-                        help="object heads: dense (the default model), keypoints (PVNet's) and bb8 (the paper's)")
+    parser.add_argument("--heads", nargs="+", default=["dense16", "dense", "bb8"],
+                        choices=["dense16", "dense", "keypoints", "bb8"],
+                        help="object heads: dense16 (the LM-O default: coordinates over 16 bins), dense (regressed "
+                             "coordinates, the main job's), keypoints (PVNet's) and bb8 (the paper's)")
     parser.add_argument("--hand-heads", nargs="+", default=["vote", "fc"], choices=["vote", "fc"],
                         help="hand heads: vote (the default model, with its centre refiner) and fc (the paper's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS,

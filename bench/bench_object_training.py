@@ -7,6 +7,7 @@ over --steps steps after 5 warm-up steps, with the data time and the step time a
   online/bb8   the synthetic stream rendered online by one DataLoader worker (the old pipeline)
   pool/bb8     the same net fed from a pool rendered once and augmented in torch
   pool/dense   the dense correspondence head (the new default) from the pool
+  pool/dense16 the same with its model coordinates over 16 bins (LM-O's default since session 17)
   pool/dense channels_last   the same in channels_last memory format
   pool/*, bf16 autocast      the extractor in bf16 (train.TrainConfig.amp; only where the CPU has bf16)
 Pool rendering is timed once, apart (it is paid once per experiment, shared by every method).
@@ -34,9 +35,9 @@ from featmap_ros.train import select_outputs
 
 
 def net(head: str, n: int) -> FeatureMappingModel:
-    if head == "dense":
+    if head.startswith("dense"):  # "dense16": model coordinates over 16 bins (NetConfig.coord_bins)
         cfg = NetConfig(task="objects", input_size=64, width=16, feature_dim=32, n_outputs=DENSE_CHANNELS * n,
-                        head="dense", dropout=0.0)
+                        head="dense", dropout=0.0, coord_bins=int(head[5:] or 0))
     else:
         cfg = NetConfig(task="objects", input_size=64, width=16, feature_dim=256, n_outputs=16 * n, dropout=0.3)
     return FeatureMappingModel(cfg).train()
@@ -52,11 +53,12 @@ def measure(model: FeatureMappingModel, batches, steps: int, channels_last: bool
     def step(b) -> int:
         x = b["image"].contiguous(memory_format=torch.channels_last) if channels_last else b["image"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model.predict_syn(x).outputs
-        if model.cfg.head == "dense":
-            loss = dense_loss(out, b["coords"], b["visibility"], b["obj_index"])
+            features = model.features_syn(x)
+        if model.cfg.head == "dense":  # as train.py: only each sample's object's channels
+            out = model.h.train_outputs(features, b["obj_index"])
+            loss = dense_loss(out, b["coords"], b["visibility"], b["obj_index"], coord_bins=model.cfg.coord_bins)
         else:
-            loss = pose_loss(select_outputs(out, b["obj_index"], 16), b["target"])
+            loss = pose_loss(select_outputs(model.h(features), b["obj_index"], 16), b["target"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,6 +105,7 @@ def main() -> None:
     rows = [("online (1 render worker)", "bb8", online_batches, False, False),
             ("pool + torch augmentation", "bb8", pool_batches, False, False),
             ("pool + torch augmentation", "dense", pool_batches, False, False),
+            ("pool + torch augmentation, 16 coordinate bins", "dense16", pool_batches, False, False),
             ("pool + torch augmentation, channels_last", "dense", pool_batches, True, False)]
     if bf16_native(torch.device("cpu")):
         rows += [("pool + torch augmentation, bf16 autocast", "bb8", pool_batches, False, True),

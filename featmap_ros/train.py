@@ -168,6 +168,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
     ("loss", "lambda_feat"): (0.0, math.inf, False),
     ("loss", "lambda_syn"): (0.0, math.inf, False),
     ("loss", "lambda_mmd"): (0.0, math.inf, False),
+    ("loss", "dense_coord_weight"): (0.0, math.inf, False),
 }
 
 

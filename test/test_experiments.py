@@ -287,3 +287,37 @@ def test_train_all_refuses_no_stage2_for_methods_seeded_from_stage1(tmp_path: Pa
     with pytest.raises(xdata.DataError, match="stage2_steps is 0: synthetic"):
         xdata.train_all(cfg, data=None, out=tmp_path, methods=["real", "synthetic"])  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
+
+
+def test_lmo_budget_coordinate_settings_reach_the_net_and_the_loss() -> None:
+    """coord_bins reaches the dense net (never a compared BB8 net), dense_coord_weight the loss; bad weights refused."""
+    from featmap_ros.experiments.lmo import LmoBudget, lmo_train_config
+    from featmap_ros.train import TrainError, _check_ranges
+
+    budget = LmoBudget(coord_bins=12, dense_coord_weight=3.0)
+    cfg = lmo_train_config(budget, n_objects=2)
+    assert cfg.net.coord_bins == 12 and cfg.loss.dense_coord_weight == 3.0 and cfg.net.head == "dense"
+    assert lmo_train_config(budget, n_objects=2, head="bb8").net.coord_bins == 0
+    assert LmoBudget().coord_bins == 16  # the default chosen on the training frames (docs/results.md, session 17)
+    with pytest.raises(TrainError, match="dense_coord_weight"):
+        _check_ranges(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dense_coord_weight=-1.0)))
+
+
+def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:
+    from featmap_ros.experiments import main_job
+
+    seen = {}
+
+    def fake_train(cfg, data, out, method=None):
+        seen["net"] = cfg.net
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("featmap_ros.train.train", fake_train)
+    size = dataclasses.replace(main_job.MainJobSize(), object_coord_bins=8)
+    from featmap_ros import assets
+
+    assets.write_object_models(tmp_path)
+    assets.write_real_scene(tmp_path, 4, seed=0)
+    with pytest.raises(RuntimeError, match="stop here"):
+        main_job.train_objects(tmp_path, tmp_path / "run", size, "cpu", [0, 1])
+    assert seen["net"].coord_bins == 8

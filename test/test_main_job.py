@@ -131,6 +131,17 @@ def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_pat
     assert calls[4:] == ["objects", "hands"] and "other sizes" in capsys.readouterr().out  # the whole size is compared
     assert json.loads((tmp_path / "models" / "hands" / mj.TRAINED_MARK).read_text())["size"]["hand_steps"] == [5, 1]
     assert not list(tmp_path.glob("models/*/*.tmp"))
+    # A mark written before a size field existed holds what was trained then (object_coord_bins: 0).
+    size = dataclasses.replace(size, hand_steps=(5, 1))
+    for task in ("objects", "hands"):
+        mark = tmp_path / "models" / task / mj.TRAINED_MARK
+        doc = json.loads(mark.read_text())
+        del doc["size"]["object_coord_bins"]
+        mark.write_text(json.dumps(doc))
+    _train_models(tmp_path, tmp_path, size, "cpu", False, {})
+    assert calls[6:] == []
+    _train_models(tmp_path, tmp_path, dataclasses.replace(size, object_coord_bins=16), "cpu", False, {})
+    assert calls[6:] == ["objects", "hands"]
 
 
 @pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")

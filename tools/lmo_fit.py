@@ -13,6 +13,7 @@ Every run appends a JSON line to /tmp/lmofit/results.jsonl and prints a per-obje
 import argparse
 import dataclasses
 import json
+import math
 import time
 import typing
 from pathlib import Path
@@ -38,6 +39,17 @@ from featmap_ros.experiments.lmo import (
 from featmap_ros.train import train
 
 ROOT = Path("/tmp/lmofit")
+
+
+def json_clean(v: object) -> object:
+    """Non-finite numbers (a median over failed poses) as null: JSON has no infinity."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_clean(x) for k, x in v.items()}
+    return v
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--tag", required=True)
 ap.add_argument("--bop", default="../shared/data/lmo")
@@ -51,9 +63,18 @@ for item in a.set:
     key, _, value = item.partition("=")
     if key not in hints:
         ap.error(f"--set {item}: {key!r} is not an LmoBudget field")
-    changes[key] = tuple(v for v in value.split(",") if v) if "tuple" in str(hints[key]) else hints[key](value)
+    kind = hints[key]
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            ap.error(f"--set {item}: {key} is true or false")
+        changes[key] = value.lower() in ("true", "1")
+    else:
+        changes[key] = tuple(v for v in value.split(",") if v) if "tuple" in str(kind) else kind(value)
 budget = dataclasses.replace(LmoBudget(), **changes)
 
+run_dir = ROOT / "runs" / a.tag
+if run_dir.exists():  # train() would resume (or return) the old run whatever the settings now say
+    ap.error(f"{run_dir} exists: give another --tag or remove it")
 bop_root = Path(a.bop)
 scene = bop.BopScene(bop_root, 2)
 train_ids = bop.select_ids(DEFAULT_TRAIN_FRAMES, scene.image_ids)
@@ -67,7 +88,7 @@ data = xdata.objects_pool_task_data(bop_root, 2, fit_ids, obj_ids, stream_cfg,
 total = budget.stage1_steps + budget.stage2_steps
 cfg = dataclasses.replace(lmo_train_config(budget, len(obj_ids)), max_steps=total)
 t0 = time.perf_counter()
-model_json = train(cfg, data, ROOT / "runs" / a.tag, a.method)
+model_json = train(cfg, data, run_dir, a.method)
 wall = time.perf_counter() - t0
 
 infos, meshes = load_object_models(bop_root / "models")
@@ -87,6 +108,8 @@ row = {"tag": a.tag, "method": a.method, "budget": changes, "train_s": round(wal
        "synthetic_proj_5px": round(100 * syn["proj_5px"], 1), "synthetic_median_px": round(syn["median_px"], 2),
        "per_object": {}}
 for o in obj_ids:
+    if o not in syn["per_object"]:
+        continue
     s = syn["per_object"][o]
     v = val["per_object"].get(str(o), {})
     row["per_object"][names[o]] = {
@@ -95,7 +118,7 @@ for o in obj_ids:
         "val_proj_5px": round(100 * float(v["proj_5px"] or 0.0), 1) if v.get("n") else None, "val_n": v.get("n", 0)}
 ROOT.mkdir(parents=True, exist_ok=True)
 with open(ROOT / "results.jsonl", "a") as f:
-    f.write(json.dumps(row) + "\n")
+    f.write(json.dumps(json_clean(row)) + "\n")
 print(f"{a.tag}: {a.method} {changes}, {wall:.0f} s training ({row['steps_per_s']} steps/s)")
 print(f"{'object':12s} {'syn@5px':>8s} {'syn med px':>10s} {'img px/crop px':>14s} {'val@5px':>8s} {'val n':>6s}")
 for name, r in row["per_object"].items():

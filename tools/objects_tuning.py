@@ -8,7 +8,7 @@ test frames (100-159) are not touched. --holdout N instead trains on 0-(99-N) an
 N training frames (the session-5 protocol, 20 instances).
 
 Usage: DEV_THREADS=1 python3 tools/objects_tuning.py --tag NAME [--method fm] [--lr 1e-3]
-       [--s1 2000 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--no-amp] [--val 100 | --holdout 20]
+       [--s1 2000 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--bins 16] [--no-amp] [--val 100 | --holdout 20]
 Assets go to /tmp/objdev/assets_val<N> (made once); every run appends a JSON line to /tmp/objdev/results.jsonl
 (the arguments as given and the resolved MainJobSize). Scored without recrop (the main job replays with 1).
 """
@@ -43,6 +43,7 @@ ap.add_argument("--batch", type=int, default=None, help="images per step (defaul
 ap.add_argument("--blocks", default=None,
                 help="object encoder's convolutions per stage, 5 digits, e.g. 22333 (default: the main job's, 12223)")
 ap.add_argument("--no-amp", action="store_true", help="float32 training (no bf16 autocast)")
+ap.add_argument("--bins", type=int, default=None, help="MainJobSize.object_coord_bins (default: the main job's)")
 ap.add_argument("--ema", type=float, default=None, help="OptimConfig.ema_decay (default: the main job's)")
 group = ap.add_mutually_exclusive_group()
 group.add_argument("--val", type=int, default=100, help="validation frames after the main job's test frames")
@@ -54,6 +55,7 @@ steps = (base.object_steps[0] if a.s1 is None else a.s1, base.object_steps[1] if
 size = dataclasses.replace(base, object_method=a.method, object_lr=a.lr, object_steps=steps,
                            width=a.width, amp=not a.no_amp, object_batch=a.batch or base.object_batch,
                            object_ema=base.object_ema if a.ema is None else a.ema,
+                           object_coord_bins=base.object_coord_bins if a.bins is None else a.bins,
                            object_blocks=tuple(int(c) for c in a.blocks) if a.blocks else base.object_blocks)
 n_val = 0 if a.holdout else a.val
 root = ROOT / f"assets_val{n_val}"

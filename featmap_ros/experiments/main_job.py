@@ -50,6 +50,8 @@ class MainJobSize:
     object_blocks: tuple[int, ...] | None = (1, 2, 2, 2, 3)
     object_method: str = "fm"
     object_lr: float = 1e-3
+    # The dense head's model coordinates as distributions over this many bins (NetConfig.coord_bins; 0: regressed).
+    object_coord_bins: int = 0
     # Replay: passes that crop each object again around its first pose (NodeConfig.recrop; the node's
     # default is 0, the latency setting): +4 points 2D-proj@5px on the validation frames (docs/results.md).
     object_recrop: int = 1
@@ -115,7 +117,8 @@ def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_i
     from featmap_ros.train import train
 
     net = {"task": "objects", "width": size.width, "blocks": size.object_blocks, "head": "dense",
-           "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim, "dropout": 0.0}
+           "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim, "dropout": 0.0,
+           "coord_bins": size.object_coord_bins}
     cfg = _train_config(size, device, net, size.object_method, size.object_lr, size.object_steps, size.object_batch,
                         ema=size.object_ema)
     train_ids = list(range(size.train_frames)) if train_ids is None else list(train_ids)
@@ -227,6 +230,10 @@ def _cpu_cores() -> int:
 TRAINED_MARK = "trained.json"  # beside a model that its whole training wrote (a killed one leaves a checkpoint only)
 
 
+# MainJobSize fields added after marks were first written, with the value a mark without them was trained with.
+_FIELDS_ADDED: dict[str, Any] = {"object_coord_bins": 0}
+
+
 def _size_doc(size: MainJobSize) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(size)))  # tuples as lists, as the mark file holds them
 
@@ -247,7 +254,9 @@ def _finished_model(folder: Path, size: MainJobSize) -> str | None:
         mark = json.loads((folder / TRAINED_MARK).read_text())
     except (OSError, ValueError):
         return "its training did not finish: it resumes from its last checkpoint"
-    if not isinstance(mark, dict) or mark.get("size") != _size_doc(size):
+    if not isinstance(mark, dict) or not isinstance(mark.get("size"), dict):
+        return "it was trained with other sizes"
+    if {**_FIELDS_ADDED, **mark["size"]} != _size_doc(size):
         return "it was trained with other sizes"
     return None
 

@@ -80,7 +80,8 @@ def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor
     """Visibility BCE everywhere plus smooth-L1 of the coordinates on visible locations; () scalar.
 
     Args:
-        out: (B, 4 * n_objects, H, W) head output.
+        out: (B, per * n_objects, H, W) training outputs (DenseHead.train_outputs; per = 4, or 1 + 3 x coord_bins),
+            or only each sample's own object's (B, per, H, W).
         coords: (B, 3, H, W) target coordinates (block_targets).
         visibility: (B, H, W) target visible share in [0, 1] (block_targets).
         obj_index: (B,) object of each sample, or None for one object.

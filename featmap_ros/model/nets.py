@@ -431,12 +431,11 @@ class FeatureMappingModel(nn.Module):
         self.cfg = cfg
         extractor = SpatialExtractor if cfg.spatial else FeatureExtractor
         self.f_S: nn.Module = extractor(cfg)
-        head = {"dense": DenseHead, "keypoints": DenseHead, "vote": VoteHead}.get(cfg.head, Head)
         if cfg.head in SPATIAL_OBJECT_HEADS:
             self.h: nn.Module = DenseHead(cfg.feature_dim, cfg.n_outputs, cfg.coord_bins,
                                           per_object=object_head_channels(cfg.head))
         else:
-            self.h = head(cfg.feature_dim, cfg.n_outputs)
+            self.h = (VoteHead if cfg.head == "vote" else Head)(cfg.feature_dim, cfg.n_outputs)
         self.f_R: nn.Module | None = extractor(cfg) if cfg.mapping and not cfg.shared_extractor else None
         self.g: nn.Module | None = None
         if cfg.mapping:
