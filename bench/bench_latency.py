@@ -4,7 +4,8 @@ decode (Image + CameraInfo + Detection2DArray messages) -> crops -> network -> P
 TF, markers, Detection3DArray / HandJointsArray (overlay off, as a robot would run it).
 
 Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--devices cpu cuda]
-                                     [--heads dense16 dense keypoints bb8] [--hand-heads vote fc] [--backends torch onnxruntime]
+                                     [--heads dense16 dense keypoints bb8] [--hand-heads vote fc]
+                                     [--backends torch onnxruntime]
                                      [--threads 0] [--decode-threads 1 2] [--recrop 0 1] [--recentre 0 2]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).

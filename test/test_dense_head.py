@@ -415,6 +415,7 @@ def test_a_binned_dense_head_keeps_the_output_layout_and_learns_coordinates() ->
     opt = torch.optim.Adam(model.h.parameters(), lr=0.05)
     feats = feats.detach()
 
+    @torch.no_grad()
     def coord_error() -> float:
         o = dense_train.select_object_channels(model.h(feats), idx)
         return float((o[:, 1:] - coords).abs().mean())
