@@ -369,6 +369,13 @@ def test_the_lm_rounds_follow_lm_scales(monkeypatch) -> None:
             dense.DenseDecodeConfig(lm_scales=bad)
 
 
+def _one_object_meta() -> dict:
+    """Checkpoint metadata of a one-object dense model (a 10 cm box) with 32 px crops."""
+    corners = geo.box_corners(np.full(3, -0.05), np.full(3, 0.1)).tolist()
+    return {"objects": [{"obj_id": 1, "name": "ape", "corners_m": corners, "extent_m": [0.1] * 3, "symmetric": False}],
+            "crop": {"size": 32, "window_scale": 1.2}, "head": "dense", "method": "synthetic", "step": 0}
+
+
 def _two_hot(target: torch.Tensor, bins: int) -> torch.Tensor:
     """(B, 3, H, W) coordinates -> (B, 3, bins, H, W) probabilities on the two nearest bins."""
     pos = (target + 1) / 2 * (bins - 1)
@@ -437,11 +444,7 @@ def test_a_binned_dense_checkpoint_loads_with_the_same_outputs(tmp_path: Path) -
                     coord_bins=4)
     torch.manual_seed(1)
     model = FeatureMappingModel(cfg).eval()
-    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": geo.box_corners(np.full(3, -0.05),
-                                                                                      np.full(3, 0.1)).tolist(),
-                         "extent_m": [0.1] * 3, "symmetric": False}],
-            "crop": {"size": 32, "window_scale": 1.2}, "head": "dense", "method": "synthetic", "step": 0}
-    path = checkpoint.save(tmp_path / "model", model, meta)
+    path = checkpoint.save(tmp_path / "model", model, _one_object_meta())
     loaded, doc = checkpoint.load(path)
     assert doc["net"]["coord_bins"] == 4 and loaded.cfg.coord_bins == 4
     x = torch.randn(2, 3, 32, 32)
@@ -488,11 +491,7 @@ def test_the_coordinate_weight_scales_only_the_coordinate_term() -> None:
 def test_a_dense_checkpoint_from_before_coord_bins_loads_as_regression(tmp_path: Path) -> None:
     cfg = NetConfig(task="objects", input_size=32, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS, head="dense")
     model = FeatureMappingModel(cfg).eval()
-    meta = {"objects": [{"obj_id": 1, "name": "ape", "corners_m": geo.box_corners(np.full(3, -0.05),
-                                                                                      np.full(3, 0.1)).tolist(),
-                         "extent_m": [0.1] * 3, "symmetric": False}],
-            "crop": {"size": 32, "window_scale": 1.2}, "head": "dense", "method": "synthetic", "step": 0}
-    path = checkpoint.save(tmp_path / "model", model, meta)
+    path = checkpoint.save(tmp_path / "model", model, _one_object_meta())
     doc = json.loads(path.read_text())
     del doc["net"]["coord_bins"]  # as checkpoints of earlier versions have it
     path.write_text(json.dumps(doc))
