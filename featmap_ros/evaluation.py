@@ -12,6 +12,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,16 +160,19 @@ def hand_curve(joints_est: np.ndarray, joints_gt: np.ndarray) -> dict:
     return {"threshold_mm": (th * 1000).tolist(), "fraction": m.max_error_fraction(joints_est, joints_gt, th).tolist()}
 
 
+def json_safe(v: Any) -> Any:
+    """v with NaN/inf as None (JSON has neither; strings would break consumers) and numpy scalars as Python's."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        return json_safe(v.item())
+    return v
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON with NaN/inf kept readable (as strings would break consumers: use null)."""
-    def clean(v):
-        if isinstance(v, float) and not np.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, np.generic):
-            return clean(v.item())
-        return v
-    Path(path).write_text(json.dumps(clean(data), indent=2))
+    """Write JSON with NaN/inf as null (json_safe)."""
+    Path(path).write_text(json.dumps(json_safe(data), indent=2))

@@ -243,7 +243,12 @@ def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_dataclass_yaml(cls: type, path: str | os.PathLike[str]) -> Any:
     """Build config dataclass cls from a YAML of differences from its defaults (unknown keys, wrong types fail)."""
-    return _build(cls, _read_mapping(path), str(path))
+    return dataclass_from_mapping(cls, _read_mapping(path), str(path))
+
+
+def dataclass_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build config dataclass cls from a mapping of differences from its defaults, as load_dataclass_yaml does."""
+    return _build(cls, data, where)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, task: str | None = None) -> TrainConfig:

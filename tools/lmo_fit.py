@@ -13,19 +13,18 @@ Every run appends a JSON line to /tmp/lmofit/results.jsonl and prints a per-obje
 import argparse
 import dataclasses
 import json
-import math
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
 from featmap_ros.datasets.pool import PoolConfig
 from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS
 from featmap_ros.estimator import load_estimator
-from featmap_ros.evaluation import score_objects
+from featmap_ros.evaluation import json_safe, score_objects
 from featmap_ros.experiments import data as xdata
 from featmap_ros.experiments.lmo import (
     DEFAULT_TRAIN_FRAMES,
@@ -36,41 +35,27 @@ from featmap_ros.experiments.lmo import (
     synthetic_crop_accuracy,
     synthetic_validation_crops,
 )
-from featmap_ros.train import train
+from featmap_ros.train import TrainError, dataclass_from_mapping, train
 
 ROOT = Path("/tmp/lmofit")
-
-
-def json_clean(v: object) -> object:
-    """Non-finite numbers (a median over failed poses) as null: JSON has no infinity."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: json_clean(x) for k, x in v.items()}
-    return v
-
-
 ap = argparse.ArgumentParser()
 ap.add_argument("--tag", required=True)
 ap.add_argument("--bop", default="../shared/data/lmo")
 ap.add_argument("--method", default="synthetic")
-ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an LmoBudget field (repeatable)")
+ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                help="an LmoBudget field, its value in YAML as in a --budget file (repeatable)")
 a = ap.parse_args()
 
-hints = typing.get_type_hints(LmoBudget)
 changes = {}
 for item in a.set:
-    key, _, value = item.partition("=")
-    if key not in hints:
-        ap.error(f"--set {item}: {key!r} is not an LmoBudget field")
-    kind = hints[key]
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            ap.error(f"--set {item}: {key} is true or false")
-        changes[key] = value.lower() in ("true", "1")
-    else:
-        changes[key] = tuple(v for v in value.split(",") if v) if "tuple" in str(kind) else kind(value)
-budget = dataclasses.replace(LmoBudget(), **changes)
+    key, sep, value = item.partition("=")
+    if not sep:
+        ap.error(f"--set {item}: expected FIELD=VALUE")
+    changes[key] = yaml.safe_load(value)
+try:
+    budget = dataclass_from_mapping(LmoBudget, changes, "--set")
+except TrainError as err:
+    ap.error(str(err))
 
 run_dir = ROOT / "runs" / a.tag
 if run_dir.exists():  # train() would resume (or return) the old run whatever the settings now say
@@ -118,7 +103,7 @@ for o in obj_ids:
         "val_proj_5px": round(100 * float(v["proj_5px"] or 0.0), 1) if v.get("n") else None, "val_n": v.get("n", 0)}
 ROOT.mkdir(parents=True, exist_ok=True)
 with open(ROOT / "results.jsonl", "a") as f:
-    f.write(json.dumps(json_clean(row)) + "\n")
+    f.write(json.dumps(json_safe(row)) + "\n")
 print(f"{a.tag}: {a.method} {changes}, {wall:.0f} s training ({row['steps_per_s']} steps/s)")
 print(f"{'object':12s} {'syn@5px':>8s} {'syn med px':>10s} {'img px/crop px':>14s} {'val@5px':>8s} {'val n':>6s}")
 for name, r in row["per_object"].items():

@@ -254,9 +254,8 @@ def _finished_model(folder: Path, size: MainJobSize) -> str | None:
         mark = json.loads((folder / TRAINED_MARK).read_text())
     except (OSError, ValueError):
         return "its training did not finish: it resumes from its last checkpoint"
-    if not isinstance(mark, dict) or not isinstance(mark.get("size"), dict):
-        return "it was trained with other sizes"
-    if {**_FIELDS_ADDED, **mark["size"]} != _size_doc(size):
+    trained = mark.get("size") if isinstance(mark, dict) else None
+    if not isinstance(trained, dict) or {**_FIELDS_ADDED, **trained} != _size_doc(size):
         return "it was trained with other sizes"
     return None
 

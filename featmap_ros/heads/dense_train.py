@@ -42,6 +42,13 @@ def bin_centres(bins: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, bins, device=device)
 
 
+def expected_coordinates(prob: torch.Tensor, dim: int) -> torch.Tensor:
+    """The expectation of bin probabilities along dim (the bins' axis): a coordinate in [-1, 1]."""
+    shape = [1] * prob.dim()
+    shape[dim] = prob.shape[dim]
+    return (prob * bin_centres(prob.shape[dim], prob.device).view(shape)).sum(dim)
+
+
 def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
     """(B, n_objects * (1 + 3 * bins), H, W) -> (B, n_objects * DENSE_CHANNELS, H, W), float32.
 
@@ -53,8 +60,7 @@ def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
     if c % per:
         raise ValueError(f"{c} channels are not a whole number of objects of 1 + 3 x {bins} bins")
     x = logits.float().view(b, c // per, per, h, w)
-    prob = torch.softmax(x[:, :, 1:].reshape(b, c // per, 3, bins, h, w), dim=3)
-    coords = (prob * bin_centres(bins, logits.device).view(1, 1, 1, bins, 1, 1)).sum(3)
+    coords = expected_coordinates(torch.softmax(x[:, :, 1:].reshape(b, c // per, 3, bins, h, w), dim=3), 3)
     return torch.cat([x[:, :, :1], coords], 2).reshape(b, c // per * DENSE_CHANNELS, h, w)
 
 
@@ -65,11 +71,15 @@ def two_hot_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
     Distribution Focal Loss does), so the expectation of the ideal distribution is the target itself.
     Returns (B, 3, H, W).
     """
-    bins = logits.shape[2]
+    return _two_hot_nll(torch.log_softmax(logits, dim=2), target)
+
+
+def _two_hot_nll(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """two_hot_cross_entropy of log-probabilities logp (B, 3, bins, H, W) already normalised over the bins."""
+    bins = logp.shape[2]
     pos = (target.clamp(-1.0, 1.0) + 1.0) / 2.0 * (bins - 1)
     low = pos.floor().clamp(max=bins - 2)
     w_high = (pos - low).unsqueeze(2)
-    logp = torch.log_softmax(logits, dim=2)
     low_i = low.long().unsqueeze(2)
     return -((1.0 - w_high) * logp.gather(2, low_i) + w_high * logp.gather(2, low_i + 1)).squeeze(2)
 
@@ -95,9 +105,9 @@ def dense_loss(out: torch.Tensor, coords: torch.Tensor, visibility: torch.Tensor
     on = (visibility >= 0.5).float().unsqueeze(1)
     target = coords.float()
     if coord_bins:
-        logits = o[:, 1:].reshape(o.shape[0], 3, coord_bins, *o.shape[2:])
-        expect = (torch.softmax(logits, 2) * bin_centres(coord_bins, o.device).view(1, 1, -1, 1, 1)).sum(2)
-        err = two_hot_cross_entropy(logits, target) + F.smooth_l1_loss(expect, target, beta=beta, reduction="none")
+        logp = torch.log_softmax(o[:, 1:].reshape(o.shape[0], 3, coord_bins, *o.shape[2:]), dim=2)
+        expect = expected_coordinates(logp.exp(), 2)
+        err = _two_hot_nll(logp, target) + F.smooth_l1_loss(expect, target, beta=beta, reduction="none")
     else:
         err = F.smooth_l1_loss(o[:, 1:], target, beta=beta, reduction="none")
     coord_loss = (err * on).sum() / (3.0 * on.sum()).clamp_min(1.0)
