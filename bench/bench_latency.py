@@ -34,7 +34,7 @@ from featmap_ros.backends import HAND_RECENTRE, MAX_RECENTRE
 from featmap_ros.backends.onnx_net import OnnxNetwork, onnxruntime_available
 from featmap_ros.backends.torch_net import bf16_native
 from featmap_ros.datasets.nyu import JOINT_NAMES, NYU_INTRINSICS
-from featmap_ros.estimator import NETWORK_CHUNK, HandEstimator, ObjectEstimator, load_estimator
+from featmap_ros.estimator import NETWORK_CHUNK, HandEstimator, ObjectEstimator, load_estimator, model_meta
 from featmap_ros.export import export_onnx
 from featmap_ros.geometry import Intrinsics, box_corners
 from featmap_ros.heads.keypoints import KEYPOINT_FPS
@@ -133,7 +133,8 @@ def measure(procs: list[FrameProcessor | None], msgs: tuple, frames: int) -> lis
 
     The processors take turns frame by frame, so a machine whose speed drifts (this project's 2-core
     CPU: up to 1.5x between runs minutes apart) slows them alike instead of favouring whichever ran
-    first. msgs = ("network", batch) times the network alone (est.net.run) on a batch of crops instead.
+    first. msgs = ("network", batch, objects) times the network alone (est.net.run) on a batch of crops
+    instead, each crop read out for its object as the estimator does.
     """
     times: list[list[float]] = [[] for _ in procs]
     for i in range(frames + 3):
@@ -141,7 +142,7 @@ def measure(procs: list[FrameProcessor | None], msgs: tuple, frames: int) -> lis
             if proc is None:
                 continue
             t0 = time.perf_counter()
-            out = proc.estimator.net.run(msgs[1]) if msgs[0] == "network" else proc.process(*msgs)
+            out = proc.estimator.net.run(msgs[1], msgs[2]) if msgs[0] == "network" else proc.process(*msgs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             assert out is not None
@@ -228,7 +229,8 @@ def main() -> None:
                             row(device, preset, f"objects x{n}, {head} head{pnp}", procs, object_frame(f, n, rng))
                     size = PRESETS[preset]["input_size"]
                     crops = rng.uniform(-1, 1, (8, 3, size, size)).astype(np.float32)
-                    row(device, preset, f"network only, 8 crops, {head} head", procs, ("network", crops))
+                    objects = np.arange(8) % len(model_meta(ckpt)["objects"])
+                    row(device, preset, f"network only, 8 crops, {head} head", procs, ("network", crops, objects))
                 for head in args.hand_heads:
                     refine = head == "vote"
                     ckpt = make_checkpoint(Path(tmp), "hands", preset, head=head, refiner=refine)

@@ -116,9 +116,15 @@ def usable_box(det: Detection2D, width: int, height: int) -> np.ndarray | None:
     return box
 
 
-def run_chunked(net: Any, crops: list[np.ndarray], chunk: int = NETWORK_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """net.run() over crops (C, S, S) in chunks of at most `chunk`; outputs and scores concatenated."""
-    parts = [net.run(np.stack(crops[i:i + chunk])) for i in range(0, len(crops), chunk)]
+def run_chunked(net: Any, crops: list[np.ndarray], chunk: int = NETWORK_CHUNK,
+                objects: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """net.run() over crops (C, S, S) in chunks of at most `chunk`; outputs and scores concatenated.
+
+    objects: each crop's object index (object models): the outputs are then each crop's own object's.
+    """
+    index = None if objects is None else np.asarray(objects, dtype=np.int64)
+    parts = [net.run(np.stack(crops[i:i + chunk])) if index is None else
+             net.run(np.stack(crops[i:i + chunk]), index[i:i + chunk]) for i in range(0, len(crops), chunk)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -268,11 +274,15 @@ class ObjectEstimator:
         if not chosen:
             return []
         skipped: Counter[str] = self.skipped if count else Counter()
-        outputs, ood = run_chunked(self.net, [rgb_to_input(win.crop(rgb)) for _, _, win in chosen])
-        per = self.per_object
+        # Each crop's own object's outputs only (the dense head then computes no other object's channels).
+        outputs, ood = run_chunked(self.net, [rgb_to_input(win.crop(rgb)) for _, _, win in chosen],
+                                   objects=[k for _, k, _ in chosen])
+        if outputs.shape[1] != self.per_object:
+            raise EstimatorError(f"the network gave {outputs.shape[1]} outputs per crop for one object; "
+                                 f"expected {self.per_object}")
         todo = []
         for row, (i, k, win) in enumerate(chosen):
-            if not np.isfinite(outputs[row, per * k: per * (k + 1)]).all():
+            if not np.isfinite(outputs[row]).all():
                 skipped["non_finite_output"] += 1
                 log.debug("network output for object %d is not finite; dropped", self.objects[k].obj_id)
                 continue
@@ -281,7 +291,7 @@ class ObjectEstimator:
         def attempt(item: tuple[int, int, int, geo.CropWindow]) -> tuple | geo.GeometryError:
             row, _, k, win = item
             try:
-                return self.solve(outputs[row, per * k: per * (k + 1)], k, win, K)
+                return self.solve(outputs[row], k, win, K)
             except geo.GeometryError as err:
                 return err
 

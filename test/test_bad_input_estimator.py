@@ -7,6 +7,7 @@ import pytest
 from test_estimator import INTR, hand_meta, object_meta, sphere_depth, tiny_model
 
 from featmap_ros import geometry as geo
+from featmap_ros.backends import own_object_outputs
 from featmap_ros.estimator import EstimatorError, HandEstimator, ObjectEstimator
 from featmap_ros.results import Detection2D
 
@@ -17,7 +18,7 @@ class CountingNetwork:
     def __init__(self, width: int, value: float = 0.0) -> None:
         self.width, self.value, self.batches = width, value, []
 
-    def run(self, batch):
+    def run(self, batch, objects=None):
         self.batches.append(len(batch))
         rows = np.full((len(batch), self.width), self.value)
         # Corner-like outputs that PnP accepts: a square of 8 distinct points per object slice.
@@ -25,7 +26,7 @@ class CountingNetwork:
             uv = geo.normalise_uv(np.array([[10, 10], [50, 10], [50, 50], [10, 50], [20, 20], [40, 20], [40, 40],
                                             [20, 40]], float), 64).ravel()
             rows[:] = np.tile(uv, self.width // 16)
-        return rows, np.zeros(len(batch))
+        return rows if objects is None else own_object_outputs(rows, objects, self.width // 16), np.zeros(len(batch))
 
 
 def objects(n_objects: int = 2) -> ObjectEstimator:

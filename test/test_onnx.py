@@ -208,6 +208,32 @@ def test_onnxruntime_gives_torchs_outputs_and_out_of_domain_scores_on_the_same_c
         assert np.isfinite(ood_o).all() and (ood_o > 0).all()  # computed in the graph from feature_stats
 
 
+@pytest.mark.parametrize("kind", ["bb8", "dense", "dense_bins"])
+def test_each_crops_own_object_is_the_slice_of_every_objects_outputs_on_both_backends(exported, kind) -> None:
+    ckpt, export = exported[kind]
+    t_net, o_net = torch_net.load(ckpt, "cpu"), onnx_net.OnnxNetwork(export, "cpu")
+    x = crops_for(kind, 5)
+    objects = np.array([1, 0, 1, 1, 0])
+    every, ood_every = t_net.run(x)
+    per = every.shape[1] // 2
+    want = np.stack([every[b, per * k: per * (k + 1)] for b, k in enumerate(objects)])
+    for net in (t_net, o_net):
+        own, ood = net.run(x, objects)  # torch computes only these channels (the dense head's gathered readout)
+        assert own.shape == want.shape and float(np.abs(own - want).max()) < OUTPUT_ATOL
+        assert float(np.abs(ood - ood_every).max()) < OUTPUT_ATOL
+        for bad in (np.array([0, 2, 0, 0, 0]), np.array([0, -1, 0, 0, 0]), np.array([0, 1])):
+            with pytest.raises(ValueError, match="one index in"):
+                net.run(x, bad)
+
+
+def test_a_hand_network_refuses_object_indices_on_both_backends(exported) -> None:
+    ckpt, export = exported["hands"]
+    x = crops_for("hands", 2)
+    for net in (torch_net.load(ckpt, "cpu"), onnx_net.OnnxNetwork(export, "cpu")):
+        with pytest.raises(ValueError, match="object model's crop labels"):
+            net.run(x, np.zeros(2, np.int64))
+
+
 def test_without_feature_stats_the_out_of_domain_score_is_nan_on_both_backends(tmp_path) -> None:
     ckpt = tiny_checkpoint(tmp_path, "hands", stats=False)
     export = export_onnx(ckpt, tmp_path / "onnx")

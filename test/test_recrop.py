@@ -49,7 +49,7 @@ class WindowOracle:
         self.windows, self.calls, self.fail_after = windows, [], fail_after
         self.meta = _meta()
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         wins = self.windows[-len(batch):]
         self.calls.append(list(wins))
         R = _rotation()

@@ -1,12 +1,16 @@
 """Where the network runs: torch (torch_net) or ONNX Runtime (onnx_net).
 
-Both give the estimator the same thing: `run(batch)` of (B, C, S, S) float32 crops -> outputs and
-out-of-domain scores as float64 numpy, with `device`, `head` and `n_outputs` beside it. Only
+Both give the estimator the same thing: `run(batch, objects=None)` of (B, C, S, S) float32 crops ->
+outputs and out-of-domain scores as float64 numpy, with `device`, `head` and `n_outputs` beside it;
+with objects (each crop's object index, object models), the outputs are each crop's own object's
+(own_object_outputs's layout: torch computes only those, ONNX Runtime cuts them from all). Only
 torch_net imports torch; onnx_net imports onnxruntime when a network is built, so the ONNX
 Runtime path of the estimator and the node runs where torch is not installed.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from featmap_ros.errors import FeatmapError
 
@@ -26,3 +30,20 @@ HAND_RECENTRE = 2
 
 class BackendError(FeatmapError, ValueError):
     """A backend cannot run: missing package or device, or an ONNX export that is foreign or corrupt."""
+
+
+def own_object_outputs(outputs: np.ndarray, objects: np.ndarray, n_objects: int) -> np.ndarray:
+    """(B, n_objects * P, ...) outputs of a multi-object head -> (B, P, ...): row b's object objects[b] alone.
+
+    Raises:
+        BackendError: objects is not one index in [0, n_objects) per row, or the outputs do not split so.
+    """
+    objects = np.asarray(objects)
+    if outputs.shape[1] % n_objects:
+        raise BackendError(f"{outputs.shape[1]} outputs do not split into {n_objects} objects")
+    if objects.shape != (len(outputs),) or not np.issubdtype(objects.dtype, np.integer) \
+            or (objects < 0).any() or (objects >= n_objects).any():
+        raise BackendError(f"objects must hold one index in [0, {n_objects}) per crop, got {objects!r}")
+    per = outputs.shape[1] // n_objects
+    return np.stack([outputs[b, per * k: per * (k + 1)] for b, k in enumerate(objects.tolist())]) if len(outputs) \
+        else outputs[:, :per]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from featmap_ros.backends import BackendError
+from featmap_ros.backends import BackendError, own_object_outputs
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,21 @@ class OnnxNetwork:
         self.input_name = self.session.get_inputs()[0].name
         self._fetch = [OUTPUT_NAMES[0], OUTPUT_NAMES[1]]
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy."""
+    def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy.
+
+        objects (B,) of an object model: each crop's object index; the outputs are then cut to that
+        object's (own_object_outputs; the export computes every object's, so this saves no time).
+        """
         x = np.ascontiguousarray(batch, dtype=np.float32)
         outputs, ood = self.session.run(self._fetch, {self.input_name: x})
-        return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
+        outputs = np.asarray(outputs, dtype=np.float64)
+        if objects is not None:
+            if self.meta.get("task") != "objects":
+                raise BackendError(f"objects are an object model's crop labels; this export's task is "
+                                   f"{self.meta.get('task')!r}")
+            outputs = own_object_outputs(outputs, objects, len(self.meta["objects"]))
+        return outputs, np.asarray(ood, dtype=np.float64)
 
     @property
     def has_refiner(self) -> bool:

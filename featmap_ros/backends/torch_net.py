@@ -80,9 +80,11 @@ class RunTimeGraph(nn.Module):
             "feat_std", torch.tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6) if have else None
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) -> (outputs, ood, features), all float32."""
-        pred = self.model.predict_real(x)
+    def forward(self, x: torch.Tensor, objects: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) -> (outputs, ood, features), all float32; objects (B,): each crop's own object's outputs
+        only (FeatureMappingModel.predict_real; the export traces the graph without them)."""
+        pred = self.model.predict_real(x, objects)
         feats = pooled_features(pred.features).float()
         if self.feat_mean is None or self.feat_std is None:
             ood = torch.full_like(feats[:, 0], float("nan"))
@@ -144,11 +146,16 @@ class TorchNetwork:
         return self.refiner(x).cpu().numpy().astype(np.float64)
 
     @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy."""
+    def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy.
+
+        objects (B,) of an object model: each crop's object index; outputs are then that object's alone,
+        (B, K / n_objects, ...), the cheaper readout (backends.own_object_outputs's layout).
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        index = None if objects is None else torch.as_tensor(np.asarray(objects, dtype=np.int64), device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            outputs, ood, _ = self.graph(x.half() if self.half else x)
+            outputs, ood, _ = self.graph(x.half() if self.half else x, index)
         return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
 
 

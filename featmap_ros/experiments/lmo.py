@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featmap_ros.backends import own_object_outputs
 from featmap_ros.bop_scoring import run_bop, write_object_report, write_overlays
 from featmap_ros.datasets import bop
 from featmap_ros.datasets.pool import PoolConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
@@ -162,12 +163,14 @@ class ExemplarNetwork:
         self.device = device
 
     @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, S, S) crops -> outputs (B, 16 * n_objects) and NaN out-of-domain scores (B,)."""
+    def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S) crops -> outputs (B, 16 * n_objects), or (B, 16) of each crop's object in objects
+        (B,), and NaN out-of-domain scores (B,)."""
         feats = self.model.features_real(torch.from_numpy(batch).to(self.device))
-        # Every object's bank answers; the estimator reads the slice of the detection's object.
-        out = torch.cat([bank.predict(feats) for bank in self.banks], dim=1)
-        return out.cpu().numpy().astype(np.float64), np.full(len(batch), np.nan)
+        out = torch.cat([bank.predict(feats) for bank in self.banks], dim=1).cpu().numpy().astype(np.float64)
+        if objects is not None:
+            out = own_object_outputs(out, objects, len(self.banks))
+        return out, np.full(len(batch), np.nan)
 
 
 def exemplar_estimator(model_json: Path, banks: Sequence[ExemplarBank], device: str = "cpu") -> ObjectEstimator:

@@ -348,7 +348,8 @@ class DenseHead(nn.Module):
     def __init__(self, dim: int, n_outputs: int, coord_bins: int = 0, per_object: int = DENSE_CHANNELS) -> None:
         super().__init__()
         self.bins = int(coord_bins)
-        n_objects = n_outputs // per_object
+        self.n_outputs = n_outputs
+        self.n_objects = n_objects = n_outputs // per_object
         self.per_object = per_object if not self.bins else 1 + 3 * self.bins  # channels of one object
         self.conv = nn.Conv2d(dim, n_outputs if not self.bins else n_objects * self.per_object, 1)
 
@@ -366,9 +367,11 @@ class DenseHead(nn.Module):
             b = self.conv.bias.view(n, self.per_object)[obj_index.long()]
             return (torch.einsum("bpd,bdhw->bphw", w.float(), x.float()) + b.float()[:, :, None, None]).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, n_outputs, H, W), float32."""
-        out = self.train_outputs(x)
+    def forward(self, x: torch.Tensor, obj_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, H, W) -> (B, n_outputs, H, W), float32; with obj_index (B,), only each sample's own
+        object's outputs, (B, n_outputs / n_objects, H, W): the run time's readout, which then costs
+        what a one-object head's does (with bins, the softmax over them is most of the head's time)."""
+        out = self.train_outputs(x, obj_index)
         return binned_to_coordinates(out, self.bins) if self.bins else out
 
 
@@ -458,10 +461,28 @@ class FeatureMappingModel(nn.Module):
             return self.f_S(x)
         return self.g((self.f_S if self.f_R is None else self.f_R)(x))
 
-    def predict_real(self, x: torch.Tensor) -> Prediction:
-        """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines."""
+    def predict_real(self, x: torch.Tensor, objects: torch.Tensor | None = None) -> Prediction:
+        """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines.
+
+        objects (B,): each crop's object index (an object model's): the outputs are then only that object's,
+        (B, n_outputs / n_objects, ...), and the dense head computes no other object's channels.
+        """
         features = self.features_real(x)
-        return Prediction(self.h(features), features)
+        if objects is None:
+            return Prediction(self.h(features), features)
+        if self.cfg.task != "objects":
+            raise ValueError(f"objects are an object model's crop labels; this model's task is {self.cfg.task!r}")
+        dense = isinstance(self.h, DenseHead)
+        n_objects = self.h.n_objects if dense else self.cfg.n_outputs // object_head_channels(self.cfg.head)
+        objects = objects.long()
+        if len(objects) != len(x) or bool(((objects < 0) | (objects >= n_objects)).any()):
+            raise ValueError(f"objects must hold one index in [0, {n_objects}) per crop, got {objects.tolist()}")
+        if dense:
+            return Prediction(self.h(features, objects), features)
+        out = self.h(features)  # bb8: (B, n_outputs), every object's corners from one FC layer
+        per = self.cfg.n_outputs // n_objects
+        rows = objects[:, None] * per + torch.arange(per, device=out.device)
+        return Prediction(out.gather(1, rows), features)
 
     def predict_syn(self, x: torch.Tensor) -> Prediction:
         """Synthetic images: h(f_S(x))."""
