@@ -281,13 +281,17 @@ def xyz_to_uvd(xyz: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.concatenate([project(xyz, K), xyz[:, 2:3]], axis=1)
 
 
-def depth_to_points(depth_m: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Back-project the valid (finite, > 0) pixels of an HxW depth image, optionally masked."""
+def depth_to_points(depth_m: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None,
+                    origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Back-project the valid (finite, > 0) pixels of an HxW depth image, optionally masked, in row-major order.
+
+    origin: the image pixel (u, v) of depth_m[0, 0] when depth_m is a window of the image K belongs to.
+    """
     valid = np.isfinite(depth_m) & (depth_m > 0)
     if mask is not None:
         valid &= mask
     v, u = np.nonzero(valid)
-    return uvd_to_xyz(np.stack([u, v, depth_m[v, u]], axis=1), K)
+    return uvd_to_xyz(np.stack([u + origin[0], v + origin[1], depth_m[v, u]], axis=1), K)
 
 
 def locate_hand(
@@ -314,18 +318,23 @@ def locate_hand(
     if valid.sum() < min_pixels:
         raise GeometryError(f"only {int(valid.sum())} valid depth pixels under {max_depth_m} m; need {min_pixels}")
     z0 = float(depth[valid].min())
-    blob = None
+    blob, blob_box = None, (slice(None), slice(None))
     for near in np.arange(z0, max_depth_m, layer_m):
         layer = (valid & (depth >= near) & (depth < near + cube_m / 2.0)).astype(np.uint8)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(layer, connectivity=8)
         if n > 1:
             best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
             if stats[best, cv2.CC_STAT_AREA] >= min_pixels:
-                blob = labels == best
+                # The blob's pixels within its bounding box: the same points in the same order as the
+                # whole image's, without back-projecting (or scanning) the rest of the frame.
+                left, top, width, height = (int(stats[best, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
+                                                                         cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+                blob_box = (slice(top, top + height), slice(left, left + width))
+                blob = labels[blob_box] == best
                 break
     if blob is None:
         raise GeometryError(f"no blob of >= {min_pixels} pixels closer than {max_depth_m} m")
-    centre = depth_to_points(np.where(blob, depth, np.nan), K).mean(axis=0)
+    centre = depth_to_points(depth[blob_box], K, blob, origin=(blob_box[1].start, blob_box[0].start)).mean(axis=0)
     # Only pixels that can fall inside the cube while the centre moves matter: a window of twice the
     # cube's projection and a depth band of one cube around the blob (not the whole image).
     reach = cube_m * max(K[0, 0], K[1, 1]) / max(float(centre[2]) - cube_m, 1e-3)
@@ -333,10 +342,9 @@ def locate_hand(
     h, w = depth.shape
     u0, u1 = int(max(0, cu - reach)), int(min(w, cu + reach + 1))
     v0, v1 = int(max(0, cv - reach)), int(min(h, cv + reach + 1))
-    window = np.zeros_like(valid)
-    window[v0:v1, u0:u1] = True
-    near_band = valid & window & (np.abs(depth - centre[2]) <= cube_m)
-    points = depth_to_points(np.where(near_band, depth, np.nan), K)
+    sub = depth[v0:v1, u0:u1]
+    near_band = valid[v0:v1, u0:u1] & (np.abs(sub - centre[2]) <= cube_m)
+    points = depth_to_points(sub, K, near_band, origin=(u0, v0))
     for _ in range(iterations):
         inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)
         if not inside.any():

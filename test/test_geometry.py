@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import transforms3d.euler as te
@@ -154,6 +155,62 @@ def test_locate_hand_finds_the_closest_blob():
     # the centre of mass of the visible front half of a sphere lies ~r/2 in front of its centre
     assert np.linalg.norm(found[:2] - centre[:2]) < 0.01
     assert 0.64 < found[2] < 0.7
+
+
+def _locate_hand_on_the_whole_image(depth_m, K_, cube_m=0.3, min_pixels=200, layer_m=0.05, max_depth_m=1.5,
+                                    iterations=10):
+    """locate_hand as it was before it cut windows: every step on the whole frame (the reference)."""
+    depth = np.asarray(depth_m, dtype=np.float32)
+    valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth_m)
+    z0 = float(depth[valid].min())
+    for near in np.arange(z0, max_depth_m, layer_m):
+        layer = (valid & (depth >= near) & (depth < near + cube_m / 2.0)).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(layer, connectivity=8)
+        best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if n > 1 else 0
+        if n > 1 and stats[best, cv2.CC_STAT_AREA] >= min_pixels:
+            blob = labels == best
+            break
+    centre = g.depth_to_points(np.where(blob, depth, np.nan), K_).mean(axis=0)
+    reach = cube_m * max(K_[0, 0], K_[1, 1]) / max(float(centre[2]) - cube_m, 1e-3)
+    cu, cv = g.project(centre[None], K_)[0]
+    window = np.zeros_like(valid)
+    window[int(max(0, cv - reach)):int(min(480, cv + reach + 1)), int(max(0, cu - reach)):int(min(640, cu + reach + 1))] = 1
+    points = g.depth_to_points(np.where(valid & window & (np.abs(depth - centre[2]) <= cube_m), depth, np.nan), K_)
+    for _ in range(iterations):
+        inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)
+        if not inside.any():
+            break
+        new = points[inside].mean(axis=0)
+        if np.linalg.norm(new - centre) < 1e-4:
+            return new
+        centre = new
+    return centre
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_locate_hand_in_windows_gives_the_whole_images_centre_exactly(seed: int) -> None:
+    """The blob's box and the cube's reach window (the speed-up) change no bit of the located centre."""
+    rng = np.random.default_rng(seed)
+    depth, _ = synthetic_hand_scene()
+    v, u = np.mgrid[0:480, 0:640]
+    arm = (np.abs((u - 320) * 0.8 - (v - 240) * 0.6 - rng.uniform(-40, 40)) < 25) & (v > 240)  # a forearm-like band
+    depth = np.where(arm & ~np.isfinite(depth), np.float32(rng.uniform(0.66, 0.75)), depth)
+    depth = np.where(np.isfinite(depth), depth, np.float32(1.3))  # a wall behind
+    depth[rng.random(depth.shape) < 0.05] = np.nan  # dropped pixels
+    if seed % 2:
+        depth = depth + rng.normal(0, 0.003, depth.shape).astype(np.float32)
+        depth[:, :rng.integers(0, 200)] = 0.0  # a dead band on the left
+    want = _locate_hand_on_the_whole_image(depth, K)
+    assert np.array_equal(g.locate_hand(depth, K, cube_m=0.3), want)
+
+
+def test_depth_to_points_of_a_window_are_the_images_points_in_it() -> None:
+    depth, _ = synthetic_hand_scene()
+    whole = g.depth_to_points(depth, K)
+    sub = g.depth_to_points(depth[100:300, 200:500], K, origin=(200, 100))
+    uvd = g.xyz_to_uvd(whole, K)
+    keep = (uvd[:, 0] >= 199.5) & (uvd[:, 0] < 499.5) & (uvd[:, 1] >= 99.5) & (uvd[:, 1] < 299.5)
+    assert len(sub) > 100 and np.allclose(sub, whole[keep], atol=1e-12)
 
 
 def test_locate_hand_rejects_empty_depth():
