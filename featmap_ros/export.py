@@ -4,9 +4,11 @@ What is exported is backends.torch_net.RunTimeGraph, the module the torch backen
 (h(f_S(x)) for baselines) and the out-of-domain score computed in the graph from the checkpoint's
 feature statistics, so ONNX Runtime needs nothing but the two files (backends/onnx_net.py reads
 them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, keypoints, hands).
-A hand checkpoint's centre refiner (model/refiner.py) goes to a second graph, `<stem>.refiner.onnx`
-(input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named with its sha256 in the JSON's
-`refiner_onnx` section and checked against torch the same way.
+An object checkpoint also gets `<stem>.objects.onnx`: the same graph with a second input, `objects`
+(B,) int64, each crop's object, whose outputs are that object's alone (the estimator's readout; the
+JSON's `objects_onnx` section). A hand checkpoint's centre refiner (model/refiner.py) goes to a
+second graph, `<stem>.refiner.onnx` (input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named
+with its sha256 in the JSON's `refiner_onnx` section and checked against torch the same way.
 """
 
 from __future__ import annotations
@@ -48,17 +50,19 @@ def _replace_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def _check_with_onnxruntime(onnx_path: Path, graph: torch.nn.Module, example: torch.Tensor,
+def _check_with_onnxruntime(onnx_path: Path, graph: torch.nn.Module, example: tuple[torch.Tensor, ...],
                             output_names: tuple[str, ...] = onnx_net.OUTPUT_NAMES) -> dict[str, Any]:
-    """Max abs differences of ONNX Runtime (CPU) against torch on `example`, or a note where it is absent."""
+    """Max abs differences of ONNX Runtime (CPU) against torch on the `example` inputs (crops, then each
+    crop's object where the graph takes them), or a note where onnxruntime is absent."""
     if not onnx_net.onnxruntime_available():
         return {"skipped": "onnxruntime not installed"}
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(list(output_names), {onnx_net.INPUT_NAME: example.numpy()})
+    names = (onnx_net.INPUT_NAME, onnx_net.OBJECTS_INPUT)[: len(example)]
+    got = session.run(list(output_names), {n: t.numpy() for n, t in zip(names, example, strict=True)})
     with torch.inference_mode():
-        out = graph(example)
+        out = graph(*example)
         want = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
     diffs = {}
     for name, g, w in zip(output_names, got, want, strict=True):
@@ -67,28 +71,36 @@ def _check_with_onnxruntime(onnx_path: Path, graph: torch.nn.Module, example: to
         # NaN on both sides agrees (no feature_stats); NaN on one side only is the largest difference.
         d = np.where(np.isnan(g) & np.isnan(w), 0.0, np.abs(g.astype(np.float64) - w))
         diffs[name] = float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
-    return {"batch": int(example.shape[0]), "max_abs_diff": diffs}
+    return {"batch": int(example[0].shape[0]), "max_abs_diff": diffs}
 
 
 def _export_checked(graph: torch.nn.Module, shape: tuple[int, int, int], onnx_path: Path,
                     output_names: tuple[str, ...], opset: int | None, tolerance: float, source: Any,
-                    ) -> dict[str, Any]:
+                    n_objects: int = 0) -> dict[str, Any]:
     """Export graph on (batch, *shape) crops to onnx_path (atomically) and check it; return the export section.
 
-    Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
+    n_objects > 0: the graph takes each crop's object index (batch,) int64 as a second input (RunTimeGraph's
+    objects). Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
     """
     gen = torch.Generator().manual_seed(0)
-    trace_x = torch.rand(2, *shape, generator=gen) * 2 - 1
-    check_x = torch.rand(3, *shape, generator=gen) * 2 - 1
+
+    def inputs(batch: int) -> tuple[torch.Tensor, ...]:
+        x = torch.rand(batch, *shape, generator=gen) * 2 - 1
+        # Every object in turn, from the last: the check reads out objects other than the trace's.
+        return (x, (n_objects - 1 - torch.arange(batch)) % n_objects) if n_objects else (x,)
+
+    trace, example = inputs(2), inputs(3)
+    batch = torch.export.Dim("batch", max=4096)
+    names = [onnx_net.INPUT_NAME, onnx_net.OBJECTS_INPUT][: len(trace)]
     try:
         program = torch.onnx.export(
-            graph, (trace_x,), dynamo=True, external_data=False, opset_version=opset, verbose=False,
-            input_names=[onnx_net.INPUT_NAME], output_names=list(output_names),
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}})
+            graph, trace, dynamo=True, external_data=False, opset_version=opset, verbose=False,
+            input_names=names, output_names=list(output_names),
+            dynamic_shapes=({"x": {0: batch}, "objects": {0: batch}} if n_objects else {"x": {0: batch}}))
     except Exception as err:  # the exporter raises many kinds: wrap them at the boundary
         raise ExportError(f"torch.onnx.export failed on {source}: {type(err).__name__}: {err}") from err
     _replace_atomically(onnx_path, lambda tmp: program.save(str(tmp), external_data=False))
-    check = _check_with_onnxruntime(onnx_path, graph, check_x, output_names)
+    check = _check_with_onnxruntime(onnx_path, graph, example, output_names)
     worst = max((check.get("max_abs_diff") or {"": 0.0}).values())
     if worst > tolerance:
         raise ExportError(f"ONNX Runtime differs from torch by {worst:.3g} (> {tolerance:g}) on {onnx_path}: "
@@ -99,6 +111,7 @@ def _export_checked(graph: torch.nn.Module, shape: tuple[int, int, int], onnx_pa
               .opset_import}
     return {"file": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "input": onnx_net.INPUT_NAME, "input_shape": ["batch", *shape], "outputs": list(output_names),
+            **({"objects_input": onnx_net.OBJECTS_INPUT} if n_objects else {}),
             "opset": opsets.get("ai.onnx"), "exporter": f"torch {torch.__version__} (dynamo)", "check": check}
 
 
@@ -140,6 +153,12 @@ def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                    "weights_sha256": (doc.get("weights") or {}).get("sha256")},
         "check": check,
     }
+    if doc["task"] == "objects":
+        # The same graph with each crop's object as an input: the estimator's readout (only that object's
+        # channels are computed; with coordinate bins, most of the head's time is in the others').
+        export_doc[onnx_net.OBJECTS_KEY] = _export_checked(
+            graph, (cfg.in_channels, cfg.input_size, cfg.input_size), out / f"{stem}{onnx_net.OBJECTS_SUFFIX}",
+            onnx_net.OUTPUT_NAMES, opset, tolerance, f"{model_path} (own-object readout)", n_objects=model.n_objects)
     found = checkpoint.load_refiner(model_path) if doc["task"] == "hands" else None
     if found is not None:
         refiner, rcfg = found

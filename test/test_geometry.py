@@ -174,7 +174,8 @@ def _locate_hand_on_the_whole_image(depth_m, K_, cube_m=0.3, min_pixels=200, lay
     reach = cube_m * max(K_[0, 0], K_[1, 1]) / max(float(centre[2]) - cube_m, 1e-3)
     cu, cv = g.project(centre[None], K_)[0]
     window = np.zeros_like(valid)
-    window[int(max(0, cv - reach)):int(min(480, cv + reach + 1)), int(max(0, cu - reach)):int(min(640, cu + reach + 1))] = 1
+    window[int(max(0, cv - reach)):int(min(480, cv + reach + 1)),
+           int(max(0, cu - reach)):int(min(640, cu + reach + 1))] = 1
     points = g.depth_to_points(np.where(valid & window & (np.abs(depth - centre[2]) <= cube_m), depth, np.nan), K_)
     for _ in range(iterations):
         inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)

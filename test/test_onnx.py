@@ -221,9 +221,29 @@ def test_each_crops_own_object_is_the_slice_of_every_objects_outputs_on_both_bac
         own, ood = net.run(x, objects)  # torch computes only these channels (the dense head's gathered readout)
         assert own.shape == want.shape and float(np.abs(own - want).max()) < OUTPUT_ATOL
         assert float(np.abs(ood - ood_every).max()) < OUTPUT_ATOL
-        for bad in (np.array([0, 2, 0, 0, 0]), np.array([0, -1, 0, 0, 0]), np.array([0, 1])):
+        for bad in (np.array([0, 2, 0, 0, 0]), np.array([0, -1, 0, 0, 0]), np.array([0, 1]), objects + 0.5):
             with pytest.raises(ValueError, match="one index in"):
                 net.run(x, bad)
+    assert o_net.objects_session is not None  # computed by the export's objects graph, not cut from all
+    doc = json.loads(export.read_text())
+    import onnx
+
+    graph = onnx.load(str(export.parent / doc[onnx_net.OBJECTS_KEY]["file"])).graph
+    assert [i.name for i in graph.input] == [onnx_net.INPUT_NAME, onnx_net.OBJECTS_INPUT]
+    assert max(doc[onnx_net.OBJECTS_KEY]["check"]["max_abs_diff"].values()) < OUTPUT_ATOL
+
+
+def test_an_export_without_the_objects_graph_cuts_each_crops_object_from_all(exported, tmp_path) -> None:
+    ckpt, export = exported["dense_bins"]
+    doc = json.loads(export.read_text())
+    del doc[onnx_net.OBJECTS_KEY]  # as written before the objects graph existed
+    old = tmp_path / export.name
+    old.write_text(json.dumps(doc))
+    (tmp_path / doc["onnx"]["file"]).write_bytes((export.parent / doc["onnx"]["file"]).read_bytes())
+    net, new = onnx_net.OnnxNetwork(old, "cpu"), onnx_net.OnnxNetwork(export, "cpu")
+    assert net.objects_session is None
+    x, objects = crops_for("dense_bins", 4), np.array([1, 1, 0, 1])
+    assert float(np.abs(net.run(x, objects)[0] - new.run(x, objects)[0]).max()) < OUTPUT_ATOL
 
 
 def test_a_hand_network_refuses_object_indices_on_both_backends(exported) -> None:

@@ -32,18 +32,28 @@ class BackendError(FeatmapError, ValueError):
     """A backend cannot run: missing package or device, or an ONNX export that is foreign or corrupt."""
 
 
+def checked_objects(objects: np.ndarray, n_rows: int, n_objects: int) -> np.ndarray:
+    """objects as int64 (n_rows,), each an object index in [0, n_objects).
+
+    Raises:
+        BackendError: another shape, a non-integer dtype, or an index out of range.
+    """
+    objects = np.asarray(objects)
+    if objects.shape != (n_rows,) or not np.issubdtype(objects.dtype, np.integer) \
+            or (objects < 0).any() or (objects >= n_objects).any():
+        raise BackendError(f"objects must hold one index in [0, {n_objects}) per crop ({n_rows}), got {objects!r:.80}")
+    return objects.astype(np.int64)
+
+
 def own_object_outputs(outputs: np.ndarray, objects: np.ndarray, n_objects: int) -> np.ndarray:
     """(B, n_objects * P, ...) outputs of a multi-object head -> (B, P, ...): row b's object objects[b] alone.
 
     Raises:
         BackendError: objects is not one index in [0, n_objects) per row, or the outputs do not split so.
     """
-    objects = np.asarray(objects)
     if outputs.shape[1] % n_objects:
         raise BackendError(f"{outputs.shape[1]} outputs do not split into {n_objects} objects")
-    if objects.shape != (len(outputs),) or not np.issubdtype(objects.dtype, np.integer) \
-            or (objects < 0).any() or (objects >= n_objects).any():
-        raise BackendError(f"objects must hold one index in [0, {n_objects}) per crop, got {objects!r}")
+    objects = checked_objects(objects, len(outputs), n_objects)
     per = outputs.shape[1] // n_objects
-    return np.stack([outputs[b, per * k: per * (k + 1)] for b, k in enumerate(objects.tolist())]) if len(outputs) \
-        else outputs[:, :per]
+    rows = objects[:, None] * per + np.arange(per)
+    return np.take_along_axis(outputs, rows.reshape(rows.shape + (1,) * (outputs.ndim - 2)), axis=1)

@@ -10,7 +10,10 @@ sha256 of the weights it was made from. Written next to its checkpoint (same ste
 checkpoint's export: load_estimator finds it there, and ignores it once the weights change.
 A hand checkpoint's centre refiner, when it has one (meta hands.refiner), is a third file,
 `<stem>.refiner.onnx` (input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named with its
-sha256 in the JSON's `refiner_onnx` section.
+sha256 in the JSON's `refiner_onnx` section. An object model's export has `<stem>.objects.onnx` too
+(the `objects_onnx` section): the same graph with a second input `objects` (B,) int64, each crop's
+object, whose outputs are that object's alone, which the estimator runs; an export written before it
+existed still runs (every object's outputs, cut to each crop's).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from featmap_ros.backends import BackendError, own_object_outputs
+from featmap_ros.backends import BackendError, checked_objects, own_object_outputs
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ EXPORT_FORMAT_VERSION = 1
 EXPORT_SUFFIX = ".onnx.json"
 INPUT_NAME = "crops"
 OUTPUT_NAMES = ("outputs", "ood", "features")
+# An object model's graph with each crop's object as a second input (outputs: that object's alone).
+OBJECTS_KEY = "objects_onnx"
+OBJECTS_SUFFIX = ".objects.onnx"
+OBJECTS_INPUT = "objects"
 REFINER_KEY = "refiner_onnx"  # the export JSON's section for the centre refiner's graph
 REFINER_SUFFIX = ".refiner.onnx"
 REFINER_OUTPUT = "offsets"
@@ -72,7 +79,7 @@ def export_json_of(path: str | os.PathLike[str]) -> Path:
         return p
     if p.is_dir():
         return p / ("model" + EXPORT_SUFFIX)
-    for suffix in (REFINER_SUFFIX, ".onnx", ".safetensors", ".json"):
+    for suffix in (REFINER_SUFFIX, OBJECTS_SUFFIX, ".onnx", ".safetensors", ".json"):
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)] + EXPORT_SUFFIX)
     return p.with_name(p.name + EXPORT_SUFFIX)
@@ -121,6 +128,10 @@ def read_export(path: str | os.PathLike[str], verify: bool = True) -> dict[str, 
             raise BackendError(f"{json_path}: hands.refiner describes a centre refiner but {REFINER_KEY!r} does not "
                                f"name its graph (export again with `featmap export`)")
         sections.append(REFINER_KEY)
+    if task == "objects" and OBJECTS_KEY in doc:  # optional: exports written before it have none
+        if not isinstance(doc[OBJECTS_KEY], dict):
+            raise BackendError(f"{json_path}: key {OBJECTS_KEY!r} must be a dict, got {doc[OBJECTS_KEY]!r:.80}")
+        sections.append(OBJECTS_KEY)
     for key in sections:
         # Only a file name is honoured: a JSON must not point the loader elsewhere on the disk.
         onnx_file = json_path.parent / Path(str(doc[key].get("file", ""))).name
@@ -191,7 +202,7 @@ def choose_providers(device: str, available: Sequence[str]) -> list[str]:
 
 
 def _provider_options(name: str, device_id: int, input_shape: tuple[int, int, int], max_batch: int,
-                      ) -> dict[str, Any]:
+                      objects_input: bool = False) -> dict[str, Any]:
     if name == "CUDAExecutionProvider":
         return {"device_id": device_id}
     if name == "TensorrtExecutionProvider":
@@ -200,7 +211,7 @@ def _provider_options(name: str, device_id: int, input_shape: tuple[int, int, in
         # are cached, since building one takes tens of seconds.
         cache = Path(os.environ.get("FEATMAP_TRT_CACHE", Path.home() / ".cache" / "featmap_ros" / "tensorrt"))
         cache.mkdir(parents=True, exist_ok=True)
-        shape = f"{INPUT_NAME}:{{}}x{c}x{s}x{s}"
+        shape = f"{INPUT_NAME}:{{0}}x{c}x{s}x{s}" + (f",{OBJECTS_INPUT}:{{0}}" if objects_input else "")
         return {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(cache), "trt_profile_min_shapes": shape.format(1),
                 "trt_profile_opt_shapes": shape.format(max(1, max_batch // 2)),
@@ -242,14 +253,17 @@ class OnnxNetwork:
         # runs next (PnP, ROS callbacks, other nodes); allow_spinning=True restores that default.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
 
-        def session(path: str, shape: tuple[int, int, int]) -> Any:
+        def session(path: str, shape: tuple[int, int, int], objects_input: bool = False) -> Any:
             try:
-                return ort.InferenceSession(
-                    path, opts, providers=[(p, _provider_options(p, device_id, shape, max_batch)) for p in chosen])
+                return ort.InferenceSession(path, opts, providers=[
+                    (p, _provider_options(p, device_id, shape, max_batch, objects_input)) for p in chosen])
             except Exception as err:  # onnxruntime raises its own untyped errors: wrap them at the boundary
                 raise BackendError(f"onnxruntime cannot load {path}: {err}") from err
 
         self.session = session(self.meta["onnx"]["path"], (c, s, s))
+        self.objects_session = None
+        if OBJECTS_KEY in self.meta and self.meta["task"] == "objects":
+            self.objects_session = session(self.meta[OBJECTS_KEY]["path"], (c, s, s), objects_input=True)
         self.refiner_session = None
         if REFINER_KEY in self.meta and "refiner" in (self.meta.get("hands") or {}):
             rs = int(self.meta["hands"]["refiner"]["input_size"])
@@ -266,18 +280,25 @@ class OnnxNetwork:
     def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy.
 
-        objects (B,) of an object model: each crop's object index; the outputs are then cut to that
-        object's (own_object_outputs; the export computes every object's, so this saves no time).
+        objects (B,) of an object model: each crop's object index; the outputs are then that object's
+        alone, computed so by the export's objects graph (an export from before it: cut from every
+        object's, own_object_outputs).
         """
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        outputs, ood = self.session.run(self._fetch, {self.input_name: x})
-        outputs = np.asarray(outputs, dtype=np.float64)
-        if objects is not None:
-            if self.meta.get("task") != "objects":
-                raise BackendError(f"objects are an object model's crop labels; this export's task is "
-                                   f"{self.meta.get('task')!r}")
-            outputs = own_object_outputs(outputs, objects, len(self.meta["objects"]))
-        return outputs, np.asarray(ood, dtype=np.float64)
+        if objects is None:
+            outputs, ood = self.session.run(self._fetch, {self.input_name: x})
+            return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
+        if self.meta.get("task") != "objects":
+            raise BackendError(f"objects are an object model's crop labels; this export's task is "
+                               f"{self.meta.get('task')!r}")
+        n_objects = len(self.meta["objects"])
+        if self.objects_session is None:
+            outputs, ood = self.session.run(self._fetch, {self.input_name: x})
+            outputs = own_object_outputs(np.asarray(outputs, dtype=np.float64), objects, n_objects)
+            return outputs, np.asarray(ood, dtype=np.float64)
+        index = checked_objects(objects, len(x), n_objects)
+        outputs, ood = self.objects_session.run(self._fetch, {self.input_name: x, OBJECTS_INPUT: index})
+        return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
 
     @property
     def has_refiner(self) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featmap_ros.backends import PRECISIONS, BackendError
+from featmap_ros.backends import PRECISIONS, BackendError, checked_objects
 from featmap_ros.model import checkpoint
 from featmap_ros.model.nets import FeatureMappingModel, pooled_features
 from featmap_ros.model.refiner import OFFSET_DIM, CentreRefiner
@@ -153,7 +153,12 @@ class TorchNetwork:
         (B, K / n_objects, ...), the cheaper readout (backends.own_object_outputs's layout).
         """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
-        index = None if objects is None else torch.as_tensor(np.asarray(objects, dtype=np.int64), device=self.device)
+        index = None
+        if objects is not None:
+            if self.model.cfg.task != "objects":
+                raise BackendError(f"objects are an object model's crop labels; this model's task is "
+                                   f"{self.model.cfg.task!r}")
+            index = torch.from_numpy(checked_objects(objects, len(batch), self.model.n_objects)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             outputs, ood, _ = self.graph(x.half() if self.half else x, index)
         return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)

@@ -464,25 +464,30 @@ class FeatureMappingModel(nn.Module):
     def predict_real(self, x: torch.Tensor, objects: torch.Tensor | None = None) -> Prediction:
         """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines.
 
-        objects (B,): each crop's object index (an object model's): the outputs are then only that object's,
-        (B, n_outputs / n_objects, ...), and the dense head computes no other object's channels.
+        objects (B,): each crop's object index in [0, n_objects) (an object model's; the backends check
+        them, backends.checked_objects): the outputs are then only that object's, (B, n_outputs / n_objects,
+        ...), and the dense head computes no other object's channels. No data-dependent check here: the
+        graph exports to ONNX as it is.
         """
         features = self.features_real(x)
         if objects is None:
             return Prediction(self.h(features), features)
         if self.cfg.task != "objects":
             raise ValueError(f"objects are an object model's crop labels; this model's task is {self.cfg.task!r}")
-        dense = isinstance(self.h, DenseHead)
-        n_objects = self.h.n_objects if dense else self.cfg.n_outputs // object_head_channels(self.cfg.head)
-        objects = objects.long()
-        if len(objects) != len(x) or bool(((objects < 0) | (objects >= n_objects)).any()):
-            raise ValueError(f"objects must hold one index in [0, {n_objects}) per crop, got {objects.tolist()}")
-        if dense:
-            return Prediction(self.h(features, objects), features)
+        if isinstance(self.h, DenseHead):
+            return Prediction(self.h(features, objects.long()), features)
         out = self.h(features)  # bb8: (B, n_outputs), every object's corners from one FC layer
-        per = self.cfg.n_outputs // n_objects
-        rows = objects[:, None] * per + torch.arange(per, device=out.device)
+        per = object_head_channels(self.cfg.head)
+        rows = objects.long()[:, None] * per + torch.arange(per, device=out.device)
         return Prediction(out.gather(1, rows), features)
+
+    @property
+    def n_objects(self) -> int:
+        """Objects of an object model's head (1 for a hand model)."""
+        if self.cfg.task != "objects":
+            return 1
+        return self.h.n_objects if isinstance(self.h, DenseHead) else self.cfg.n_outputs // object_head_channels(
+            self.cfg.head)
 
     def predict_syn(self, x: torch.Tensor) -> Prediction:
         """Synthetic images: h(f_S(x))."""
