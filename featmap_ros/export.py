@@ -2,9 +2,9 @@
 
 What is exported is backends.torch_net.RunTimeGraph, the module the torch backend runs: h(g(f_R(x)))
 (h(f_S(x)) for baselines) and the out-of-domain score computed in the graph from the checkpoint's
-feature statistics, so ONNX Runtime needs nothing but the two files (backends/onnx_net.py reads
-them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, keypoints, hands).
-An object checkpoint also gets `<stem>.objects.onnx`: the same graph with a second input, `objects`
+feature statistics, so ONNX Runtime needs nothing but the files written here (backends/onnx_net.py
+reads them). The batch axis is dynamic. Every head the estimator decodes exports (bb8, dense, keypoints, hands).
+An object checkpoint of 2+ objects also gets `<stem>.objects.onnx`: the same graph with a second input, `objects`
 (B,) int64, each crop's object, whose outputs are that object's alone (the estimator's readout; the
 JSON's `objects_onnx` section). A hand checkpoint's centre refiner (model/refiner.py) goes to a
 second graph, `<stem>.refiner.onnx` (input `crops` (B, 1, S_r, S_r), output `offsets` (B, 3)), named
@@ -79,9 +79,11 @@ def _export_checked(graph: torch.nn.Module, shape: tuple[int, int, int], onnx_pa
                     n_objects: int = 0) -> dict[str, Any]:
     """Export graph on (batch, *shape) crops to onnx_path (atomically) and check it; return the export section.
 
-    n_objects > 0: the graph takes each crop's object index (batch,) int64 as a second input (RunTimeGraph's
-    objects). Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
+    n_objects > 1: the graph takes each crop's object index (batch,) int64 as a second input (RunTimeGraph's
+    objects); 0: crops only. Traced at batch 2, checked at batch 3: the batch axis must really be dynamic.
     """
+    if n_objects == 1 or n_objects < 0:
+        raise ExportError(f"an objects input needs at least 2 objects to choose from, got {n_objects}")
     gen = torch.Generator().manual_seed(0)
 
     def inputs(batch: int) -> tuple[torch.Tensor, ...]:
@@ -119,11 +121,12 @@ def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                 opset: int | None = None, tolerance: float = 1e-3) -> Path:
     """Write `<out_dir>/<stem>.onnx` and `<stem>.onnx.json` for a checkpoint; return the JSON path.
 
-    A hand checkpoint with a centre refiner also gets `<stem>.refiner.onnx`.
+    An object checkpoint of two or more objects also gets `<stem>.objects.onnx`, a hand checkpoint
+    with a centre refiner `<stem>.refiner.onnx`.
 
     Args:
         model_path: the checkpoint (directory, stem or .json).
-        out_dir: where the two files go; the checkpoint's own folder makes the export its default.
+        out_dir: where the files go; the checkpoint's own folder makes the export its default.
         opset: ONNX opset (None: the exporter's default).
         tolerance: largest abs difference of ONNX Runtime's outputs from torch's on random crops
             at a batch other than the one traced (checked when onnxruntime is installed).
@@ -134,7 +137,8 @@ def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """
     model, doc = checkpoint.load(model_path, device="cpu", require_estimator_meta=True)
     cfg = model.cfg
-    graph = RunTimeGraph(model, doc.get("feature_stats")).eval()
+    n_objects = len(doc["objects"]) if doc["task"] == "objects" else 0
+    graph = RunTimeGraph(model, doc.get("feature_stats"), n_objects or None).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = checkpoint.stem_of(model_path).name
@@ -153,12 +157,13 @@ def export_onnx(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                    "weights_sha256": (doc.get("weights") or {}).get("sha256")},
         "check": check,
     }
-    if doc["task"] == "objects":
+    if n_objects > 1:
         # The same graph with each crop's object as an input: the estimator's readout (only that object's
-        # channels are computed; with coordinate bins, most of the head's time is in the others').
+        # channels are computed; with coordinate bins, most of the head's time is in the others'). A
+        # one-object model's outputs are that object's already.
         export_doc[onnx_net.OBJECTS_KEY] = _export_checked(
             graph, (cfg.in_channels, cfg.input_size, cfg.input_size), out / f"{stem}{onnx_net.OBJECTS_SUFFIX}",
-            onnx_net.OUTPUT_NAMES, opset, tolerance, f"{model_path} (own-object readout)", n_objects=model.n_objects)
+            onnx_net.OUTPUT_NAMES, opset, tolerance, f"{model_path} (own-object readout)", n_objects=n_objects)
     found = checkpoint.load_refiner(model_path) if doc["task"] == "hands" else None
     if found is not None:
         refiner, rcfg = found

@@ -81,6 +81,12 @@ def tiny_checkpoint(folder: Path, kind: str, seed: int = 0, stats: bool = True) 
         cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * 2,
                         mapping=True, head="dense", norm="none", blocks=(1, 1, 1, 1, 1))
         meta = object_meta(2, "dense")
+    elif kind == "keypoints5":  # PVNet's head with 5 keypoints (not the experiments' 9): 11 channels per object
+        cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=11 * 2, mapping=True,
+                        head="keypoints")
+        meta = object_meta(2, "keypoints")
+        for o in meta["objects"]:
+            o["keypoints_m"] = CORNERS[:5].tolist()
     elif kind == "dense_bins":  # model coordinates as distributions over bins, read out in the graph
         cfg = NetConfig(task="objects", input_size=SIZE, width=4, feature_dim=8, n_outputs=DENSE_CHANNELS * 2,
                         mapping=True, head="dense", coord_bins=8)
@@ -158,7 +164,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """kind -> (checkpoint JSON, export JSON written beside it)."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
-    for kind in ("bb8", "dense", "dense_bins", "hands", "hands_refined", "hands_joint"):
+    for kind in ("bb8", "dense", "dense_bins", "keypoints5", "hands", "hands_refined", "hands_joint"):
         ckpt = tiny_checkpoint(folder, kind)
         out[kind] = (ckpt, export_onnx(ckpt, ckpt.parent))
     return out
@@ -208,7 +214,7 @@ def test_onnxruntime_gives_torchs_outputs_and_out_of_domain_scores_on_the_same_c
         assert np.isfinite(ood_o).all() and (ood_o > 0).all()  # computed in the graph from feature_stats
 
 
-@pytest.mark.parametrize("kind", ["bb8", "dense", "dense_bins"])
+@pytest.mark.parametrize("kind", ["bb8", "dense_bins", "keypoints5"])
 def test_each_crops_own_object_is_the_slice_of_every_objects_outputs_on_both_backends(exported, kind) -> None:
     ckpt, export = exported[kind]
     t_net, o_net = torch_net.load(ckpt, "cpu"), onnx_net.OnnxNetwork(export, "cpu")
@@ -217,6 +223,8 @@ def test_each_crops_own_object_is_the_slice_of_every_objects_outputs_on_both_bac
     every, ood_every = t_net.run(x)
     per = every.shape[1] // 2
     want = np.stack([every[b, per * k: per * (k + 1)] for b, k in enumerate(objects)])
+    other = np.stack([every[b, per * (1 - k): per * (2 - k)] for b, k in enumerate(objects)])
+    assert float(np.abs(other - want).max()) > 10 * OUTPUT_ATOL  # the two objects' outputs tell apart
     for net in (t_net, o_net):
         own, ood = net.run(x, objects)  # torch computes only these channels (the dense head's gathered readout)
         assert own.shape == want.shape and float(np.abs(own - want).max()) < OUTPUT_ATOL
@@ -244,6 +252,17 @@ def test_an_export_without_the_objects_graph_cuts_each_crops_object_from_all(exp
     assert net.objects_session is None
     x, objects = crops_for("dense_bins", 4), np.array([1, 1, 0, 1])
     assert float(np.abs(net.run(x, objects)[0] - new.run(x, objects)[0]).max()) < OUTPUT_ATOL
+
+
+def test_an_objects_section_naming_a_graph_without_the_objects_input_is_refused(exported, tmp_path) -> None:
+    _, export = exported["dense_bins"]
+    doc = json.loads(export.read_text())
+    doc[onnx_net.OBJECTS_KEY] = {**doc[onnx_net.OBJECTS_KEY], "file": doc["onnx"]["file"],
+                                 "sha256": doc["onnx"]["sha256"]}  # the plain graph, its hash right
+    (tmp_path / export.name).write_text(json.dumps(doc))
+    (tmp_path / doc["onnx"]["file"]).write_bytes((export.parent / doc["onnx"]["file"]).read_bytes())
+    with pytest.raises(BackendError, match="an objects graph takes"):
+        onnx_net.OnnxNetwork(tmp_path / export.name, "cpu")
 
 
 def test_a_hand_network_refuses_object_indices_on_both_backends(exported) -> None:

@@ -260,22 +260,38 @@ class OnnxNetwork:
             except Exception as err:  # onnxruntime raises its own untyped errors: wrap them at the boundary
                 raise BackendError(f"onnxruntime cannot load {path}: {err}") from err
 
-        self.session = session(self.meta["onnx"]["path"], (c, s, s))
+        # An object export's objects graph is what the estimator runs; the plain graph (every object's
+        # outputs) is then built on its first use only, so a GPU provider builds one engine, not two.
+        self._session: Any = None
+        self._make_session = lambda: session(self.meta["onnx"]["path"], (c, s, s))
         self.objects_session = None
         if OBJECTS_KEY in self.meta and self.meta["task"] == "objects":
             self.objects_session = session(self.meta[OBJECTS_KEY]["path"], (c, s, s), objects_input=True)
+            names = [i.name for i in self.objects_session.get_inputs()]
+            if names != [INPUT_NAME, OBJECTS_INPUT]:
+                raise BackendError(f"{self.meta[OBJECTS_KEY]['path']} has inputs {names}, an objects graph takes "
+                                   f"{[INPUT_NAME, OBJECTS_INPUT]}: export the model again")
         self.refiner_session = None
         if REFINER_KEY in self.meta and "refiner" in (self.meta.get("hands") or {}):
             rs = int(self.meta["hands"]["refiner"]["input_size"])
             self.refiner_session = session(self.meta[REFINER_KEY]["path"], (1, rs, rs))
-        self.provider = self.session.get_providers()[0]
+        first = self.objects_session if self.objects_session is not None else self.session
+        self.provider = first.get_providers()[0]
         if device.startswith("cuda") and self.provider == "CPUExecutionProvider":
             raise BackendError(f"device {device!r} asked for, but onnxruntime's GPU providers {chosen[:-1]} did not "
                                "start (see onnxruntime's log above)")
         short = _SHORT.get(self.provider, self.provider)
         self.device = f"onnxruntime:{short}" + (f":{device_id}" if short != "cpu" else "")
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = INPUT_NAME
         self._fetch = [OUTPUT_NAMES[0], OUTPUT_NAMES[1]]
+
+    @property
+    def session(self) -> Any:
+        """The plain graph's session (crops in, every object's outputs), built on first use."""
+        if self._session is None:
+            self._session = self._make_session()
+            self.input_name = self._session.get_inputs()[0].name
+        return self._session
 
     def run(self, batch: np.ndarray, objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, S, S) float32 -> outputs (B, K...) and out-of-domain scores (B,), both float64 numpy.
@@ -286,18 +302,20 @@ class OnnxNetwork:
         """
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if objects is None:
-            outputs, ood = self.session.run(self._fetch, {self.input_name: x})
+            session = self.session
+            outputs, ood = session.run(self._fetch, {self.input_name: x})
             return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
         if self.meta.get("task") != "objects":
             raise BackendError(f"objects are an object model's crop labels; this export's task is "
                                f"{self.meta.get('task')!r}")
         n_objects = len(self.meta["objects"])
         if self.objects_session is None:
-            outputs, ood = self.session.run(self._fetch, {self.input_name: x})
+            session = self.session
+            outputs, ood = session.run(self._fetch, {self.input_name: x})
             outputs = own_object_outputs(np.asarray(outputs, dtype=np.float64), objects, n_objects)
             return outputs, np.asarray(ood, dtype=np.float64)
         index = checked_objects(objects, len(x), n_objects)
-        outputs, ood = self.objects_session.run(self._fetch, {self.input_name: x, OBJECTS_INPUT: index})
+        outputs, ood = self.objects_session.run(self._fetch, {INPUT_NAME: x, OBJECTS_INPUT: index})
         return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
 
     @property

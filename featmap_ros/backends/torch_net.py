@@ -70,9 +70,13 @@ class RunTimeGraph(nn.Module):
     leaves what the network was trained on; NaN when the checkpoint has no statistics.
     """
 
-    def __init__(self, model: FeatureMappingModel, feature_stats: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: FeatureMappingModel, feature_stats: dict[str, Any] | None = None,
+                 n_objects: int | None = None) -> None:
+        """n_objects: an object model's objects (its checkpoint's list), which a readout of each crop's
+        own object splits the head's channels by."""
         super().__init__()
         self.model = model
+        self.n_objects = n_objects
         stats = feature_stats or {}
         have = "mean" in stats and "std" in stats
         self.register_buffer("feat_mean", torch.tensor(stats["mean"], dtype=torch.float32) if have else None)
@@ -82,9 +86,9 @@ class RunTimeGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, objects: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) -> (outputs, ood, features), all float32; objects (B,): each crop's own object's outputs
-        only (FeatureMappingModel.predict_real; the export traces the graph without them)."""
-        pred = self.model.predict_real(x, objects)
+        """(B, C, S, S) -> (outputs, ood, features), all float32; objects (B,) int64: each crop's own
+        object's outputs only (FeatureMappingModel.predict_real; the export traces the graph both ways)."""
+        pred = self.model.predict_real(x, objects, self.n_objects)
         feats = pooled_features(pred.features).float()
         if self.feat_mean is None or self.feat_std is None:
             ood = torch.full_like(feats[:, 0], float("nan"))
@@ -123,7 +127,8 @@ class TorchNetwork:
         if self.half:
             self.model = self.model.half()
         # The statistics stay float32 when the model is half: the score is computed in float32.
-        self.graph = RunTimeGraph(self.model, meta.get("feature_stats")).to(device).eval()
+        self.n_objects = len(meta.get("objects") or ()) if model.cfg.task == "objects" else 0
+        self.graph = RunTimeGraph(self.model, meta.get("feature_stats"), self.n_objects or None).to(device).eval()
         self.refiner = None if refiner is None else refiner.to(device).eval()
 
     @property
@@ -158,7 +163,7 @@ class TorchNetwork:
             if self.model.cfg.task != "objects":
                 raise BackendError(f"objects are an object model's crop labels; this model's task is "
                                    f"{self.model.cfg.task!r}")
-            index = torch.from_numpy(checked_objects(objects, len(batch), self.model.n_objects)).to(self.device)
+            index = torch.from_numpy(checked_objects(objects, len(batch), self.n_objects)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             outputs, ood, _ = self.graph(x.half() if self.half else x, index)
         return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)

@@ -348,30 +348,34 @@ class DenseHead(nn.Module):
     def __init__(self, dim: int, n_outputs: int, coord_bins: int = 0, per_object: int = DENSE_CHANNELS) -> None:
         super().__init__()
         self.bins = int(coord_bins)
-        self.n_outputs = n_outputs
-        self.n_objects = n_objects = n_outputs // per_object
+        n_objects = n_outputs // per_object
         self.per_object = per_object if not self.bins else 1 + 3 * self.bins  # channels of one object
         self.conv = nn.Conv2d(dim, n_outputs if not self.bins else n_objects * self.per_object, 1)
 
-    def train_outputs(self, x: torch.Tensor, obj_index: torch.Tensor | None = None) -> torch.Tensor:
+    def train_outputs(self, x: torch.Tensor, obj_index: torch.Tensor | None = None,
+                      n_objects: int | None = None) -> torch.Tensor:
         """(B, D, H, W) -> the convolution's (B, channels, H, W), float32: what the training loss reads.
 
         With obj_index (B,), only each sample's own object's channels, (B, channels / n_objects, H, W):
         the loss reads no other, and a multi-object head then costs what a one-object head does.
+        n_objects: the head's objects (a checkpoint's objects list; a keypoint head's channels per object
+        depend on its keypoints); None: the count per_object implies.
         """
-        if obj_index is None or self.conv.out_channels == self.per_object:
+        n = n_objects or self.conv.out_channels // self.per_object
+        if obj_index is None or n == 1:
             return full_precision(self.conv, x)
-        n = self.conv.out_channels // self.per_object
+        per = self.conv.out_channels // n
         with torch.autocast(x.device.type, enabled=False):
-            w = self.conv.weight.view(n, self.per_object, -1)[obj_index.long()]
-            b = self.conv.bias.view(n, self.per_object)[obj_index.long()]
+            w = self.conv.weight.view(n, per, -1)[obj_index.long()]
+            b = self.conv.bias.view(n, per)[obj_index.long()]
             return (torch.einsum("bpd,bdhw->bphw", w.float(), x.float()) + b.float()[:, :, None, None]).float()
 
-    def forward(self, x: torch.Tensor, obj_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, obj_index: torch.Tensor | None = None,
+                n_objects: int | None = None) -> torch.Tensor:
         """(B, D, H, W) -> (B, n_outputs, H, W), float32; with obj_index (B,), only each sample's own
         object's outputs, (B, n_outputs / n_objects, H, W): the run time's readout, which then costs
         what a one-object head's does (with bins, the softmax over them is most of the head's time)."""
-        out = self.train_outputs(x, obj_index)
+        out = self.train_outputs(x, obj_index, n_objects)
         return binned_to_coordinates(out, self.bins) if self.bins else out
 
 
@@ -461,13 +465,15 @@ class FeatureMappingModel(nn.Module):
             return self.f_S(x)
         return self.g((self.f_S if self.f_R is None else self.f_R)(x))
 
-    def predict_real(self, x: torch.Tensor, objects: torch.Tensor | None = None) -> Prediction:
+    def predict_real(self, x: torch.Tensor, objects: torch.Tensor | None = None,
+                     n_objects: int | None = None) -> Prediction:
         """Run-time path for real images: h(g(f_R(x))), or h(f_S(x)) for baselines.
 
-        objects (B,): each crop's object index in [0, n_objects) (an object model's; the backends check
-        them, backends.checked_objects): the outputs are then only that object's, (B, n_outputs / n_objects,
-        ...), and the dense head computes no other object's channels. No data-dependent check here: the
-        graph exports to ONNX as it is.
+        objects (B,): each crop's object index in [0, n_objects) (an object model's; not checked here, so
+        the graph exports as it is: the backends check them, backends.checked_objects): the outputs are then
+        only that object's, (B, n_outputs / n_objects, ...), and the dense and keypoint heads compute no
+        other object's channels. n_objects: the checkpoint's objects (None: what the head's config implies,
+        right for every head the experiments train).
         """
         features = self.features_real(x)
         if objects is None:
@@ -475,19 +481,11 @@ class FeatureMappingModel(nn.Module):
         if self.cfg.task != "objects":
             raise ValueError(f"objects are an object model's crop labels; this model's task is {self.cfg.task!r}")
         if isinstance(self.h, DenseHead):
-            return Prediction(self.h(features, objects.long()), features)
+            return Prediction(self.h(features, objects.long(), n_objects), features)
         out = self.h(features)  # bb8: (B, n_outputs), every object's corners from one FC layer
-        per = object_head_channels(self.cfg.head)
+        per = self.cfg.n_outputs // n_objects if n_objects else object_head_channels(self.cfg.head)
         rows = objects.long()[:, None] * per + torch.arange(per, device=out.device)
         return Prediction(out.gather(1, rows), features)
-
-    @property
-    def n_objects(self) -> int:
-        """Objects of an object model's head (1 for a hand model)."""
-        if self.cfg.task != "objects":
-            return 1
-        return self.h.n_objects if isinstance(self.h, DenseHead) else self.cfg.n_outputs // object_head_channels(
-            self.cfg.head)
 
     def predict_syn(self, x: torch.Tensor) -> Prediction:
         """Synthetic images: h(f_S(x))."""
