@@ -133,6 +133,7 @@ def test_hands_quick_run_writes_one_table_of_every_method(tmp_path):
         assert (tmp_path / m / "eval" / "metrics.json").is_file()
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {m} |" in table for m in doc["methods"]) and "Per-joint" in table
+    assert "clean renders of the nominal hand" in table and doc["header"]["sampled_shapes"] is False
     assert (tmp_path / "curves_max_error.png").is_file() and (tmp_path / "bars_per_joint.png").is_file()
     # The checks (no refinement, the real NYU frame) run the budget's Feature Mapping model.
     assert doc["header"]["fm_method"] == "fm_joint" and doc["header"]["runtime_without_refinement"]["frames"] == 2
