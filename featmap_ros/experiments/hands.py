@@ -305,7 +305,8 @@ def write_hands_table(out: Path, table: dict[str, Any], header: dict[str, Any]) 
     per = [[j] + [table[m]["per_joint_mm"][j] for m in table] for j in joints]
     text = ["# Hands: every method on one budget (simulated sensor frames)\n",
             f"Training: {header['n_real'] - header['validation_frames']} sensor frames of person A (nominal sensor) + "
-            f"clean renders of {'sampled hands' if header.get('sampled_shapes') else 'the nominal hand'}; validation: the last {header['validation_frames']} frames of person A."
+            f"clean renders of {'sampled hands' if header.get('sampled_shapes') else 'the nominal hand'}; "
+            f"validation: the last {header['validation_frames']} frames of person A."
             f" Test: {header['n_test']} frames of person B, other poses, test-time sensor. Crops at the located "
             f"centre ({header['test_fallbacks']} of {header['n_test']} test frames fell back to the palm + 1 cm "
             f"noise). Run-time path: HandEstimator on {header['runtime_frames']} full frames (the refiner's steps, "
