@@ -3,7 +3,8 @@
 Both give the estimator the same thing: `run(batch, objects=None)` of (B, C, S, S) float32 crops ->
 outputs and out-of-domain scores as float64 numpy, with `device`, `head` and `n_outputs` beside it;
 with objects (each crop's object index, object models), the outputs are each crop's own object's
-(own_object_outputs's layout: torch computes only those, ONNX Runtime cuts them from all). Only
+(own_object_outputs's layout: torch and an export's objects graph compute only those; an export made
+before that graph existed cuts them from every object's). Only
 torch_net imports torch; onnx_net imports onnxruntime when a network is built, so the ONNX
 Runtime path of the estimator and the node runs where torch is not installed.
 """
