@@ -123,8 +123,8 @@ def run_chunked(net: Any, crops: list[np.ndarray], chunk: int = NETWORK_CHUNK,
     objects: each crop's object index (object models): the outputs are then each crop's own object's.
     """
     index = None if objects is None else np.asarray(objects, dtype=np.int64)
-    parts = [net.run(np.stack(crops[i:i + chunk])) if index is None else
-             net.run(np.stack(crops[i:i + chunk]), index[i:i + chunk]) for i in range(0, len(crops), chunk)]
+    parts = [net.run(np.stack(crops[i:i + chunk]), *(() if index is None else (index[i:i + chunk],)))
+             for i in range(0, len(crops), chunk)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

@@ -344,15 +344,19 @@ def locate_hand(
     v0, v1 = int(max(0, cv - reach)), int(min(h, cv + reach + 1))
     sub = depth[v0:v1, u0:u1]
     near_band = valid[v0:v1, u0:u1] & (np.abs(sub - centre[2]) <= cube_m)
-    points = depth_to_points(sub, K, near_band, origin=(u0, v0))
+    return cube_centre_of_mass(depth_to_points(sub, K, near_band, origin=(u0, v0)), centre, cube_m, iterations)
+
+
+def cube_centre_of_mass(points: np.ndarray, centre: np.ndarray, cube_m: float, iterations: int) -> np.ndarray:
+    """Move centre (3,) to the mean of the points (N, 3) inside the cube of side cube_m around it, up to
+    `iterations` times or until it moves less than 0.1 mm (locate_hand's last step)."""
     for _ in range(iterations):
         inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)
         if not inside.any():
             break
         new = points[inside].mean(axis=0)
         if np.linalg.norm(new - centre) < 1e-4:
-            centre = new
-            break
+            return new
         centre = new
     return centre
 

@@ -159,7 +159,8 @@ def test_locate_hand_finds_the_closest_blob():
 
 def _locate_hand_on_the_whole_image(depth_m, K_, cube_m=0.3, min_pixels=200, layer_m=0.05, max_depth_m=1.5,
                                     iterations=10):
-    """locate_hand as it was before it cut windows: every step on the whole frame (the reference)."""
+    """locate_hand as it was before it cut windows: every step on the whole frame (the reference; the
+    last step, the cube's centre of mass over the points found, is the shared one)."""
     depth = np.asarray(depth_m, dtype=np.float32)
     valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth_m)
     z0 = float(depth[valid].min())
@@ -177,15 +178,7 @@ def _locate_hand_on_the_whole_image(depth_m, K_, cube_m=0.3, min_pixels=200, lay
     window[int(max(0, cv - reach)):int(min(480, cv + reach + 1)),
            int(max(0, cu - reach)):int(min(640, cu + reach + 1))] = 1
     points = g.depth_to_points(np.where(valid & window & (np.abs(depth - centre[2]) <= cube_m), depth, np.nan), K_)
-    for _ in range(iterations):
-        inside = np.all(np.abs(points - centre) <= cube_m / 2.0, axis=1)
-        if not inside.any():
-            break
-        new = points[inside].mean(axis=0)
-        if np.linalg.norm(new - centre) < 1e-4:
-            return new
-        centre = new
-    return centre
+    return g.cube_centre_of_mass(points, centre, cube_m, iterations)
 
 
 @pytest.mark.parametrize("seed", range(4))

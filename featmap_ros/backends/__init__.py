@@ -34,11 +34,13 @@ class BackendError(FeatmapError, ValueError):
 
 
 def checked_objects(objects: np.ndarray, n_rows: int, n_objects: int) -> np.ndarray:
-    """objects as int64 (n_rows,), each an object index in [0, n_objects).
+    """objects as int64 (n_rows,), each an object index in [0, n_objects); n_objects 0: not an object model.
 
     Raises:
-        BackendError: another shape, a non-integer dtype, or an index out of range.
+        BackendError: not an object model, another shape, a non-integer dtype, or an index out of range.
     """
+    if n_objects < 1:
+        raise BackendError("objects are an object model's crop labels; this is not an object model")
     objects = np.asarray(objects)
     if objects.shape != (n_rows,) or not np.issubdtype(objects.dtype, np.integer) \
             or (objects < 0).any() or (objects >= n_objects).any():
@@ -52,9 +54,9 @@ def own_object_outputs(outputs: np.ndarray, objects: np.ndarray, n_objects: int)
     Raises:
         BackendError: objects is not one index in [0, n_objects) per row, or the outputs do not split so.
     """
+    objects = checked_objects(objects, len(outputs), n_objects)
     if outputs.shape[1] % n_objects:
         raise BackendError(f"{outputs.shape[1]} outputs do not split into {n_objects} objects")
-    objects = checked_objects(objects, len(outputs), n_objects)
     per = outputs.shape[1] // n_objects
     rows = objects[:, None] * per + np.arange(per)
     return np.take_along_axis(outputs, rows.reshape(rows.shape + (1,) * (outputs.ndim - 2)), axis=1)

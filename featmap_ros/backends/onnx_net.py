@@ -301,21 +301,15 @@ class OnnxNetwork:
         object's, own_object_outputs).
         """
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        if objects is None:
-            session = self.session
+        n_objects = len(self.meta["objects"]) if self.meta.get("task") == "objects" else 0
+        if objects is not None and self.objects_session is not None:
+            feed = {INPUT_NAME: x, OBJECTS_INPUT: checked_objects(objects, len(x), n_objects)}
+            outputs, ood = self.objects_session.run(self._fetch, feed)
+        else:
+            session = self.session  # built on first use; it also sets input_name
             outputs, ood = session.run(self._fetch, {self.input_name: x})
-            return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
-        if self.meta.get("task") != "objects":
-            raise BackendError(f"objects are an object model's crop labels; this export's task is "
-                               f"{self.meta.get('task')!r}")
-        n_objects = len(self.meta["objects"])
-        if self.objects_session is None:
-            session = self.session
-            outputs, ood = session.run(self._fetch, {self.input_name: x})
-            outputs = own_object_outputs(np.asarray(outputs, dtype=np.float64), objects, n_objects)
-            return outputs, np.asarray(ood, dtype=np.float64)
-        index = checked_objects(objects, len(x), n_objects)
-        outputs, ood = self.objects_session.run(self._fetch, {INPUT_NAME: x, OBJECTS_INPUT: index})
+            if objects is not None:
+                outputs = own_object_outputs(np.asarray(outputs), objects, n_objects)
         return np.asarray(outputs, dtype=np.float64), np.asarray(ood, dtype=np.float64)
 
     @property

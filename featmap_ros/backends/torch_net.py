@@ -158,12 +158,8 @@ class TorchNetwork:
         (B, K / n_objects, ...), the cheaper readout (backends.own_object_outputs's layout).
         """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
-        index = None
-        if objects is not None:
-            if self.model.cfg.task != "objects":
-                raise BackendError(f"objects are an object model's crop labels; this model's task is "
-                                   f"{self.model.cfg.task!r}")
-            index = torch.from_numpy(checked_objects(objects, len(batch), self.n_objects)).to(self.device)
+        index = (None if objects is None
+                 else torch.from_numpy(checked_objects(objects, len(batch), self.n_objects)).to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             outputs, ood, _ = self.graph(x.half() if self.half else x, index)
         return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
