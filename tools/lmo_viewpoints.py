@@ -7,7 +7,7 @@ frames on one side ("seen", azimuth < -40 deg), and the synthetic-only model (h(
 ceiling of Feature Mapping) is scored on the real frames of the other side ("unseen", azimuth >
 -25 deg) and on the seen ones. The test frames are not read.
 
-Usage: python3 tools/lmo_viewpoints.py --tag NAME [--azimuth 0|360] [--spread 25] [--steps 1800]
+Usage: python3 tools/lmo_viewpoints.py --tag NAME [--azimuth 0|360] [--spread 25] [--steps 1800] [--set FIELD=VALUE]
 Every run appends a JSON line to /tmp/lmodev/results.jsonl; `--plot OUT.png` draws those lines instead.
 """
 
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
@@ -35,7 +36,7 @@ from featmap_ros.experiments.lmo import (
     synthetic_crop_accuracy,
     synthetic_validation_crops,
 )
-from featmap_ros.train import train
+from featmap_ros.train import TrainError, dataclass_from_mapping, train
 
 ROOT = Path("/tmp/lmodev")
 ap = argparse.ArgumentParser()
@@ -45,6 +46,8 @@ ap.add_argument("--azimuth", type=float, default=0.0, help="LmoBudget.anchor_azi
 ap.add_argument("--spread", type=float, default=25.0, help="LmoBudget.anchor_spread_deg")
 ap.add_argument("--steps", type=int, default=1800, help="synthetic steps (the experiment's stage 1)")
 ap.add_argument("--pool", type=int, default=LmoBudget().pool_per_object, help="renders per object")
+ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                help="another LmoBudget field, its value in YAML (repeatable)")
 ap.add_argument("--plot", default=None, help="draw /tmp/lmodev/results.jsonl's runs into this PNG and stop")
 a = ap.parse_args()
 
@@ -85,7 +88,12 @@ frames = dict(zip(train_ids, scene.frames(train_ids)))
 az = {i: camera_azimuth(f) for i, f in frames.items()}
 seen = [i for i, v in az.items() if v is not None and v < -40.0]
 unseen = [i for i, v in az.items() if v is not None and -25.0 < v < 150.0]
-budget = dataclasses.replace(LmoBudget(), anchor_azimuth_deg=a.azimuth, anchor_spread_deg=a.spread,
+changes = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in a.set)}
+try:
+    budget = dataclass_from_mapping(LmoBudget, changes, "--set")
+except TrainError as err:
+    ap.error(str(err))
+budget = dataclasses.replace(budget, anchor_azimuth_deg=a.azimuth, anchor_spread_deg=a.spread,
                              stage1_steps=a.steps, stage2_steps=0, pool_per_object=a.pool)
 present = {i.obj_id for k in seen for i in frames[k].instances}
 obj_ids = tuple(i for i in LMO_OBJ_IDS if i in present)
@@ -100,8 +108,8 @@ wall = time.perf_counter() - t0
 
 infos, meshes = load_object_models(bop_root / "models")
 names = dict(xdata.LMO_NAMES)
-row = {"tag": a.tag, "azimuth": a.azimuth, "spread": a.spread, "steps": a.steps, "train_s": round(wall, 1),
-       "n_seen": len(seen), "n_unseen": len(unseen)}
+row = {"tag": a.tag, "set": changes, "azimuth": a.azimuth, "spread": a.spread, "steps": a.steps,
+       "train_s": round(wall, 1), "n_seen": len(seen), "n_unseen": len(unseen)}
 est = load_estimator(model_json)
 for name, ids in (("seen", seen), ("unseen", unseen)):
     records, _ = run_bop(est, bop_root, 2, ",".join(map(str, ids)), detections="gt")
