@@ -404,6 +404,19 @@ def test_binned_coordinates_read_out_the_two_hot_target_and_its_loss_is_lowest_t
     assert (dense_train.two_hot_cross_entropy(shifted, target) * moved).sum() > (ce * moved).sum() + 1.0
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+def test_the_run_time_expectation_is_the_softmax_expectation_without_overflow(scale: float) -> None:
+    """softmax_expectation (what forward and the ONNX graphs compute) = the expectation of the softmax,
+    also for logits whose exp overflows float32 (scale 1e4)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 5, 5) * scale
+    got = dense_train.softmax_expectation(logits, 2)
+    want = dense_train.expected_coordinates(torch.softmax(logits.double(), 2), 2).float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert got.abs().max() <= 1.0
+
+
 def test_a_binned_dense_head_keeps_the_output_layout_and_learns_coordinates() -> None:
     """forward gives the 4-channel layout the decoding reads; the loss on train_outputs fits a fixed target."""
     torch.manual_seed(0)

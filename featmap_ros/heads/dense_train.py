@@ -49,6 +49,19 @@ def expected_coordinates(prob: torch.Tensor, dim: int) -> torch.Tensor:
     return (prob * bin_centres(prob.shape[dim], prob.device).view(shape)).sum(dim)
 
 
+def softmax_expectation(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """expected_coordinates(softmax(logits, dim), dim), written as exp(logits - max) and two sums.
+
+    The same numbers (to float rounding), but ONNX Runtime runs a softmax over a middle axis as
+    transposes around it: 7 ms against 0.6 ms for 8 crops' 3 x 16 bins at 32 x 32 locations (session 19).
+    The largest term is exp(0) = 1, so the denominator is at least 1.
+    """
+    e = torch.exp(logits - logits.amax(dim, keepdim=True))
+    shape = [1] * logits.dim()
+    shape[dim] = logits.shape[dim]
+    return (e * bin_centres(logits.shape[dim], logits.device).view(shape)).sum(dim) / e.sum(dim)
+
+
 def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
     """(B, n_objects * (1 + 3 * bins), H, W) -> (B, n_objects * DENSE_CHANNELS, H, W), float32.
 
@@ -60,7 +73,7 @@ def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
     if c % per:
         raise ValueError(f"{c} channels are not a whole number of objects of 1 + 3 x {bins} bins")
     x = logits.float().view(b, c // per, per, h, w)
-    coords = expected_coordinates(torch.softmax(x[:, :, 1:].reshape(b, c // per, 3, bins, h, w), dim=3), 3)
+    coords = softmax_expectation(x[:, :, 1:].reshape(b, c // per, 3, bins, h, w), 3)
     return torch.cat([x[:, :, :1], coords], 2).reshape(b, c // per * DENSE_CHANNELS, h, w)
 
 
