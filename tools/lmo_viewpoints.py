@@ -58,7 +58,7 @@ def plot(out: Path) -> None:
 
     rows = [json.loads(line) for line in (ROOT / "results.jsonl").read_text().splitlines() if line.strip()]
     rows = sorted((r for r in rows if r["steps"] >= 100), key=lambda r: r["azimuth"])  # smoke runs left out
-    labels = [f"azimuth {r['azimuth']:.0f}" for r in rows]
+    labels = [r["tag"] for r in rows]
     groups = {"seen side (real)": [r["seen_proj_5px"] for r in rows],
               "unseen side (real)": [r["unseen_proj_5px"] for r in rows],
               "synthetic crops": [r["synthetic_proj_5px"] for r in rows]}
