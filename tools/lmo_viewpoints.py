@@ -88,6 +88,8 @@ frames = dict(zip(train_ids, scene.frames(train_ids)))
 az = {i: camera_azimuth(f) for i, f in frames.items()}
 seen = [i for i, v in az.items() if v is not None and v < -40.0]
 unseen = [i for i, v in az.items() if v is not None and -25.0 < v < 150.0]
+if any("=" not in item for item in a.set):
+    ap.error(f"--set expects FIELD=VALUE, got {a.set}")
 changes = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in a.set)}
 try:
     budget = dataclass_from_mapping(LmoBudget, changes, "--set")
