@@ -251,6 +251,21 @@ def dataclass_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
     return _build(cls, data, where)
 
 
+def dataclass_from_overrides(cls: type, items: list[str], where: str = "--set") -> tuple[Any, dict[str, Any]]:
+    """cls from FIELD=VALUE strings (a command line's --set; each VALUE read as YAML); (config, the changes).
+
+    Raises:
+        TrainError: an item without '=', or what dataclass_from_mapping refuses.
+    """
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainError(f"{where} {item}: expected FIELD=VALUE")
+        changes[key] = yaml.safe_load(value)
+    return _build(cls, changes, where), changes
+
+
 def load_config(path: str | os.PathLike[str] | None = None, task: str | None = None) -> TrainConfig:
     """Read a YAML of differences from the defaults; task (objects|hands) sets net.task and its defaults."""
     data: dict[str, Any] = {}

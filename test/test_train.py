@@ -449,3 +449,17 @@ def test_amp_trains_in_bf16_only_where_the_cpu_has_it_and_keeps_float32_weights(
     rows = history(tmp_path)
     first, last = (sum(r["pose_syn"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
     assert last < first, f"pose_syn {first:.4g} -> {last:.4g}"
+
+
+def test_dataclass_from_overrides_reads_field_value_items_as_yaml_and_refuses_the_rest():
+    """The tools' --set: FIELD=VALUE with YAML values; no '=' or an unknown field is a TrainError."""
+    from featmap_ros.experiments.lmo import LmoBudget
+    from featmap_ros.train import dataclass_from_overrides
+
+    budget, changes = dataclass_from_overrides(LmoBudget, ["lr=0.003", "coord_bins=8", "compare_heads=[bb8]"])
+    assert changes == {"lr": 0.003, "coord_bins": 8, "compare_heads": ["bb8"]}
+    assert (budget.lr, budget.coord_bins, budget.compare_heads) == (0.003, 8, ("bb8",))
+    assert dataclass_from_overrides(LmoBudget, [])[0] == LmoBudget()
+    for bad in (["lr"], ["no_such_field=1"]):
+        with pytest.raises(TrainError):
+            dataclass_from_overrides(LmoBudget, bad)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
@@ -35,7 +34,7 @@ from featmap_ros.experiments.lmo import (
     synthetic_crop_accuracy,
     synthetic_validation_crops,
 )
-from featmap_ros.train import TrainError, dataclass_from_mapping, train
+from featmap_ros.train import TrainError, dataclass_from_overrides, train
 
 ROOT = Path("/tmp/lmofit")
 ap = argparse.ArgumentParser()
@@ -46,14 +45,8 @@ ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                 help="an LmoBudget field, its value in YAML as in a --budget file (repeatable)")
 a = ap.parse_args()
 
-changes = {}
-for item in a.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-        ap.error(f"--set {item}: expected FIELD=VALUE")
-    changes[key] = yaml.safe_load(value)
 try:
-    budget = dataclass_from_mapping(LmoBudget, changes, "--set")
+    budget, changes = dataclass_from_overrides(LmoBudget, a.set)
 except TrainError as err:
     ap.error(str(err))
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
@@ -36,7 +35,7 @@ from featmap_ros.experiments.lmo import (
     synthetic_crop_accuracy,
     synthetic_validation_crops,
 )
-from featmap_ros.train import TrainError, dataclass_from_mapping, train
+from featmap_ros.train import TrainError, dataclass_from_overrides, train
 
 ROOT = Path("/tmp/lmodev")
 ap = argparse.ArgumentParser()
@@ -50,6 +49,10 @@ ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                 help="another LmoBudget field, its value in YAML (repeatable)")
 ap.add_argument("--plot", default=None, help="draw /tmp/lmodev/results.jsonl's runs into this PNG and stop")
 a = ap.parse_args()
+try:
+    budget, changes = dataclass_from_overrides(LmoBudget, a.set)
+except TrainError as err:
+    ap.error(str(err))
 
 
 def plot(out: Path) -> None:
@@ -88,13 +91,6 @@ frames = dict(zip(train_ids, scene.frames(train_ids)))
 az = {i: camera_azimuth(f) for i, f in frames.items()}
 seen = [i for i, v in az.items() if v is not None and v < -40.0]
 unseen = [i for i, v in az.items() if v is not None and -25.0 < v < 150.0]
-if any("=" not in item for item in a.set):
-    ap.error(f"--set expects FIELD=VALUE, got {a.set}")
-changes = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in a.set)}
-try:
-    budget = dataclass_from_mapping(LmoBudget, changes, "--set")
-except TrainError as err:
-    ap.error(str(err))
 budget = dataclasses.replace(budget, anchor_azimuth_deg=a.azimuth, anchor_spread_deg=a.spread,
                              stage1_steps=a.steps, stage2_steps=0, pool_per_object=a.pool)
 present = {i.obj_id for k in seen for i in frames[k].instances}

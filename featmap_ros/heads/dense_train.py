@@ -57,9 +57,7 @@ def softmax_expectation(logits: torch.Tensor, dim: int) -> torch.Tensor:
     The largest term is exp(0) = 1, so the denominator is at least 1.
     """
     e = torch.exp(logits - logits.amax(dim, keepdim=True))
-    shape = [1] * logits.dim()
-    shape[dim] = logits.shape[dim]
-    return (e * bin_centres(logits.shape[dim], logits.device).view(shape)).sum(dim) / e.sum(dim)
+    return expected_coordinates(e, dim) / e.sum(dim)
 
 
 def binned_to_coordinates(logits: torch.Tensor, bins: int) -> torch.Tensor:
