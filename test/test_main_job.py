@@ -53,6 +53,49 @@ def test_a_failing_training_in_a_worker_process_stops_the_job_and_the_other_work
     assert not (tmp_path / "models" / "hands" / "model.json").exists()
 
 
+
+def test_the_training_left_takes_the_core_the_other_freed():
+    import threading
+
+    import torch
+
+    from featmap_ros.experiments.main_job import take_freed_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        freed = threading.Event()
+        hook = take_freed_cores(freed, 2, every=5)
+        for step in range(1, 11):
+            hook(step)
+        assert torch.get_num_threads() == 1  # nothing freed yet
+        freed.set()
+        hook(11)
+        assert torch.get_num_threads() == 1  # looked at every 5 steps only
+        hook(15)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")
+def test_when_one_training_ends_the_other_goes_on_with_every_core(tmp_path):
+    # The tiny hand model ends within seconds; the object model, given many more steps, is still
+    # training then, and ends with all the cores (its checkpoint records the threads it ended with).
+    from featmap_ros import assets
+
+    size = dataclasses.replace(TINY, object_steps=(1500, 0))
+    assets.write_object_models(tmp_path / "assets")
+    assets.write_real_scene(tmp_path / "assets", size.real_frames, seed=0)
+    timings: dict[str, float] = {}
+    _train_models(tmp_path / "assets", tmp_path, size, "cpu", True, timings)
+    assert timings["train_objects_s"] > timings["train_hands_s"]
+    objects = read_meta(tmp_path / "models" / "objects" / "model.json", expect_task="objects")
+    hands = read_meta(tmp_path / "models" / "hands" / "model.json", expect_task="hands")
+    assert hands["training"]["cpu_threads"] == _cpu_cores() // 2
+    assert objects["training"]["cpu_threads"] == _cpu_cores()
+
+
 _ORPHAN = """
 import multiprocessing, os, sys, time
 from featmap_ros.experiments.main_job import exit_with_parent
@@ -183,7 +226,7 @@ def test_hand_training_takes_the_sizes_loss_and_seed(tmp_path, monkeypatch, thro
     import featmap_ros.experiments.data as xdata
     import featmap_ros.train as train_mod
 
-    def capture(cfg, data, out):
+    def capture(cfg, data, out, on_step=None):
         raise _Captured(cfg)
 
     monkeypatch.setattr(xdata, "hands_task_data", lambda *a, **k: None)

@@ -188,6 +188,13 @@ def test_a_short_training_brings_held_out_centres_closer_to_the_palm(pool) -> No
     # Deterministic for a seed.
     again = train_refiner(train, RefinerConfig(), steps=120, batch=32, lr=2e-3, seed=0)
     assert np.array_equal(predict_offsets(refiner, test["image"][:8]), predict_offsets(again, test["image"][:8]))
+    # The memory format of training is not in the result: returned in the default format, as accurate as
+    # an NCHW training (not the same weights: float rounding differs, and Adam turns that into other steps).
+    assert all(p.is_contiguous() for p in refiner.parameters())
+    nchw = train_refiner(train, RefinerConfig(), steps=120, batch=32, lr=2e-3, seed=0, channels_last=False)
+    after_nchw = centre_errors_m(nchw, test)[1]
+    print(f"after, trained in NCHW: {1e3 * np.median(after_nchw):.1f} mm")
+    assert np.median(after_nchw) == pytest.approx(np.median(after), rel=0.15)
 
 
 def test_training_refuses_a_pool_that_does_not_fit(pool) -> None:

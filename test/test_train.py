@@ -87,6 +87,9 @@ def tiny_config(task: str = "objects", **changes: object) -> TrainConfig:
         tensorboard=False,
         # float32: these tests check the method, the same on every CPU; bf16 autocast has its own tests below.
         amp=False,
+        # NCHW, for the same reason (float rounding differs by memory format, and these toy runs at lr 3e-3 are
+        # chaotic: one rounding apart, a run can land elsewhere); channels_last has its own tests below.
+        channels_last=False,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -416,6 +419,71 @@ def test_cpu_threads_caps_torch_threads_for_the_run(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---- memory format
+
+
+@pytest.mark.parametrize("method", ["fm", "fm_joint"])
+def test_channels_last_trains_the_same_model_as_nchw(tmp_path: Path, method: str) -> None:
+    """The memory format is an implementation detail: same losses, same saved weights (to float rounding)."""
+    net = NetConfig(task="hands", input_size=SIZE, width=4, feature_dim=16, dropout=0.0, head="vote")
+    runs = {}
+    for fmt in (False, True):
+        cfg = tiny_config("hands", method=method, net=net, channels_last=fmt, device="cpu")
+        path = train(cfg, fake_data("hands"), tmp_path / str(fmt))
+        assert json.loads(path.read_text())["training"]["channels_last"] is fmt
+        runs[fmt] = (history(tmp_path / str(fmt)), weights(tmp_path / str(fmt)))
+    (h0, w0), (h1, w1) = runs[False], runs[True]
+    assert [r["step"] for r in h0] == [r["step"] for r in h1]
+    for a, b in zip(h0, h1, strict=True):
+        for key in ("pose_real", "pose_syn", "feat"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (a["step"], key)
+    assert w0.keys() == w1.keys() and all(w.is_contiguous() for w in w1.values())  # saved row-major either way
+    # Weights with near-zero gradients can step +-lr apart (Adam divides by the gradient's size), so the
+    # models are compared by what they predict on held-out real images.
+    held_out = next(fake_data("hands").pairs(StreamContext(64, 0, 0, 1, 10_000)))["real"]
+    with torch.no_grad():
+        out = [ckpt.load(tmp_path / str(fmt) / "model.json")[0].predict_real(held_out).outputs for fmt in (False, True)]
+    torch.testing.assert_close(out[1], out[0], rtol=1e-2, atol=1e-3)
+
+
+def test_channels_last_resolves_per_device_and_converts_only_images() -> None:
+    from featmap_ros.train import _to_device, uses_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = tiny_config(channels_last=None)  # TrainConfig's default
+    assert TrainConfig().channels_last is None
+    assert uses_channels_last(auto, cpu) and not uses_channels_last(auto, cuda)
+    assert not uses_channels_last(tiny_config(channels_last=False), cpu)
+    assert uses_channels_last(tiny_config(channels_last=True), cuda)
+    batch = {"real": torch.rand(2, 3, 8, 8), "syn": torch.rand(2, 3, 8, 8), "coords": torch.rand(2, 3, 8, 8),
+             "target": torch.rand(2, 16)}
+    out = _to_device(batch, cpu, channels_last=True)
+    assert all(out[k].is_contiguous(memory_format=torch.channels_last) and not out[k].is_contiguous()
+               for k in ("real", "syn"))
+    assert out["coords"].is_contiguous() and torch.equal(out["real"], batch["real"])
+    assert all(v.is_contiguous() for v in _to_device(batch, cpu).values())
+    with pytest.raises(TrainError, match="channels_last"):
+        load_config_text("channels_last: sometimes\n")
+
+
+def load_config_text(text: str) -> TrainConfig:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "c.yaml").write_text(text)
+        return load_config(Path(d) / "c.yaml")
+
+
+def test_on_step_is_called_after_every_step_with_the_step_reached(tmp_path: Path) -> None:
+    cfg = tiny_config(stage1_steps=3, stage2_steps=2)
+    seen: list[int] = []
+    train(dataclasses.replace(cfg, max_steps=2), fake_data(), tmp_path, on_step=seen.append)
+    assert seen == [1, 2]
+    train(cfg, fake_data(), tmp_path, on_step=seen.append)  # resumed: goes on from step 2
+    assert seen == [1, 2, 3, 4, 5]
 
 
 # ---- bf16 autocast

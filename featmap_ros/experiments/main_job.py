@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: fl
     )
 
 
-def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_ids: list[int] | None = None) -> Path:
+def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_ids: list[int] | None = None,
+                  on_step: Callable[[int], None] | None = None) -> Path:
     """The main job's object model on the built-in scene's frames train_ids (default: all its training frames)."""
     from featmap_ros.datasets.bop import BopScene
     from featmap_ros.datasets.pool import PoolConfig
@@ -132,10 +134,10 @@ def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_i
     data = objects_pool_task_data(root, 1, train_ids, (assets.OBJ_ID,), stream_cfg,
                                   PoolConfig(n_per_object=size.object_pool), names={assets.OBJ_ID: assets.OBJ_NAME},
                                   head="dense")
-    return train(cfg, data, out)
+    return train(cfg, data, out, on_step=on_step)
 
 
-def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
+def _train_hands(out: Path, size: MainJobSize, device: str, on_step: Callable[[int], None] | None = None) -> Path:
     import numpy as np
 
     from featmap_ros.datasets.hand_refine import SensorCropRecorder, refine_pool
@@ -167,15 +169,45 @@ def _train_hands(out: Path, size: MainJobSize, device: str) -> Path:
     recorder = SensorCropRecorder(n_sensor, refiner_cfg, seed=1)
     data = hands_task_data(size.hand_pairs, shape, sensor_cfg, seed=1, stream_cfg=stream_cfg,
                            synthetic_pool=size.hand_pool, augment=augment, on_render=(recorder,))
-    path = train(cfg, data, out)
+    path = train(cfg, data, out, on_step=on_step)
     # The refiner from clean renders and the pairs' own frames (rendered here only if training made no pairs).
     pool = refine_pool(size.refine_synthetic_frames, SensorHandSet(size.hand_pairs, shape, sensor_cfg, 1, stream_cfg),
                        n_sensor, config=refiner_cfg, seed=1, recorded=recorder)
     return checkpoint.attach_refiner(path, train_refiner(pool, refiner_cfg, steps=size.refine_steps, seed=1))
 
 
-def _train_task(task: str, root: Path, folder: Path, size: MainJobSize, device: str) -> Path:
-    return train_objects(root, folder, size, device) if task == "objects" else _train_hands(folder, size, device)
+def _train_task(task: str, root: Path, folder: Path, size: MainJobSize, device: str,
+                on_step: Callable[[int], None] | None = None) -> Path:
+    if task == "objects":
+        return train_objects(root, folder, size, device, on_step=on_step)
+    return _train_hands(folder, size, device, on_step)
+
+
+# In a training worker: the event the parent sets when the other training has ended (_init_worker).
+_CORES_FREED: Any = None
+
+
+def _init_worker(freed: Any) -> None:
+    """ProcessPoolExecutor's initializer: keep the parent's event (events pass to a process only at its start)."""
+    global _CORES_FREED
+    _CORES_FREED = freed
+
+
+def take_freed_cores(freed: Any, threads: int, every: int = 20) -> Callable[[int], None]:
+    """A train() on_step hook: once `freed` is set (the other training ended), train with `threads` threads.
+
+    The two trainings rarely end together (the hand model before the object model on the Intel Xeon
+    without bf16, by about 100 s), and a step at two threads runs 1.5-1.9x as fast as at one here
+    (bench/bench_memory_format.py), so the one left takes the other's core. torch's thread count is
+    per calling thread under OpenMP, hence a hook between steps in the training's own thread.
+    """
+    import torch
+
+    def on_step(step: int) -> None:
+        if step % every == 0 and torch.get_num_threads() < threads and freed.is_set():
+            torch.set_num_threads(threads)
+
+    return on_step
 
 
 def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
@@ -207,7 +239,8 @@ def _train_task_in_child(task: str, root: Path, folder: Path, size: MainJobSize,
     torch.set_num_threads(threads)
     os.environ["TQDM_POSITION"] = str(bar_line)  # every tqdm bar of this process (tqdm >= 4.66 reads TQDM_*)
     t = time.perf_counter()
-    path = _train_task(task, root, folder, size, device)
+    on_step = take_freed_cores(_CORES_FREED, _cpu_cores()) if _CORES_FREED is not None else None
+    path = _train_task(task, root, folder, size, device, on_step)
     return str(path), time.perf_counter() - t
 
 
@@ -295,7 +328,10 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         threads = cores // 2
         print(f"      both at once: two processes of {threads} thread{'s' * (threads > 1)} each")
         # spawn: a fresh interpreter per model (forking a process whose torch threads exist can hang them).
-        pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        # When one training ends, the parent sets `freed` and the other goes on with every core (take_freed_cores).
+        spawn = multiprocessing.get_context("spawn")
+        freed = spawn.Event()
+        pool = ProcessPoolExecutor(2, mp_context=spawn, initializer=_init_worker, initargs=(freed,))
         jobs = {task: pool.submit(_train_task_in_child, task, root, out / "models" / task, size, device,
                                   threads, line, os.getpid()) for line, task in enumerate(todo)}
         try:
@@ -306,6 +342,9 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
                     path, seconds = pending.pop(task).result()
                     models[task], timings[f"train_{task}_s"] = Path(path), seconds
                     _mark_trained(out / "models" / task, size)
+                    if pending:
+                        print(f"      {task} trained: the {next(iter(pending))} training takes its core")
+                        freed.set()
                 # The pool itself can miss a worker that died while the other was being spawned (CPython's
                 # executor watches the workers it knew of when it last woke up), so look at them too.
                 codes = [proc.exitcode for proc in (getattr(pool, "_processes", None) or {}).values()]

@@ -154,7 +154,8 @@ def flip_batch(image: torch.Tensor, offset: torch.Tensor, centre: torch.Tensor, 
 
 
 def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig(), steps: int = 2000,
-                  batch: int = 64, lr: float = 1e-3, seed: int = 0, flip: bool = False) -> CentreRefiner:
+                  batch: int = 64, lr: float = 1e-3, seed: int = 0, flip: bool = False,
+                  channels_last: bool = True) -> CentreRefiner:
     """Fit a CentreRefiner to a pool of crops (datasets.hand_refine.refine_pool) on the CPU; deterministic for a seed.
 
     Adam with a cosine decay to zero, Huber loss on the normalised offsets. flip: mirror crops at
@@ -167,6 +168,8 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
         config: the refiner's architecture; its input_size must be the pool's S.
         steps, batch, lr: the optimisation (batches drawn with replacement).
         seed: initialisation and batch order.
+        channels_last: train in that memory format (1.17x faster steps at one thread here, as
+            TrainConfig.channels_last); the returned model is in the default format either way.
 
     Raises:
         RefinerError: a malformed pool, bad steps or batch, or a non-finite loss (naming the step).
@@ -178,6 +181,8 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CentreRefiner(config)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i / steps, 1.0))))
@@ -188,7 +193,7 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
         if flip:
             fu, fv = (torch.rand(2, batch, generator=gen) < 0.5).unbind(0)
             x, y = flip_batch(x, y, data["centre"][idx], fu, fv)
-        loss = F.smooth_l1_loss(model(x), y, beta=HUBER_BETA)
+        loss = F.smooth_l1_loss(model(x.contiguous(memory_format=fmt)), y, beta=HUBER_BETA)
         if not torch.isfinite(loss):
             raise RefinerError(f"refiner loss is {loss.item()} at step {step} of {steps}")
         opt.zero_grad(set_to_none=True)
@@ -197,7 +202,7 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
         sched.step()
         if step % 500 == 0 or step == steps - 1:
             log.info("refiner step %d/%d: loss %.4f", step + 1, steps, loss.item())
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.inference_mode()

@@ -1,0 +1,123 @@
+"""Training step time in NCHW against channels_last (NHWC) memory, in one run (TrainConfig.channels_last).
+
+Usage: python3 bench/bench_memory_format.py [--steps 6] [--rounds 5] [--threads 1 2]
+
+Rows: the main job's object net (dense head, regressed coordinates, batch 8) in its synthetic stage and
+its Feature Mapping stage, the main job's hand net (vote head, fm_joint, batch 16), and the LM-O net
+(16 coordinate bins, 8 objects, fm_joint, batch 32) in its two stages. Each step is what train.train
+runs: stage_losses on a batch, backward, AdamW. The batches are random tensors of the streams' shapes
+(the step's cost does not depend on their values; the data pipeline is the same in both formats).
+The two formats take turns, --steps steps each per round, so a machine whose speed drifts slows
+both alike; the table gives the median over rounds of ms per step. Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
+from featmap_ros.train import LossConfig, _set_trainable, _to_device, stage_losses
+
+
+def object_batches(batch: int, n_objects: int, size: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+    side = size // 2  # the dense head's stride 2
+    g = torch.Generator().manual_seed(0)
+
+    def dense(**images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**images, "coords": torch.rand(batch, 3, side, side, generator=g) * 2 - 1,
+                "visibility": (torch.rand(batch, side, side, generator=g) > 0.5).float(),
+                "obj_index": torch.randint(0, n_objects, (batch,), generator=g)}
+
+    image = lambda: torch.rand(batch, 3, size, size, generator=g) * 2 - 1  # noqa: E731
+    return {"synthetic": dense(image=image()), "pairs": dense(real=image(), syn=image())}
+
+
+def hand_batches(batch: int, size: int = 64, joints: int = 14) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    image = lambda: torch.rand(batch, 1, size, size, generator=g) * 2 - 1  # noqa: E731
+    target = lambda: torch.rand(batch, 3 * joints, generator=g) * 2 - 1  # noqa: E731
+    return {"synthetic": {"image": image(), "target": target()},
+            "pairs": {"real": image(), "syn": image(), "target": target()}}
+
+
+CASES = {
+    # name: (net, stage, batches, loss)
+    "main job objects, syn stage, batch 8": (
+        NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
+                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, mapping=True), "syn",
+        lambda: object_batches(8, 1), LossConfig()),
+    "main job objects, fm stage, batch 8": (
+        NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
+                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, mapping=True), "fm",
+        lambda: object_batches(8, 1), LossConfig()),
+    "main job hands, fm_joint, batch 16": (
+        NetConfig(task="hands", input_size=64, width=8, head="vote", feature_dim=32, dropout=0.0, mapping=True,
+                  shared_extractor=True), "fm_joint", lambda: hand_batches(16), LossConfig(pose="smooth_l1")),
+    "LM-O objects (16 bins, 8 objects), syn stage, batch 32": (
+        NetConfig(task="objects", input_size=64, width=16, head="dense", n_outputs=DENSE_CHANNELS * 8,
+                  feature_dim=32, dropout=0.0, coord_bins=16, mapping=True, shared_extractor=True), "syn",
+        lambda: object_batches(32, 8), LossConfig()),
+    "LM-O objects (16 bins, 8 objects), fm_joint, batch 32": (
+        NetConfig(task="objects", input_size=64, width=16, head="dense", n_outputs=DENSE_CHANNELS * 8,
+                  feature_dim=32, dropout=0.0, coord_bins=16, mapping=True, shared_extractor=True), "fm_joint",
+        lambda: object_batches(32, 8), LossConfig()),
+}
+
+
+def stepper(net: NetConfig, stage: str, batches: dict, loss: LossConfig, channels_last: bool):
+    """A function that runs one training step of a fresh model in the given memory format."""
+    torch.manual_seed(0)
+    model = FeatureMappingModel(net)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if stage == "fm":
+        model.init_real_from_syn()
+    _set_trainable(model, stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    on = {k: _to_device(b, torch.device("cpu"), channels_last) for k, b in batches.items()}
+
+    def step() -> None:
+        losses = stage_losses(model, stage, on, loss, False)
+        total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="steps per format per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {args.rounds} rounds of {args.steps} steps per format, formats in turns")
+    print("| threads | case | NCHW ms/step | channels_last ms/step | speed-up |")
+    print("|---|---|---|---|---|", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, (net, stage, make, loss) in CASES.items():
+            batches = make()
+            steps = {fmt: stepper(net, stage, batches, loss, fmt == "nhwc") for fmt in ("nchw", "nhwc")}
+            times: dict[str, list[float]] = {fmt: [] for fmt in steps}
+            for step in steps.values():  # warm-up
+                for _ in range(2):
+                    step()
+            for _ in range(args.rounds):
+                for fmt, step in steps.items():
+                    t = time.perf_counter()
+                    for _ in range(args.steps):
+                        step()
+                    times[fmt].append((time.perf_counter() - t) / args.steps * 1e3)
+            a, b = (float(np.median(times[f])) for f in ("nchw", "nhwc"))
+            print(f"| {threads} | {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
