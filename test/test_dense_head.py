@@ -513,3 +513,24 @@ def test_a_dense_checkpoint_from_before_coord_bins_loads_as_regression(tmp_path:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+def test_the_decode_thins_the_visible_locations_evenly_over_the_object() -> None:
+    """spread_visible: at most max_points, all visible, spanning the visible region (not crowding its surest part)."""
+    logits = np.full((32, 32), -5.0)
+    logits[4:28, 6:30] = 2.0  # 576 visible locations
+    logits[10:14, 10:14] = 6.0  # where the net is surest
+    keep, n_on = dense.spread_visible(logits, 0.5, 6, 200)
+    assert n_on == 576 and len(keep) == 200 and len(np.unique(keep)) == 200
+    rows, cols = np.unravel_index(keep, logits.shape)
+    assert (logits[rows, cols] > 0).all()
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 27, 6, 29)  # the whole visible box
+    top, _ = dense.most_visible(logits, 0.5, 6, 200)  # the keypoint head's choice: the surest first
+    assert np.isin(np.ravel_multi_index((np.arange(10, 14).repeat(4), np.tile(np.arange(10, 14), 4)), (32, 32)),
+                   top).all()
+    few = np.full((32, 32), -5.0)
+    few[0, :3] = 1.0  # 3 visible: the 6 most visible, whatever their score
+    keep, n_on = dense.spread_visible(few, 0.5, 6, 200)
+    assert n_on == 3 and len(keep) == 6 and set(np.arange(3)) <= set(keep.tolist())
+    keep, _ = dense.spread_visible(logits, 0.5, 6, 1000)  # under the cap: every visible location
+    assert len(keep) == 576

@@ -309,7 +309,7 @@ def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -
 
     seen = {}
 
-    def fake_train(cfg, data, out, method=None):
+    def fake_train(cfg, data, out, method=None, on_step=None):
         seen["net"] = cfg.net
         raise RuntimeError("stop here")
 
