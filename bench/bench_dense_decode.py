@@ -5,7 +5,9 @@ Usage: python3 bench/bench_dense_decode.py MODEL_JSON [--bop ../shared/data/lmo]
 
 MODEL_JSON: a trained dense-head object checkpoint (e.g. out/lmo/fm/model.json of `featmap experiment
 lmo`). The network runs once per frame; each row decodes the same outputs with other settings
-(most correspondences kept, RANSAC iterations) and reports the mean 2D-proj@5px over the objects
+(most correspondences kept, RANSAC iterations; the correspondences chosen as the decode chooses them:
+since session 20 spread evenly over the visible locations, before that the most visible, so rows of
+earlier sessions' tables do not repeat) and reports the mean 2D-proj@5px over the objects
 (visib >= 0.5) and the decode time per object. The default frames are the experiment's
 validation frames (the last 8 training frames): settings are never chosen on the test frames.
 """

@@ -130,9 +130,9 @@ class TrainConfig:
     # torch's CPU threads for this process (0: torch's default, one per core). On a CPU shared with
     # other jobs (rendering workers, a second run) fewer threads stall less.
     cpu_threads: int = 0
-    # The nets' weights and images in channels_last (NHWC) memory: each step 1.14x (objects, batch 8, one
-    # thread) to 1.24x (batch 32, two threads) faster in float32 on the Intel Xeon without bf16 (session 20,
-    # bench/bench_memory_format.py; most of it is max pooling, slow on NCHW there). None: on a CPU only,
+    # The nets' weights and images in channels_last (NHWC) memory: each step 1.12-1.26x faster in float32 on
+    # the Intel Xeon without bf16 (the main job's and LM-O's nets, one and two threads; session 20,
+    # bench/bench_memory_format.py; max pooling, slow on NCHW there, is the largest single share). None: on a CPU only,
     # as CUDA was not measured. The checkpoint is the same either way (saved contiguous).
     channels_last: bool | None = None
     resume: bool = True

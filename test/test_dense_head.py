@@ -534,3 +534,6 @@ def test_the_decode_thins_the_visible_locations_evenly_over_the_object() -> None
     assert n_on == 3 and len(keep) == 6 and set(np.arange(3)) <= set(keep.tolist())
     keep, _ = dense.spread_visible(logits, 0.5, 6, 1000)  # under the cap: every visible location
     assert len(keep) == 576
+    for bad in ({"max_points": 0}, {"max_points": 5}, {"min_points": 3}):
+        with pytest.raises(ValueError, match="min_points"):
+            dense.DenseDecodeConfig(**bad)

@@ -293,18 +293,21 @@ def test_the_torch_backend_runs_bf16_only_when_asked_and_only_where_it_is_native
         torch_net.TorchNetwork(model, meta, cpu, precision="fp16")
 
 
-def test_the_torch_backend_on_a_cpu_runs_channels_last_with_the_models_own_outputs() -> None:
+@pytest.mark.parametrize(("n_objects", "bins"), [(2, 4), (1, 0)])  # (1, 0): the main job's kind of model
+def test_the_torch_backend_on_a_cpu_runs_channels_last_with_the_models_own_outputs(n_objects: int, bins: int) -> None:
     from featmap_ros.backends import torch_net
     from featmap_ros.model.nets import DENSE_CHANNELS
 
     torch.manual_seed(0)
     model = FeatureMappingModel(NetConfig(task="objects", input_size=32, width=4, feature_dim=8, head="dense",
-                                          n_outputs=2 * DENSE_CHANNELS, coord_bins=4, mapping=True, dropout=0.0))
+                                          n_outputs=n_objects * DENSE_CHANNELS, coord_bins=bins, mapping=True,
+                                          dropout=0.0))
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
-    objects = np.array([0, 1, 1])
+    objects = np.array([0, 1, 1]) % n_objects
     with torch.no_grad():  # the model as it is, in the default (NCHW) format
-        reference = model.eval().predict_real(torch.from_numpy(x), torch.from_numpy(objects), 2).outputs.numpy()
-    net = torch_net.TorchNetwork(model, {"objects": [{}, {}]}, torch.device("cpu"))
+        reference = model.eval().predict_real(torch.from_numpy(x), torch.from_numpy(objects), n_objects).outputs
+    reference = reference.numpy()
+    net = torch_net.TorchNetwork(model, {"objects": [{}] * n_objects}, torch.device("cpu"))
     conv = next(m for m in net.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert net.memory_format == torch.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
     out, _ = net.run(x, objects)

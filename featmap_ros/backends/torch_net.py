@@ -126,9 +126,9 @@ class TorchNetwork:
         self.model = model.to(device).eval()
         if self.half:
             self.model = self.model.half()
-        # On a CPU the convolutions run in channels_last (NHWC) memory: 1.35x (one thread) to 2.1x (two) less time
-        # for 8 object crops on the Intel Xeon without bf16 (session 20, docs/results.md); the same numbers to
-        # float rounding. CUDA keeps the default format (not measured there).
+        # On a CPU the convolutions run in channels_last (NHWC) memory: the network 1.3-1.6x faster for 8 object
+        # crops on the Intel Xeon without bf16 (session 20, docs/results.md; no gain on a single crop); the same
+        # numbers to float rounding. CUDA keeps the default format (not measured there).
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         # The statistics stay float32 when the model is half: the score is computed in float32.
@@ -168,7 +168,9 @@ class TorchNetwork:
                  else torch.from_numpy(checked_objects(objects, len(batch), self.n_objects)).to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             outputs, ood, _ = self.graph(x.half() if self.half else x, index)
-        return outputs.cpu().numpy().astype(np.float64), ood.cpu().numpy().astype(np.float64)
+        # Row-major float64 whatever the memory format the graph computed in (as onnxruntime's arrays).
+        return (np.ascontiguousarray(outputs.cpu().numpy(), dtype=np.float64),
+                np.ascontiguousarray(ood.cpu().numpy(), dtype=np.float64))
 
 
 def load(model_path: str | Path, device: str = "auto", cpu_threads: int = 0, precision: str = "auto") -> TorchNetwork:

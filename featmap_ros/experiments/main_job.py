@@ -86,6 +86,10 @@ class MainJobSize:
     # cores each: a small-batch step uses 2 threads poorly (1 thread runs it at 0.79x (objects) and 0.88x
     # (hands) the speed of 2), so two 1-thread trainings finish well before two 2-thread ones in a row.
     parallel_training: bool = True
+    # Then, when one ends, the other goes on with every core (take_freed_cores): about 25 s less here. The
+    # step where its thread count changes depends on the clock, and so does the float rounding after it: two
+    # runs then differ a little (two session-20 runs: objects 61.7 / 63.3%). False: repeatable runs.
+    share_freed_cores: bool = True
 
 
 TINY = MainJobSize(real_frames=12, train_frames=8, hand_pairs=8, hand_pool=16, hand_bag_frames=4,
@@ -197,7 +201,7 @@ def take_freed_cores(freed: Any, threads: int, every: int = 20) -> Callable[[int
     """A train() on_step hook: once `freed` is set (the other training ended), train with `threads` threads.
 
     The two trainings rarely end together (the hand model before the object model on the Intel Xeon
-    without bf16, by about 100 s), and a step at two threads runs 1.5-1.9x as fast as at one here
+    without bf16, by 50-100 s), and a step at two threads runs 1.5-2.2x as fast as at one here
     (bench/bench_memory_format.py), so the one left takes the other's core. torch's thread count is
     per calling thread under OpenMP, hence a hook between steps in the training's own thread.
     """
@@ -239,7 +243,8 @@ def _train_task_in_child(task: str, root: Path, folder: Path, size: MainJobSize,
     torch.set_num_threads(threads)
     os.environ["TQDM_POSITION"] = str(bar_line)  # every tqdm bar of this process (tqdm >= 4.66 reads TQDM_*)
     t = time.perf_counter()
-    on_step = take_freed_cores(_CORES_FREED, _cpu_cores()) if _CORES_FREED is not None else None
+    share = size.share_freed_cores and _CORES_FREED is not None
+    on_step = take_freed_cores(_CORES_FREED, _cpu_cores()) if share else None
     path = _train_task(task, root, folder, size, device, on_step)
     return str(path), time.perf_counter() - t
 
@@ -264,7 +269,7 @@ TRAINED_MARK = "trained.json"  # beside a model that its whole training wrote (a
 
 
 # MainJobSize fields added after marks were first written, with the value a mark without them was trained with.
-_FIELDS_ADDED: dict[str, Any] = {"object_coord_bins": 0}
+_FIELDS_ADDED: dict[str, Any] = {"object_coord_bins": 0, "share_freed_cores": True}
 
 
 def _size_doc(size: MainJobSize) -> dict[str, Any]:

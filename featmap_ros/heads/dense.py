@@ -40,7 +40,7 @@ class DenseDecodeConfig:
     min_points: int = 6  # fewer than this above threshold: take the most visible locations instead
     # At most this many correspondences, spread evenly over the visible locations (spread_visible). Session 20,
     # training frames only: 200 spread scored as 400 most visible (LM-O validation frames, four models: +0.4
-    # points; fit frames -0.15; the main job's validation frames 54/53% against 53/53%) in 0.65-0.8x the decode time;
+    # points; fit frames -0.15; the main job's validation frames 54/53% against 53/53%) in 0.65-0.82x the decode time;
     # 200 *most visible* lost 11 points on the main job's model (they crowd where the object is surest).
     max_points: int = 200
     ransac_threshold_crop_px: float = 1.5  # inlier threshold in crop pixels (scaled to image pixels)
@@ -60,6 +60,9 @@ class DenseDecodeConfig:
     full_evidence: int = 24
 
     def __post_init__(self) -> None:
+        if not 4 <= self.min_points <= self.max_points:
+            raise ValueError(f"need 4 <= min_points <= max_points (PnP takes 4 or more), got {self.min_points} "
+                             f"and {self.max_points}")
         scales = tuple(float(v) for v in self.lm_scales)
         if not scales or not all(np.isfinite(v) and v > 0 for v in scales):
             raise ValueError(f"lm_scales must be positive finite multiples of the threshold, got {self.lm_scales!r}")
