@@ -150,15 +150,15 @@ def spread_visible(logits: np.ndarray, min_visibility: float, min_points: int, m
 
     Those above the threshold, thinned evenly in raster order to at most max_points, so they keep
     covering the whole visible object (PnP's geometry); fewer than min_points above it: the min_points
-    most visible, whatever their score.
+    most visible, whatever their score (most_visible's choice).
     """
-    vis = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).ravel()))
-    on = np.flatnonzero(vis >= min_visibility)
-    if len(on) < min_points:
-        return np.argsort(-vis)[:min_points], len(on)
+    keep, n_on = most_visible(logits, min_visibility, min_points, np.size(logits))
+    if n_on < min_points:
+        return keep, n_on
+    on = np.sort(keep)  # every location above the threshold, in raster order
     if len(on) > max_points:
-        return on[np.linspace(0, len(on) - 1, max_points).round().astype(np.int64)], len(on)
-    return on, len(on)
+        on = on[np.linspace(0, len(on) - 1, max_points).round().astype(np.int64)]
+    return on, n_on
 
 
 def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz: np.ndarray, size_xyz: np.ndarray,
