@@ -177,7 +177,7 @@ def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_pat
     assert json.loads((tmp_path / "models" / "hands" / mj.TRAINED_MARK).read_text())["size"]["hand_steps"] == [5, 1]
     assert not list(tmp_path.glob("models/*/*.tmp"))
     # A mark written before a size field existed holds what was trained then (object_coord_bins: 0).
-    size = dataclasses.replace(size, hand_steps=(5, 1))
+    size = dataclasses.replace(size, hand_steps=(5, 1), object_coord_bins=0)
     for task in ("objects", "hands"):
         mark = tmp_path / "models" / task / mj.TRAINED_MARK
         doc = json.loads(mark.read_text())

@@ -197,6 +197,24 @@ def test_a_short_training_brings_held_out_centres_closer_to_the_palm(pool) -> No
     assert np.median(after_nchw) == pytest.approx(np.median(after), rel=0.15)
 
 
+def test_the_training_calls_on_step_before_each_step_in_its_own_thread(pool) -> None:
+    # The main job's hand-over (take_freed_cores) changes the calling thread's torch threads between steps.
+    seen: list[tuple[int, int]] = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+
+        def on_step(step: int) -> None:
+            seen.append((step, torch.get_num_threads()))
+            if step == 2:
+                torch.set_num_threads(2)
+
+        train_refiner(pool, RefinerConfig(), steps=5, batch=8, seed=0, on_step=on_step)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2)]
+
+
 def test_training_refuses_a_pool_that_does_not_fit(pool) -> None:
     with pytest.raises(RefinerError, match=r"\(N, 1, 32, 32\)"):
         train_refiner(pool, SMALL, steps=1)

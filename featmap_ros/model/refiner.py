@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -155,7 +155,7 @@ def flip_batch(image: torch.Tensor, offset: torch.Tensor, centre: torch.Tensor, 
 
 def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig(), steps: int = 2000,
                   batch: int = 64, lr: float = 1e-3, seed: int = 0, flip: bool = False,
-                  channels_last: bool = True) -> CentreRefiner:
+                  channels_last: bool = True, on_step: Callable[[int], None] | None = None) -> CentreRefiner:
     """Fit a CentreRefiner to a pool of crops (datasets.hand_refine.refine_pool) on the CPU; deterministic for a seed.
 
     Adam with a cosine decay to zero, Huber loss on the normalised offsets. flip: mirror crops at
@@ -170,6 +170,8 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
         seed: initialisation and batch order.
         channels_last: train in that memory format (1.17x faster steps at one thread here, as
             TrainConfig.channels_last); the returned model is in the default format either way.
+        on_step: called with each step's index before it runs (in this thread: e.g. the main job's
+            take_freed_cores, which changes this thread's torch threads).
 
     Raises:
         RefinerError: a malformed pool, bad steps or batch, or a non-finite loss (naming the step).
@@ -188,6 +190,8 @@ def train_refiner(pool: Mapping[str, Any], config: RefinerConfig = RefinerConfig
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i / steps, 1.0))))
     model.train()
     for step in range(steps):
+        if on_step is not None:
+            on_step(step)
         idx = torch.randint(0, n, (batch,), generator=gen)
         x, y = data["image"][idx], data["offset"][idx]
         if flip:
