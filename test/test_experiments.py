@@ -304,6 +304,23 @@ def test_lmo_budget_coordinate_settings_reach_the_net_and_the_loss() -> None:
         _check_ranges(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dense_coord_weight=-1.0)))
 
 
+def test_lmo_budget_blocks_reach_every_head_and_come_from_a_budget_file(tmp_path: Path) -> None:
+    from featmap_ros.experiments.lmo import LmoBudget, lmo_train_config
+    from featmap_ros.train import TrainError, load_dataclass_yaml
+
+    assert lmo_train_config(LmoBudget(), n_objects=2).net.blocks == (2, 2, 3, 3, 3)  # NetConfig's default
+    path = tmp_path / "budget.yaml"
+    path.write_text("blocks: [1, 2, 2, 2, 3]\n")
+    budget = load_dataclass_yaml(LmoBudget, path)
+    for head in ("dense", "bb8"):
+        assert lmo_train_config(budget, n_objects=2, head=head).net.blocks == (1, 2, 2, 2, 3)
+    with pytest.raises(ValueError, match="stages"):
+        lmo_train_config(LmoBudget(blocks=(1, 2)), n_objects=2)
+    path.write_text("blocks: 3\n")
+    with pytest.raises(TrainError, match="blocks"):
+        load_dataclass_yaml(LmoBudget, path)
+
+
 def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:
     from featmap_ros.experiments import main_job
 

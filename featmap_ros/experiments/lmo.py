@@ -68,6 +68,10 @@ class LmoBudget:
     compare_heads: tuple[str, ...] = ("bb8",)
     input_size: int = 64
     width: int = 16
+    # Convolutions per encoder stage (NetConfig.blocks; None: its default, 2-2-3-3-3). The main job's 1-2-2-2-3
+    # trained 1.16x faster here but lost 5 points on held-out synthetic crops and 8 on the validation frames
+    # (synthetic-only, 1,800 steps, tools/lmo_fit.py, session 21): eight objects need the capacity.
+    blocks: tuple[int, ...] | None = None
     feature_dim: int = 256  # bb8: the global feature
     dense_feature_dim: int = 32  # dense: channels of the feature map g maps and h reads
     dropout: float = 0.3  # bb8's FC layers (the dense net has none)
@@ -125,7 +129,7 @@ def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", hea
     """The TrainConfig every method of the experiment shares (method is set per run)."""
     head = head or budget.head
     spatial = head != "bb8"
-    net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width, head=head,
+    net = NetConfig(task="objects", input_size=budget.input_size, width=budget.width, head=head, blocks=budget.blocks,
                     feature_dim=budget.dense_feature_dim if spatial else budget.feature_dim,
                     n_outputs=object_head_channels(head) * n_objects, dropout=0.0 if spatial else budget.dropout,
                     coord_bins=budget.coord_bins if head == "dense" else 0)
