@@ -2,8 +2,9 @@
 
 Usage: python3 bench/bench_memory_format.py [--steps 6] [--rounds 5] [--threads 1 2]
 
-Rows: the main job's object net (dense head, regressed coordinates, batch 8) in its synthetic stage and
-its Feature Mapping stage, the main job's hand net (vote head, fm_joint, batch 16), and the LM-O net
+Rows: the main job's object net (dense head, coordinates over 16 bins since session 21: session 20's
+table had its regressed coordinates; batch 8) in its synthetic stage and its Feature Mapping stage,
+the main job's hand net (vote head, fm_joint, batch 16), and the LM-O net
 (16 coordinate bins, 8 objects, fm_joint, batch 32) in its two stages. Each step is what train.train
 runs: stage_losses on a batch, backward, AdamW. The batches are random tensors of the streams' shapes
 (the step's cost does not depend on their values; the data pipeline is the same in both formats).
@@ -48,11 +49,11 @@ CASES = {
     # name: (net, stage, batches, loss)
     "main job objects, syn stage, batch 8": (
         NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
-                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, mapping=True), "syn",
+                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, coord_bins=16, mapping=True), "syn",
         lambda: object_batches(8, 1), LossConfig()),
     "main job objects, fm stage, batch 8": (
         NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
-                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, mapping=True), "fm",
+                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, coord_bins=16, mapping=True), "fm",
         lambda: object_batches(8, 1), LossConfig()),
     "main job hands, fm_joint, batch 16": (
         NetConfig(task="hands", input_size=64, width=8, head="vote", feature_dim=32, dropout=0.0, mapping=True,
