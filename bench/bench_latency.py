@@ -18,6 +18,12 @@ vote head (the default) carry a centre refiner, so their frames include its crop
 (RefinerConfig.iterations).
 --decode-threads: the object rows once per count of threads solving the detections' PnP (the
 node's decode_threads).
+Random weights decode unrelated correspondences, so most crops find no pose (6 of 8 in the dense16 row)
+and the frame publishes fewer messages than a trained model's would. --model MODEL_JSON --bop DIR times
+a trained object checkpoint on real frames instead (a BOP scene's --real-frames, ground-truth boxes as
+the detections, every backend of --backends on the same frames in turns), and prints only those rows:
+
+    python3 bench/bench_latency.py --model out/lmo/fm_joint/model.json --bop ../shared/data/lmo
 """
 
 from __future__ import annotations
@@ -128,8 +134,27 @@ def hand_frame(f: MessageFactory) -> tuple:
     return f.image_depth(depth, 0, "cam", "16UC1"), f.camera_info(NYU_INTRINSICS, 0, "cam"), None
 
 
-def measure(procs: list[FrameProcessor | None], msgs: tuple, frames: int) -> list[tuple[float, float]]:
+def real_object_frames(f: MessageFactory, bop_root: Path, scene_id: int, ids: str) -> list[tuple]:
+    """Image, CameraInfo and ground-truth-box detections of a BOP scene's frames `ids` (e.g. '249-283')."""
+    from featmap_ros.bop_scoring import detections_for_frame
+    from featmap_ros.datasets import bop
+
+    scene = bop.BopScene(bop_root, scene_id)
+    out = []
+    for im_id in bop.select_ids(ids, scene.image_ids):
+        frame = scene.frame(im_id)
+        dets = detections_for_frame(frame, "gt", np.random.default_rng(0))
+        out.append((f.image_rgb(bop.read_rgb(frame.rgb_path), 0, "cam"), f.camera_info(frame.intrinsics, 0, "cam"),
+                    f.detection2d_array(dets, 0, "cam")))
+    if not out:
+        raise SystemExit(f"no frames {ids!r} in scene {scene_id} of {bop_root}")
+    return out
+
+
+def measure(procs: list[FrameProcessor | None], msgs: tuple | list[tuple], frames: int) -> list[tuple[float, float]]:
     """Median and p95 of process() wall time in ms per processor (None: NaN), after 3 warm-up frames each.
+
+    msgs: one frame's messages, or a list of frames' taken in turn.
 
     The processors take turns frame by frame, so a machine whose speed drifts (this project's 2-core
     CPU: up to 1.5x between runs minutes apart) slows them alike instead of favouring whichever ran
@@ -137,7 +162,9 @@ def measure(procs: list[FrameProcessor | None], msgs: tuple, frames: int) -> lis
     instead, each crop read out for its object as the estimator does.
     """
     times: list[list[float]] = [[] for _ in procs]
+    every = msgs if isinstance(msgs, list) else [msgs]
     for i in range(frames + 3):
+        msgs = every[i % len(every)]
         for k, proc in enumerate(procs):
             if proc is None:
                 continue
@@ -177,6 +204,12 @@ def main() -> None:
     parser.add_argument("--recentre", type=int, nargs="+", default=[HAND_RECENTRE], choices=range(MAX_RECENTRE + 1),
                         help=f"hand rows once per number of recentre passes (the node's recentre, {HAND_RECENTRE} "
                              "by default)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a trained object checkpoint: time it on real frames (--bop, --real-frames) instead")
+    parser.add_argument("--bop", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo")
+    parser.add_argument("--scene", type=int, default=2)
+    parser.add_argument("--real-frames", default="249-283", help="the real frames' ids (default: LM-O's validation "
+                                                                  "frames, which no setting is tuned on here)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
@@ -195,7 +228,7 @@ def main() -> None:
           flush=True)
     exports: dict[Path, Path] = {}
 
-    def row(device: str, preset: str, case: str, procs: list, msgs: tuple) -> None:
+    def row(device: str, preset: str, case: str, procs: list, msgs: tuple | list[tuple]) -> None:
         meds, cells = [], []
         for proc, (med, p95) in zip(procs, measure(procs, msgs, args.frames), strict=True):
             meds.append(med)
@@ -215,6 +248,24 @@ def main() -> None:
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
                 out.append(None)
         return out
+
+    if args.model is not None:
+        real = real_object_frames(f, args.bop, args.scene, args.real_frames)
+        with TemporaryDirectory() as tmp:
+            if set(args.backends) - {"torch", "torch-bf16"}:  # exported to a temporary folder, not beside the model
+                exports[args.model] = export_onnx(args.model, Path(tmp) / "onnx")
+            for device in args.devices:
+                for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
+                    cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc)
+                    procs = processors(args.model, device, cfg, dt, rc)
+                    first = next(p for p in procs if p is not None)
+                    poses = np.mean([len(first.process(*m).result.objects) for m in real])
+                    boxes = np.mean([len(m[2].detections) for m in real])
+                    pnp = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
+                    case = (f"objects, {args.model.parent.name} (trained), real frames {args.real_frames}: "
+                            f"{boxes:.1f} boxes, {poses:.1f} poses a frame{pnp}")
+                    row(device, "model", case, procs, real)
+        return
 
     with TemporaryDirectory() as tmp:
         for device in args.devices:
