@@ -7,12 +7,13 @@ Usage: python3 bench/bench_latency.py [--frames 50] [--presets deploy paper] [--
                                      [--heads dense16 dense keypoints bb8] [--hand-heads vote fc]
                                      [--backends torch onnxruntime]
                                      [--threads 0] [--decode-threads 1 2] [--recrop 0 1] [--recentre 0 2]
+       python3 bench/bench_latency.py --model MODEL_JSON [--bop DIR] [--scene 2] [--real-frames 249-283]
 'deploy' is the CPU-feasible net the experiments train (input 64, width 16, feature 256);
 'paper' is the paper-like net (input 128, VGG-16 widths / ResNet width 32, feature 1024).
-Weights are random: latency does not depend on them. Backends run side by side on the same
-frames, taking turns frame by frame: torch on the checkpoint (float32 on a CPU; torch-bf16 in bf16
-autocast, a default column where the CPU has native bf16), onnxruntime on its `featmap export`
-(providers by availability:
+Weights are random: the network's time does not depend on them, the decode's and the published
+messages' do (below). Backends run side by side on the same frames, taking turns frame by frame:
+torch on the checkpoint (float32 on a CPU; torch-bf16 in bf16 autocast, a default column where the
+CPU has native bf16), onnxruntime on its `featmap export` (providers by availability:
 TensorRT, CUDA, CPU); ort-cuda and ort-tensorrt pin one GPU provider each. Hand models with the
 vote head (the default) carry a centre refiner, so their frames include its crop-and-move steps
 (RefinerConfig.iterations).
@@ -66,8 +67,8 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
     """A random-weight checkpoint of the given size and head.
 
     The network's time does not depend on the weights. The spatial heads' decoding does: random
-    weights give unrelated correspondences (dense) or votes (keypoints), so RANSAC runs all its
-    iterations, an upper bound of a trained model's time.
+    weights give unrelated correspondences (dense) or votes (keypoints), which most crops fail to turn
+    into a pose, so such a frame decodes and publishes less than a trained model's (`--model`).
     """
     kw = dict(PRESETS[preset])
     if task == "objects":
@@ -98,14 +99,16 @@ def make_checkpoint(folder: Path, task: str, preset: str, n_objects: int = 8, he
 
 
 def estimator_on(backend: str, ckpt: Path, device: str, threads: int, exports: dict[Path, Path],
-                 decode_threads: int = 1, spinning: bool = False, recrop: int = 0, recentre: int = HAND_RECENTRE):
-    """The estimator of a checkpoint on one backend (the export is made once per checkpoint)."""
+                 decode_threads: int = 1, spinning: bool = False, recrop: int = 0, recentre: int = HAND_RECENTRE,
+                 export_to: Path | None = None):
+    """The estimator of a checkpoint on one backend (the export is made once per checkpoint, into export_to;
+    None: beside the checkpoint)."""
     if backend in ("torch", "torch-bf16"):
         return load_estimator(ckpt, device=device, cpu_threads=threads, backend="torch", decode_threads=decode_threads,
                               precision="bf16" if backend == "torch-bf16" else "auto", recrop=recrop,
                               recentre=recentre)
     if ckpt not in exports:
-        exports[ckpt] = export_onnx(ckpt, ckpt.parent / "onnx")
+        exports[ckpt] = export_onnx(ckpt, export_to or ckpt.parent / "onnx")
     providers = _PINNED.get(backend)
     if providers is not None:
         providers = [*providers, "CPUExecutionProvider"]
@@ -164,7 +167,7 @@ def measure(procs: list[FrameProcessor | None], msgs: tuple | list[tuple], frame
     times: list[list[float]] = [[] for _ in procs]
     every = msgs if isinstance(msgs, list) else [msgs]
     for i in range(frames + 3):
-        msgs = every[i % len(every)]
+        msgs = every[(i - 3) % len(every)]  # the timed frames start at the first of the list
         for k, proc in enumerate(procs):
             if proc is None:
                 continue
@@ -186,8 +189,8 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--heads", nargs="+", default=["dense16", "dense", "bb8"],
                         choices=["dense16", "dense", "keypoints", "bb8"],
-                        help="object heads: dense16 (the LM-O default: coordinates over 16 bins), dense (regressed "
-                             "coordinates, the main job's), keypoints (PVNet's) and bb8 (the paper's)")
+                        help="object heads: dense16 (the default of LM-O and the main job: coordinates over 16 bins), "
+                             "dense (regressed coordinates), keypoints (PVNet's) and bb8 (the paper's)")
     parser.add_argument("--hand-heads", nargs="+", default=["vote", "fc"], choices=["vote", "fc"],
                         help="hand heads: vote (the default model, with its centre refiner) and fc (the paper's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS,
@@ -206,8 +209,9 @@ def main() -> None:
                              "by default)")
     parser.add_argument("--model", type=Path, default=None,
                         help="a trained object checkpoint: time it on real frames (--bop, --real-frames) instead")
-    parser.add_argument("--bop", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo")
-    parser.add_argument("--scene", type=int, default=2)
+    parser.add_argument("--bop", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo",
+                        help="with --model: the BOP dataset whose frames it runs on (default: the shared LM-O data)")
+    parser.add_argument("--scene", type=int, default=2, help="with --model: the BOP scene")
     parser.add_argument("--real-frames", default="249-283", help="the real frames' ids (default: LM-O's validation "
                                                                   "frames, which no setting is tuned on here)")
     args = parser.parse_args()
@@ -237,12 +241,12 @@ def main() -> None:
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
     def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1, recrop: int = 0,
-                   recentre: int = HAND_RECENTRE) -> list:
+                   recentre: int = HAND_RECENTRE, export_to: Path | None = None) -> list:
         out = []
         for backend in args.backends:
             try:
                 est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning,
-                                   recrop, recentre)
+                                   recrop, recentre, export_to)
                 out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
@@ -251,19 +255,21 @@ def main() -> None:
 
     if args.model is not None:
         real = real_object_frames(f, args.bop, args.scene, args.real_frames)
-        with TemporaryDirectory() as tmp:
-            if set(args.backends) - {"torch", "torch-bf16"}:  # exported to a temporary folder, not beside the model
-                exports[args.model] = export_onnx(args.model, Path(tmp) / "onnx")
+        name = checkpoint.stem_of(args.model).parent.name
+        with TemporaryDirectory() as tmp:  # an export goes to a temporary folder, not beside the model
             for device in args.devices:
                 for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
                     cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc)
-                    procs = processors(args.model, device, cfg, dt, rc)
-                    first = next(p for p in procs if p is not None)
-                    poses = np.mean([len(first.process(*m).result.objects) for m in real])
+                    procs = processors(args.model, device, cfg, dt, rc, export_to=Path(tmp) / "onnx")
+                    running = [p for p in procs if p is not None]
+                    if not running:
+                        raise SystemExit(f"no backend of {args.backends} could run {args.model} on {device}")
+                    # Poses a frame, from every backend (which also warms each up on every frame).
+                    poses = [np.mean([len(p.process(*m).result.objects) for m in real]) for p in running]
                     boxes = np.mean([len(m[2].detections) for m in real])
                     pnp = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
-                    case = (f"objects, {args.model.parent.name} (trained), real frames {args.real_frames}: "
-                            f"{boxes:.1f} boxes, {poses:.1f} poses a frame{pnp}")
+                    case = (f"objects, {name} (trained), real frames {args.real_frames}: {boxes:.1f} boxes, "
+                            f"{'/'.join(f'{n:.1f}' for n in poses)} poses a frame{pnp}")
                     row(device, "model", case, procs, real)
         return
 

@@ -312,7 +312,7 @@ def test_lmo_budget_blocks_reach_every_head_and_come_from_a_budget_file(tmp_path
     path = tmp_path / "budget.yaml"
     path.write_text("blocks: [1, 2, 2, 2, 3]\n")
     budget = load_dataclass_yaml(LmoBudget, path)
-    for head in ("dense", "bb8"):
+    for head in ("dense", "bb8", "keypoints"):
         assert lmo_train_config(budget, n_objects=2, head=head).net.blocks == (1, 2, 2, 2, 3)
     with pytest.raises(ValueError, match="stages"):
         lmo_train_config(LmoBudget(blocks=(1, 2)), n_objects=2)

@@ -240,3 +240,33 @@ def test_hand_training_takes_the_sizes_loss_and_seed(tmp_path, monkeypatch, thro
     cfg = got.value.args[0]
     assert (cfg.loss.feat_through_f, cfg.seed, cfg.loss.lambda_feat, cfg.method) == (through_f, seed, 0.1, "fm_joint")
     assert cfg.optim.ema_decay == size.hand_ema
+
+
+def test_the_hand_refiner_trains_with_the_same_on_step_hook(tmp_path, monkeypatch):
+    """The core the object training frees reaches the hand refiner's training too (no training run)."""
+    import featmap_ros.datasets.hand_refine as hand_refine
+    import featmap_ros.experiments.data as xdata
+    import featmap_ros.model.refiner as refiner_mod
+    import featmap_ros.train as train_mod
+
+    hooks = {}
+
+    def fake_train(cfg, data, out, on_step=None):
+        hooks["train"] = on_step
+        return tmp_path / "model.json"
+
+    def fake_refiner(pool, config, steps, seed, on_step=None):
+        hooks["refiner"] = on_step
+        raise _Captured()
+
+    monkeypatch.setattr(xdata, "hands_task_data", lambda *a, **k: None)
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(hand_refine, "refine_pool", lambda *a, **k: {})
+    monkeypatch.setattr(refiner_mod, "train_refiner", fake_refiner)
+
+    def hook(step: int) -> None:
+        pass
+
+    with pytest.raises(_Captured):
+        _train_hands(tmp_path, TINY, "cpu", on_step=hook)
+    assert hooks == {"train": hook, "refiner": hook}

@@ -197,22 +197,37 @@ def test_a_short_training_brings_held_out_centres_closer_to_the_palm(pool) -> No
     assert np.median(after_nchw) == pytest.approx(np.median(after), rel=0.15)
 
 
-def test_the_training_calls_on_step_before_each_step_in_its_own_thread(pool) -> None:
+def test_the_training_calls_on_step_before_each_step_in_its_own_thread(pool, monkeypatch) -> None:
     # The main job's hand-over (take_freed_cores) changes the calling thread's torch threads between steps.
-    seen: list[tuple[int, int]] = []
+    import threading
+
+    from featmap_ros.model import refiner as refiner_mod
+
+    events: list[tuple[str, int, int]] = []  # (what, step or -1, torch threads)
+    forward = refiner_mod.CentreRefiner.forward
+
+    def watched(self, x):
+        events.append(("forward", -1, torch.get_num_threads()))
+        return forward(self, x)
+
+    monkeypatch.setattr(refiner_mod.CentreRefiner, "forward", watched)
+    callers = set()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
 
         def on_step(step: int) -> None:
-            seen.append((step, torch.get_num_threads()))
+            callers.add(threading.get_ident())
+            events.append(("on_step", step, torch.get_num_threads()))
             if step == 2:
                 torch.set_num_threads(2)
 
-        train_refiner(pool, RefinerConfig(), steps=5, batch=8, seed=0, on_step=on_step)
+        train_refiner(pool, RefinerConfig(), steps=4, batch=8, seed=0, on_step=on_step)
     finally:
         torch.set_num_threads(before)
-    assert seen == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2)]
+    assert callers == {threading.get_ident()}
+    assert events == [("on_step", 0, 1), ("forward", -1, 1), ("on_step", 1, 1), ("forward", -1, 1),
+                      ("on_step", 2, 1), ("forward", -1, 2), ("on_step", 3, 2), ("forward", -1, 2)]
 
 
 def test_training_refuses_a_pool_that_does_not_fit(pool) -> None:

@@ -8,7 +8,7 @@ test frames (100-159) are not touched. --holdout N instead trains on 0-(99-N) an
 N training frames (the session-5 protocol, 20 instances).
 
 Usage: DEV_THREADS=1 python3 tools/objects_tuning.py --tag NAME [--method fm] [--lr 1e-3]
-       [--s1 2000 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--bins 16] [--no-amp] [--val 100 | --holdout 20]
+       [--s1 1200 --s2 1200] [--width 16] [--batch 8] [--blocks 12223] [--bins 16] [--no-amp] [--val 100 | --holdout 20]
 Assets go to /tmp/objdev/assets_val<N> (made once); every run appends a JSON line to /tmp/objdev/results.jsonl
 (the arguments as given and the resolved MainJobSize). Scored without recrop (the main job replays with 1).
 """

@@ -36,9 +36,11 @@ class MainJobSize:
     hand_bag_frames: int = 60
     # (stage 1, stage 2) steps and images per step of each model. Small batches, more steps at about
     # the same images/s: objects 36% -> 54% 2D-proj@5px (batch 32 -> 8) and hands 22.1 -> 20.3 mm
-    # (32 -> 16) on validation data (docs/results.md, session 11). With the coordinate bins (below) the
-    # object model's stage 1 shrank from 2,000 steps: 66% on the validation frames at 1,200 against 69% at
-    # 2,000 (53% without bins), 0.8x the training time; stage 2 did not (800 steps: 60%; session 21).
+    # (32 -> 16) on validation data (docs/results.md, session 11). With the coordinate bins (below) the object
+    # model needs fewer steps: on the validation frames 69% (ADD 64%) at 2,000 + 1,200 (53% without bins),
+    # 66% (64%) at 1,200 + 1,200, 63% (59%) at 1,200 + 1,000, 60% (52%) at 1,200 + 800 (session 21). Stage 2,
+    # where the real pairs come in, is what ADD needs; 1,000 steps would save about 30 s of the object
+    # training, less than the machine's drift between runs moves the job's time.
     object_steps: tuple[int, int] = (1200, 1200)
     object_batch: int = 8
     hand_steps: tuple[int, int] = (1000, 600)
@@ -89,7 +91,8 @@ class MainJobSize:
     # cores each: a small-batch step uses 2 threads poorly (1 thread runs it at 0.79x (objects) and 0.88x
     # (hands) the speed of 2), so two 1-thread trainings finish well before two 2-thread ones in a row.
     parallel_training: bool = True
-    # Then, when one ends, the other goes on with every core (take_freed_cores): about 25 s less here. The
+    # Then, when one ends, the other goes on with every core (take_freed_cores): about 25 s less in session 20,
+    # when the hands ended 52 s first (21-24 s first in session 21's runs, after the object model's change). The
     # step where its thread count changes depends on the clock, and so does the float rounding after it: two
     # runs then differ a little (two session-20 runs: objects 61.7 / 63.3%). False: repeatable runs.
     share_freed_cores: bool = True
@@ -205,9 +208,10 @@ def take_freed_cores(freed: Any, threads: int, every: int = 20) -> Callable[[int
     """A train() on_step hook: once `freed` is set (the other training ended), train with `threads` threads.
 
     The two trainings rarely end together (the hand model before the object model on the Intel Xeon
-    without bf16, by 50-100 s), and a step at two threads runs 1.5-2.2x as fast as at one here
-    (bench/bench_memory_format.py), so the one left takes the other's core. torch's thread count is
-    per calling thread under OpenMP, hence a hook between steps in the training's own thread.
+    without bf16, by 50-100 s in session 20 and 21-24 s in session 21), and a step at two threads runs
+    1.5-2.2x as fast as at one here (bench/bench_memory_format.py), so the one left takes the other's
+    core. torch's thread count is per calling thread under OpenMP, hence a hook between steps in the
+    training's own thread.
     """
     import torch
 
