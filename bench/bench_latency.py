@@ -212,8 +212,8 @@ def main() -> None:
     parser.add_argument("--bop", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "lmo",
                         help="with --model: the BOP dataset whose frames it runs on (default: the shared LM-O data)")
     parser.add_argument("--scene", type=int, default=2, help="with --model: the BOP scene")
-    parser.add_argument("--real-frames", default="249-283", help="the real frames' ids (default: LM-O's validation "
-                                                                  "frames, which no setting is tuned on here)")
+    parser.add_argument("--real-frames", default="249-283", help="with --model: the real frames' ids (default: LM-O's "
+                                                                  "validation frames, so no test frame is read)")
     args = parser.parse_args()
     f = MessageFactory.for_rosbags(typestore("humble"))
     rng = np.random.default_rng(0)
