@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -240,36 +241,40 @@ def main() -> None:
         speed = " | ".join(f"{meds[0] / m:.2f}x" for m in meds[1:]) if ratio else ""
         print(f"| {device} | {preset} | {case} | {' | '.join(cells)} |" + (f" {speed} |" if ratio else ""), flush=True)
 
-    def processors(ckpt: Path, device: str, cfg: NodeConfig, decode_threads: int = 1, recrop: int = 0,
-                   recentre: int = HAND_RECENTRE, export_to: Path | None = None) -> list:
+    def processors(ckpt: Path, device: str, cfg: NodeConfig, export_to: Path | None = None) -> list:
+        """A FrameProcessor per backend (None where it is unavailable), its estimator set up as cfg says."""
         out = []
         for backend in args.backends:
             try:
-                est = estimator_on(backend, ckpt, device, args.threads, exports, decode_threads, args.ort_spinning,
-                                   recrop, recentre, export_to)
+                est = estimator_on(backend, ckpt, device, args.threads, exports, cfg.decode_threads, args.ort_spinning,
+                                   cfg.recrop, cfg.recentre, export_to)
                 out.append(FrameProcessor(est, f, cfg))
             except Exception as err:  # a provider this machine lacks: say so, keep the other columns
                 print(f"note: {backend} on {device} unavailable: {type(err).__name__}: {err}", flush=True)
                 out.append(None)
         return out
 
+    def object_settings() -> Iterator[tuple[NodeConfig, str]]:
+        """The node config of each --decode-threads x --recrop object row, and its case-name suffix."""
+        for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
+            suffix = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
+            yield NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc), suffix
+
     if args.model is not None:
         real = real_object_frames(f, args.bop, args.scene, args.real_frames)
         name = checkpoint.stem_of(args.model).parent.name
         with TemporaryDirectory() as tmp:  # an export goes to a temporary folder, not beside the model
             for device in args.devices:
-                for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
-                    cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc)
-                    procs = processors(args.model, device, cfg, dt, rc, export_to=Path(tmp) / "onnx")
+                for cfg, suffix in object_settings():
+                    procs = processors(args.model, device, cfg, export_to=Path(tmp) / "onnx")
                     running = [p for p in procs if p is not None]
                     if not running:
                         raise SystemExit(f"no backend of {args.backends} could run {args.model} on {device}")
                     # Poses a frame, from every backend (which also warms each up on every frame).
                     poses = [np.mean([len(p.process(*m).result.objects) for m in real]) for p in running]
                     boxes = np.mean([len(m[2].detections) for m in real])
-                    pnp = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
                     case = (f"objects, {name} (trained), real frames {args.real_frames}: {boxes:.1f} boxes, "
-                            f"{'/'.join(f'{n:.1f}' for n in poses)} poses a frame{pnp}")
+                            f"{'/'.join(f'{n:.1f}' for n in poses)} poses a frame{suffix}")
                     row(device, "model", case, procs, real)
         return
 
@@ -278,12 +283,10 @@ def main() -> None:
             for preset in args.presets:
                 for head in args.heads:
                     ckpt = make_checkpoint(Path(tmp), "objects", preset, head=head)
-                    for dt, rc in ((dt, rc) for dt in args.decode_threads for rc in args.recrop):
-                        cfg = NodeConfig(task="objects", publish_overlay=False, decode_threads=dt, recrop=rc)
-                        procs = processors(ckpt, device, cfg, dt, rc)
-                        pnp = (f", {dt} PnP threads" if dt > 1 else "") + (f", recrop {rc}" if rc else "")
+                    for cfg, suffix in object_settings():
+                        procs = processors(ckpt, device, cfg)
                         for n in (1, 8):
-                            row(device, preset, f"objects x{n}, {head} head{pnp}", procs, object_frame(f, n, rng))
+                            row(device, preset, f"objects x{n}, {head} head{suffix}", procs, object_frame(f, n, rng))
                     size = PRESETS[preset]["input_size"]
                     crops = rng.uniform(-1, 1, (8, 3, size, size)).astype(np.float32)
                     objects = np.arange(8) % len(model_meta(ckpt)["objects"])
@@ -293,7 +296,7 @@ def main() -> None:
                     ckpt = make_checkpoint(Path(tmp), "hands", preset, head=head, refiner=refine)
                     for rc in args.recentre:
                         cfg = NodeConfig(task="hands", use_detections=False, publish_overlay=False, recentre=rc)
-                        procs = processors(ckpt, device, cfg, recentre=rc)
+                        procs = processors(ckpt, device, cfg)
                         case = f"hand, {head} head" + (" + centre refiner" if refine else "") + f", recentre {rc}"
                         row(device, preset, case, procs, hand_frame(f))
 

@@ -15,11 +15,14 @@ both alike; the table gives the median over rounds of ms per step. Run it alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
+from featmap_ros.experiments.lmo import LmoBudget, lmo_train_config
+from featmap_ros.experiments.main_job import MainJobSize
 from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
 from featmap_ros.train import LossConfig, _set_trainable, _to_device, stage_losses
 
@@ -45,27 +48,29 @@ def hand_batches(batch: int, size: int = 64, joints: int = 14) -> dict[str, dict
             "pairs": {"real": image(), "syn": image(), "target": target()}}
 
 
+def _nets() -> dict[str, NetConfig]:
+    """The nets the rows train, from the configs that train them (MainJobSize, LmoBudget), so they cannot drift."""
+    size = MainJobSize()
+    main_objects = NetConfig(task="objects", input_size=size.input_size, width=size.width, blocks=size.object_blocks,
+                             head="dense", n_outputs=DENSE_CHANNELS, feature_dim=size.dense_feature_dim, dropout=0.0,
+                             coord_bins=size.object_coord_bins, mapping=True)
+    hands = NetConfig(task="hands", input_size=size.input_size, width=size.hand_width, head=size.hand_head,
+                      feature_dim=size.dense_feature_dim, dropout=0.0, mapping=True, shared_extractor=True)
+    lmo = dataclasses.replace(lmo_train_config(LmoBudget(), n_objects=8).net, mapping=True, shared_extractor=True)
+    return {"main_objects": main_objects, "hands": hands, "lmo": lmo}
+
+
+NETS = _nets()
 CASES = {
     # name: (net, stage, batches, loss)
-    "main job objects, syn stage, batch 8": (
-        NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
-                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, coord_bins=16, mapping=True), "syn",
-        lambda: object_batches(8, 1), LossConfig()),
-    "main job objects, fm stage, batch 8": (
-        NetConfig(task="objects", input_size=64, width=16, blocks=(1, 2, 2, 2, 3), head="dense",
-                  n_outputs=DENSE_CHANNELS, feature_dim=32, dropout=0.0, coord_bins=16, mapping=True), "fm",
-        lambda: object_batches(8, 1), LossConfig()),
-    "main job hands, fm_joint, batch 16": (
-        NetConfig(task="hands", input_size=64, width=8, head="vote", feature_dim=32, dropout=0.0, mapping=True,
-                  shared_extractor=True), "fm_joint", lambda: hand_batches(16), LossConfig(pose="smooth_l1")),
-    "LM-O objects (16 bins, 8 objects), syn stage, batch 32": (
-        NetConfig(task="objects", input_size=64, width=16, head="dense", n_outputs=DENSE_CHANNELS * 8,
-                  feature_dim=32, dropout=0.0, coord_bins=16, mapping=True, shared_extractor=True), "syn",
-        lambda: object_batches(32, 8), LossConfig()),
-    "LM-O objects (16 bins, 8 objects), fm_joint, batch 32": (
-        NetConfig(task="objects", input_size=64, width=16, head="dense", n_outputs=DENSE_CHANNELS * 8,
-                  feature_dim=32, dropout=0.0, coord_bins=16, mapping=True, shared_extractor=True), "fm_joint",
-        lambda: object_batches(32, 8), LossConfig()),
+    "main job objects, syn stage, batch 8": (NETS["main_objects"], "syn", lambda: object_batches(8, 1), LossConfig()),
+    "main job objects, fm stage, batch 8": (NETS["main_objects"], "fm", lambda: object_batches(8, 1), LossConfig()),
+    "main job hands, fm_joint, batch 16": (NETS["hands"], "fm_joint", lambda: hand_batches(16),
+                                           LossConfig(pose="smooth_l1")),
+    "LM-O objects (16 bins, 8 objects), syn stage, batch 32": (NETS["lmo"], "syn", lambda: object_batches(32, 8),
+                                                               LossConfig()),
+    "LM-O objects (16 bins, 8 objects), fm_joint, batch 32": (NETS["lmo"], "fm_joint", lambda: object_batches(32, 8),
+                                                              LossConfig()),
 }
 
 
