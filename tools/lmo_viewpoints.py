@@ -5,9 +5,13 @@ objects from about half of the circle. This splits the training frames by the ca
 about the scene (measured in ape's model frame, z up): the anchors and backgrounds come from the
 frames on one side ("seen", azimuth < -40 deg), and the synthetic-only model (h(f_S(x)), the
 ceiling of Feature Mapping) is scored on the real frames of the other side ("unseen", azimuth >
--25 deg) and on the seen ones. The test frames are not read.
+-25 deg) and on the seen ones. The test frames are not read. --method mixed / fm_joint (with --s2
+steps more) also trains on the seen side's real frames (the pairs), as the experiment trains on
+every training frame: the seen side is then trained on, and the unseen side asks what the
+synthetic viewpoints add where no real frame is.
 
-Usage: python3 tools/lmo_viewpoints.py --tag NAME [--azimuth 0|360] [--spread 25] [--steps 1800] [--set FIELD=VALUE]
+Usage: python3 tools/lmo_viewpoints.py --tag NAME [--azimuth 0|360] [--spread 25] [--steps 1800]
+                                       [--method synthetic|mixed|fm_joint] [--s2 0] [--set FIELD=VALUE]
 Every run appends a JSON line to /tmp/lmodev/results.jsonl; `--plot OUT.png` draws those lines instead.
 """
 
@@ -44,6 +48,9 @@ ap.add_argument("--bop", default="../shared/data/lmo")
 ap.add_argument("--azimuth", type=float, default=0.0, help="LmoBudget.anchor_azimuth_deg")
 ap.add_argument("--spread", type=float, default=25.0, help="LmoBudget.anchor_spread_deg")
 ap.add_argument("--steps", type=int, default=1800, help="synthetic steps (the experiment's stage 1)")
+ap.add_argument("--method", default="synthetic", choices=["synthetic", "mixed", "fm_joint"],
+                help="what trains: synthetic only, or with the seen side's real frames (one stage of --steps + --s2)")
+ap.add_argument("--s2", type=int, default=0, help="the budget's stage2_steps (the methods with real frames)")
 ap.add_argument("--pool", type=int, default=LmoBudget().pool_per_object, help="renders per object")
 ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                 help="another LmoBudget field, its value in YAML (repeatable)")
@@ -66,7 +73,7 @@ def plot(out: Path) -> None:
               "unseen side (real)": [r["unseen_proj_5px"] for r in rows],
               "synthetic crops": [r["synthetic_proj_5px"] for r in rows]}
     plot_bars(out, labels, groups, "2D-proj@5px (%)",
-              title="synthetic-only, anchors from one side (LM-O training frames)")
+              title="anchors (and the methods' real frames) from one side (LM-O training frames)")
     print(f"plot: {out}")
 
 
@@ -92,21 +99,22 @@ az = {i: camera_azimuth(f) for i, f in frames.items()}
 seen = [i for i, v in az.items() if v is not None and v < -40.0]
 unseen = [i for i, v in az.items() if v is not None and -25.0 < v < 150.0]
 budget = dataclasses.replace(budget, anchor_azimuth_deg=a.azimuth, anchor_spread_deg=a.spread,
-                             stage1_steps=a.steps, stage2_steps=0, pool_per_object=a.pool)
+                             stage1_steps=a.steps, stage2_steps=a.s2, pool_per_object=a.pool)
 present = {i.obj_id for k in seen for i in frames[k].instances}
 obj_ids = tuple(i for i in LMO_OBJ_IDS if i in present)
 stream_cfg = lmo_stream_config(budget, scene, seen, obj_ids)
 data = xdata.objects_pool_task_data(bop_root, 2, seen, obj_ids, stream_cfg,
                                     PoolConfig(n_per_object=budget.pool_per_object), names=dict(xdata.LMO_NAMES),
                                     head=budget.head)
-cfg = dataclasses.replace(lmo_train_config(budget, len(obj_ids)), max_steps=a.steps)
+cfg = dataclasses.replace(lmo_train_config(budget, len(obj_ids)), max_steps=a.steps + a.s2)
 t0 = time.perf_counter()
-model_json = train(cfg, data, ROOT / "runs" / a.tag, "synthetic")
+model_json = train(cfg, data, ROOT / "runs" / a.tag, a.method)
 wall = time.perf_counter() - t0
 
 infos, meshes = load_object_models(bop_root / "models")
 names = dict(xdata.LMO_NAMES)
-row = {"tag": a.tag, "set": changes, "azimuth": a.azimuth, "spread": a.spread, "steps": a.steps,
+row = {"tag": a.tag, "set": changes, "method": a.method, "azimuth": a.azimuth, "spread": a.spread,
+       "steps": a.steps + a.s2,
        "train_s": round(wall, 1), "n_seen": len(seen), "n_unseen": len(unseen)}
 est = load_estimator(model_json)
 for name, ids in (("seen", seen), ("unseen", unseen)):
