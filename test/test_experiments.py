@@ -321,6 +321,26 @@ def test_lmo_budget_blocks_reach_every_head_and_come_from_a_budget_file(tmp_path
         load_dataclass_yaml(LmoBudget, path)
 
 
+def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lmo_root) -> None:
+    """The synthetic stream's anchors (and their azimuth turn) and photo backgrounds come from the frames given."""
+    from featmap_ros.datasets.bop import BopScene
+    from featmap_ros.experiments.lmo import LmoBudget, lmo_stream_config
+
+    scene = BopScene(lmo_root, 2)
+    ids = [3, 8]
+    cfg = lmo_stream_config(LmoBudget(anchor_azimuth_deg=90.0), scene, ids, (1, 5))
+    frames = scene.frames(ids)
+    expected = [(float(i.obj_id), *i.R.ravel(), *i.t.ravel()) for f in frames for i in f.instances if i.obj_id in (1, 5)]
+    assert len(cfg.pose_anchors) == len(expected) > 0
+    np.testing.assert_allclose(np.array(cfg.pose_anchors), np.array(expected))
+    assert cfg.anchor_azimuth_deg == 90.0 and cfg.anchor_spread_deg == LmoBudget().anchor_spread_deg
+    assert set(cfg.photo_paths) == {str(f.rgb_path) for f in frames}
+    # The default turns every draw by up to +-90 degrees (chosen on training frames, docs/results.md, session 22).
+    assert lmo_stream_config(LmoBudget(), scene, ids, (1, 5)).anchor_azimuth_deg == 180.0
+    free = lmo_stream_config(LmoBudget(anchor_spread_deg=0.0, train_frame_backgrounds=0.0), scene, ids, (1, 5))
+    assert not free.pose_anchors and not free.photo_paths  # the stream's own LM-O ranges, no photo
+
+
 def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:
     from featmap_ros.experiments import main_job
 
