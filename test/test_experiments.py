@@ -330,7 +330,8 @@ def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lm
     ids = [3, 8]
     cfg = lmo_stream_config(LmoBudget(anchor_azimuth_deg=90.0), scene, ids, (1, 5))
     frames = scene.frames(ids)
-    expected = [(float(i.obj_id), *i.R.ravel(), *i.t.ravel()) for f in frames for i in f.instances if i.obj_id in (1, 5)]
+    expected = [(float(i.obj_id), *i.R.ravel(), *i.t.ravel())
+                for f in frames for i in f.instances if i.obj_id in (1, 5)]
     assert len(cfg.pose_anchors) == len(expected) > 0
     np.testing.assert_allclose(np.array(cfg.pose_anchors), np.array(expected))
     assert cfg.anchor_azimuth_deg == 90.0 and cfg.anchor_spread_deg == LmoBudget().anchor_spread_deg
