@@ -336,8 +336,7 @@ def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lm
     np.testing.assert_allclose(np.array(cfg.pose_anchors), np.array(expected))
     assert cfg.anchor_azimuth_deg == 90.0 and cfg.anchor_spread_deg == LmoBudget().anchor_spread_deg
     assert set(cfg.photo_paths) == {str(f.rgb_path) for f in frames}
-    # The default turns every draw by up to +-90 degrees (chosen on training frames, docs/results.md, session 22).
-    assert lmo_stream_config(LmoBudget(), scene, ids, (1, 5)).anchor_azimuth_deg == 180.0
+    assert lmo_stream_config(LmoBudget(), scene, ids, (1, 5)).anchor_azimuth_deg == 0.0  # the anchors' own sides
     free = lmo_stream_config(LmoBudget(anchor_spread_deg=0.0, train_frame_backgrounds=0.0), scene, ids, (1, 5))
     assert not free.pose_anchors and not free.photo_paths  # the stream's own LM-O ranges, no photo
 

@@ -103,12 +103,11 @@ class LmoBudget:
     # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
     # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
     anchor_spread_deg: float = 25.0
-    # ... and about the model's up axis by up to +- half this (ObjectStreamConfig.anchor_azimuth_deg). 180: every
-    # draw also turned by up to +-90 degrees. Synthetic-only it cost the side the anchors come from 10-15 points
-    # (sessions 8, 19), but the methods with real frames learn that side from them: fm_joint on one side's real
-    # frames scored the side no frame shows 17.7% -> 24.1% @5px, its own side level (training frames only,
-    # tools/lmo_viewpoints.py, session 22).
-    anchor_azimuth_deg: float = 180.0
+    # ... and about the model's up axis by up to +- half this (ObjectStreamConfig.anchor_azimuth_deg). 180 (up to
+    # +-90 degrees) lifted the unseen side of a one-sided training set (fm_joint on 24 seen-side frames: 17.7% ->
+    # 24.1% @5px, tools/lmo_viewpoints.py), but with every training frame fm_joint's validation frames fell 65.4% ->
+    # 61.3% and the test frames moved -0.8 points for both methods (session 22, docs/results.md): it stays 0.
+    anchor_azimuth_deg: float = 0.0
     # The last validation_frames training frames are held out: never trained on, they give the
     # learning curves (every curve_every steps; 0: no curves) that settings are chosen from.
     validation_frames: int = 8
