@@ -47,7 +47,7 @@ ap.add_argument("--tag", required=True)
 ap.add_argument("--bop", default="../shared/data/lmo")
 ap.add_argument("--azimuth", type=float, default=0.0, help="LmoBudget.anchor_azimuth_deg")
 ap.add_argument("--spread", type=float, default=25.0, help="LmoBudget.anchor_spread_deg")
-ap.add_argument("--steps", type=int, default=1800, help="synthetic steps (the experiment's stage 1)")
+ap.add_argument("--steps", type=int, default=1800, help="the budget's stage1_steps (synthetic only: every step)")
 ap.add_argument("--method", default="synthetic", choices=["synthetic", "mixed", "fm_joint"],
                 help="what trains: synthetic only, or with the seen side's real frames (one stage of --steps + --s2)")
 ap.add_argument("--s2", type=int, default=0, help="the budget's stage2_steps (the methods with real frames)")
