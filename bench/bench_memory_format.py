@@ -15,16 +15,15 @@ both alike; the table gives the median over rounds of ms per step. Run it alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 import torch
 
 from featmap_ros.experiments.lmo import LmoBudget, lmo_train_config
-from featmap_ros.experiments.main_job import MainJobSize
-from featmap_ros.model.nets import DENSE_CHANNELS, FeatureMappingModel, NetConfig
-from featmap_ros.train import LossConfig, _set_trainable, _to_device, stage_losses
+from featmap_ros.experiments.main_job import MainJobSize, hand_train_config, object_train_config
+from featmap_ros.model.nets import FeatureMappingModel, NetConfig
+from featmap_ros.train import LossConfig, _set_trainable, _to_device, method_net, stage_losses
 
 
 def object_batches(batch: int, n_objects: int, size: int = 64) -> dict[str, dict[str, torch.Tensor]]:
@@ -49,15 +48,12 @@ def hand_batches(batch: int, size: int = 64, joints: int = 14) -> dict[str, dict
 
 
 def _nets() -> dict[str, NetConfig]:
-    """The nets the rows train, from the configs that train them (MainJobSize, LmoBudget), so they cannot drift."""
+    """The nets the rows train, as the configs that train them (MainJobSize, LmoBudget) make them for each method
+    (train.method_net), so they cannot drift."""
     size = MainJobSize()
-    main_objects = NetConfig(task="objects", input_size=size.input_size, width=size.width, blocks=size.object_blocks,
-                             head="dense", n_outputs=DENSE_CHANNELS, feature_dim=size.dense_feature_dim, dropout=0.0,
-                             coord_bins=size.object_coord_bins, mapping=True)
-    hands = NetConfig(task="hands", input_size=size.input_size, width=size.hand_width, head=size.hand_head,
-                      feature_dim=size.dense_feature_dim, dropout=0.0, mapping=True, shared_extractor=True)
-    lmo = dataclasses.replace(lmo_train_config(LmoBudget(), n_objects=8).net, mapping=True, shared_extractor=True)
-    return {"main_objects": main_objects, "hands": hands, "lmo": lmo}
+    objects, hands = object_train_config(size), hand_train_config(size)
+    return {"main_objects": method_net(objects.net, objects.method), "hands": method_net(hands.net, hands.method),
+            "lmo": method_net(lmo_train_config(LmoBudget(), n_objects=8).net, "fm_joint")}
 
 
 NETS = _nets()

@@ -177,6 +177,11 @@ _RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
 }
 
 
+def method_net(net: NetConfig, method: str) -> NetConfig:
+    """The net a method trains: with g (and f_R, unless fm_joint's one shared f) for the mapping methods."""
+    return dataclasses.replace(net, mapping=method in MAPPING_METHODS, shared_extractor=method == "fm_joint")
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
     """Every float of the config finite, and the optimiser's and losses' values in range; name the key."""
     for section in ("optim", "loss", "net"):
@@ -602,8 +607,7 @@ def train(config: TrainConfig, data: TaskData, out_dir: str | os.PathLike[str], 
 
     # ---- model and optimiser (same seed on every rank gives the same initial weights)
     torch.manual_seed(cfg.seed)
-    net_cfg = dataclasses.replace(cfg.net, mapping=cfg.method in MAPPING_METHODS,
-                                  shared_extractor=cfg.method == "fm_joint")
+    net_cfg = method_net(cfg.net, cfg.method)
     model = FeatureMappingModel(net_cfg).to(device)
     channels_last = uses_channels_last(cfg, device)
     if channels_last:

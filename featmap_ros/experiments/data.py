@@ -492,14 +492,13 @@ def seed_from_stage1(stage1_json: Path, out_dir: Path, cfg: Any, method: str) ->
     """
     from featmap_ros.model import checkpoint as ckpt
     from featmap_ros.model.nets import FeatureMappingModel
-    from featmap_ros.train import MAPPING_METHODS, config_to_dict
+    from featmap_ros.train import config_to_dict, method_net
 
     src, doc = ckpt.load(stage1_json, expect_task=cfg.net.task)
     if int(doc["step"]) != cfg.stage1_steps:
         raise DataError(f"{stage1_json} is at step {doc['step']}, not at the end of stage 1 ({cfg.stage1_steps})")
     torch.manual_seed(cfg.seed)
-    model = FeatureMappingModel(dataclasses.replace(cfg.net, mapping=method in MAPPING_METHODS,
-                                                    shared_extractor=method == "fm_joint"))
+    model = FeatureMappingModel(method_net(cfg.net, method))
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if unexpected or any(not (k.startswith("f_R.") or k.startswith("g.")) for k in missing):
         raise DataError(f"stage-1 weights do not fit a {method} model: missing {missing[:3]}, "

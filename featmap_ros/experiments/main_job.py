@@ -118,6 +118,33 @@ def _train_config(size: MainJobSize, device: str, net: dict, method: str, lr: fl
     )
 
 
+def object_train_config(size: MainJobSize, device: str = "cpu"):
+    """The TrainConfig of the main job's object model."""
+    from featmap_ros.model.nets import DENSE_CHANNELS
+
+    net = {"task": "objects", "width": size.width, "blocks": size.object_blocks, "head": "dense",
+           "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim, "dropout": 0.0,
+           "coord_bins": size.object_coord_bins}
+    return _train_config(size, device, net, size.object_method, size.object_lr, size.object_steps, size.object_batch,
+                         ema=size.object_ema)
+
+
+def hand_train_config(size: MainJobSize, device: str = "cpu"):
+    """The TrainConfig of the main job's hand model (the hands experiment's settings where size leaves None)."""
+    from featmap_ros.experiments.hands import HandsBudget
+    from featmap_ros.train import LossConfig
+
+    vote = size.hand_head == "vote"
+    budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
+    net = {"task": "hands", "width": size.hand_width, "head": size.hand_head,
+           "feature_dim": size.dense_feature_dim if vote else size.feature_dim, "dropout": 0.0 if vote else 0.1}
+    lr = budget.lr if size.hand_lr is None else size.hand_lr
+    lambda_feat = budget.lambda_feat if size.hand_lambda_feat is None else size.hand_lambda_feat
+    return _train_config(size, device, net, size.hand_method, lr, size.hand_steps, size.hand_batch,
+                         LossConfig(pose=budget.pose_loss, lambda_feat=lambda_feat,
+                                    feat_through_f=size.hand_feat_through_f), seed=size.hand_seed, ema=size.hand_ema)
+
+
 def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_ids: list[int] | None = None,
                   on_step: Callable[[int], None] | None = None) -> Path:
     """The main job's object model on the built-in scene's frames train_ids (default: all its training frames)."""
@@ -125,14 +152,9 @@ def train_objects(root: Path, out: Path, size: MainJobSize, device: str, train_i
     from featmap_ros.datasets.pool import PoolConfig
     from featmap_ros.datasets.streams import ObjectStreamConfig
     from featmap_ros.experiments.data import objects_pool_task_data
-    from featmap_ros.model.nets import DENSE_CHANNELS
     from featmap_ros.train import train
 
-    net = {"task": "objects", "width": size.width, "blocks": size.object_blocks, "head": "dense",
-           "n_outputs": DENSE_CHANNELS, "feature_dim": size.dense_feature_dim, "dropout": 0.0,
-           "coord_bins": size.object_coord_bins}
-    cfg = _train_config(size, device, net, size.object_method, size.object_lr, size.object_steps, size.object_batch,
-                        ema=size.object_ema)
+    cfg = object_train_config(size, device)
     train_ids = list(range(size.train_frames)) if train_ids is None else list(train_ids)
     frames = BopScene(root, 1).frames(train_ids)
     # As in the LM-O experiment: viewpoints around the training frames' poses, their backgrounds.
@@ -153,22 +175,14 @@ def _train_hands(out: Path, size: MainJobSize, device: str, on_step: Callable[[i
     from featmap_ros.datasets.hand_refine import SensorCropRecorder, refine_pool
     from featmap_ros.datasets.hand_streams import HandStreamConfig, SensorHandSet
     from featmap_ros.experiments.data import hands_task_data
-    from featmap_ros.experiments.hands import HANDS_AUGMENT, HandsBudget
+    from featmap_ros.experiments.hands import HANDS_AUGMENT
     from featmap_ros.model import checkpoint
     from featmap_ros.model.refiner import RefinerConfig, train_refiner
     from featmap_ros.render.hand import HandShape
     from featmap_ros.render.sensor import SensorConfig
-    from featmap_ros.train import LossConfig, train
+    from featmap_ros.train import train
 
-    vote = size.hand_head == "vote"
-    budget = HandsBudget()  # the experiment's optimisation settings, chosen on its validation frames
-    net = {"task": "hands", "width": size.hand_width, "head": size.hand_head,
-           "feature_dim": size.dense_feature_dim if vote else size.feature_dim, "dropout": 0.0 if vote else 0.1}
-    lr = budget.lr if size.hand_lr is None else size.hand_lr
-    lambda_feat = budget.lambda_feat if size.hand_lambda_feat is None else size.hand_lambda_feat
-    cfg = _train_config(size, device, net, size.hand_method, lr, size.hand_steps, size.hand_batch,
-                        LossConfig(pose=budget.pose_loss, lambda_feat=lambda_feat,
-                                   feat_through_f=size.hand_feat_through_f), seed=size.hand_seed, ema=size.hand_ema)
+    cfg = hand_train_config(size, device)
     stream_cfg = HandStreamConfig(crop_px=size.input_size, pair_centre=size.hand_pair_centre)
     augment = HANDS_AUGMENT if size.hand_shift_sigma is None else dataclasses.replace(
         HANDS_AUGMENT, shift_sigma=size.hand_shift_sigma, depth_sigma=size.hand_shift_sigma)
