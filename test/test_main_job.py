@@ -144,8 +144,32 @@ def test_the_sequential_path_trains_in_this_process(tmp_path, monkeypatch):
     monkeypatch.setattr(mj, "_train_task", fake_train)
     timings: dict[str, float] = {}
     size = dataclasses.replace(TINY, parallel_training=False)
-    models = _train_models(tmp_path, tmp_path, size, "cpu", True, timings)
-    assert calls == ["objects", "hands"] and set(models) == {"objects", "hands"} and "train_wall_s" not in timings
+    models = _train_models(tmp_path, tmp_path, size, "cpu", True, timings, lambda: calls.append("assets"))
+    assert calls == ["assets", "objects", "hands"] and set(models) == {"objects", "hands"}
+    assert "train_wall_s" not in timings and "assets_s" in timings
+
+
+@pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")
+def test_the_hand_model_trains_while_the_assets_are_written(tmp_path):
+    """The hand model needs none of the assets: its worker has started training before they are written."""
+    from featmap_ros import assets
+
+    root, started = tmp_path / "assets", []
+
+    def build_assets():
+        config = tmp_path / "models" / "hands" / "config.yaml"  # train() writes it before its first step
+        for _ in range(900):  # up to 90 s: the worker imports torch first, on a loaded CPU too
+            if config.is_file():
+                break
+            time.sleep(0.1)
+        started.append(config.is_file())
+        assets.write_object_models(root)
+        assets.write_real_scene(root, TINY.real_frames, seed=0)
+
+    timings: dict[str, float] = {}
+    models = _train_models(root, tmp_path, TINY, "cpu", True, timings, build_assets)
+    assert started == [True] and set(models) == {"objects", "hands"}
+    assert timings["train_wall_s"] >= timings["assets_s"] > 0
 
 
 def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_path, monkeypatch, capsys):
