@@ -20,6 +20,7 @@ from featmap_ros.datasets.pool import (
     augment_synthetic,
     background_bank,
     jitter_thetas,
+    occlude,
     render_object_pool,
     shape_bank,
     warp_corners,
@@ -193,9 +194,38 @@ def test_augmented_batches_have_both_heads_targets(lmo_pool) -> None:
     assert out["real"].shape == out["syn"].shape == (4, 3, 64, 64)
 
 
+def test_real_crops_get_the_same_occluder_as_their_render(lmo_pool) -> None:
+    pool, _, _, _ = lmo_pool
+    shapes = shape_bank(8, 64)
+    pairs = {"real": pool["rgb"], "syn": pool["rgb"], **{k: pool[k] for k in ("mask", "coords", "target", "obj_index")}}
+    idx = torch.arange(6)
+    plain = augment_pairs(pairs, idx, 64, 1.5, AugmentConfig(), torch.Generator().manual_seed(2))
+    cfg = AugmentConfig(real_occluder_prob=1.0, real_colour_gain=0.0, brightness=0.0)
+    occluded = augment_pairs(pairs, idx, 64, 1.5, cfg, torch.Generator().manual_seed(2), (pool, shapes), 1.25)
+    # The pair's two images were equal, and stay equal: the occluder covers both alike.
+    torch.testing.assert_close(occluded["real"], occluded["syn"])
+    assert not torch.equal(occluded["real"], plain["real"])
+    # Hidden locations are no longer visible; none becomes visible; the object stays in view.
+    assert (occluded["visibility"] <= plain["visibility"] + 1e-6).all()
+    assert occluded["visibility"].sum() < plain["visibility"].sum()
+    assert (occluded["visibility"].flatten(1).sum(1) > 0).all()
+    # occlude() itself: a row's k images change at the same pixels, and only there the mask can drop.
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(4, 3, 64, 64) * 255
+    m = torch.ones(4, 64, 64, dtype=torch.bool)
+    out, m2 = occlude(torch.cat([img, img], 1), m, pool, shapes, 64, 1.25, AugmentConfig(min_visible=0.0), 1.0, g)
+    torch.testing.assert_close(out[:, :3], out[:, 3:])
+    changed = (out[:, :3] != img).any(1)
+    assert (~m2 <= changed).all() and (~m2).any()
+    with pytest.raises(StreamError, match="occluders"):
+        augment_pairs(pairs, idx, 64, 1.5, cfg, torch.Generator().manual_seed(2))
+
+
 def test_pool_and_augment_configs_refuse_bad_values() -> None:
     with pytest.raises(StreamError, match="occluder_prob"):
         AugmentConfig(occluder_prob=1.5)
+    with pytest.raises(StreamError, match="real_occluder_prob"):
+        AugmentConfig(real_occluder_prob=-0.1)
     with pytest.raises(StreamError, match="pair_oversize"):
         PoolConfig(pair_oversize=1.1)
 

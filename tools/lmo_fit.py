@@ -20,7 +20,6 @@ import numpy as np
 
 from featmap_ros.bop_scoring import load_object_models, run_bop
 from featmap_ros.datasets import bop
-from featmap_ros.datasets.pool import PoolConfig
 from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS
 from featmap_ros.estimator import load_estimator
 from featmap_ros.evaluation import json_safe, score_objects
@@ -28,6 +27,7 @@ from featmap_ros.experiments import data as xdata
 from featmap_ros.experiments.lmo import (
     DEFAULT_TRAIN_FRAMES,
     LmoBudget,
+    lmo_pool_config,
     lmo_stream_config,
     lmo_train_config,
     split_validation,
@@ -61,7 +61,7 @@ present = {i.obj_id for f in scene.frames(fit_ids) for i in f.instances}
 obj_ids = tuple(i for i in LMO_OBJ_IDS if i in present)
 stream_cfg = lmo_stream_config(budget, scene, fit_ids, obj_ids)
 data = xdata.objects_pool_task_data(bop_root, 2, fit_ids, obj_ids, stream_cfg,
-                                    PoolConfig(n_per_object=budget.pool_per_object), names=dict(xdata.LMO_NAMES),
+                                    lmo_pool_config(budget), names=dict(xdata.LMO_NAMES),
                                     head=budget.head)
 total = budget.stage1_steps + budget.stage2_steps
 cfg = dataclasses.replace(lmo_train_config(budget, len(obj_ids)), max_steps=total)

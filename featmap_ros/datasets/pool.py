@@ -60,10 +60,12 @@ class AugmentConfig:
     brightness: float = 25.0  # additive offset in [-b, b], 0-255 units
     blur_prob: float = 0.3
     noise_std: float = 3.0  # 0-255 units
-    real_colour_gain: float = 0.1  # real crops: milder colour changes, no occluders or backgrounds
+    real_colour_gain: float = 0.1  # real crops: milder colour changes, no backgrounds
+    # Real crops: the share that get an occluder (as the synthetic ones do), pasted alike over the pair's render.
+    real_occluder_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob"):
+        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob", "real_occluder_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.window_scale
@@ -346,6 +348,45 @@ def _to_input(x: torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
+def occlude(images: torch.Tensor, m: torch.Tensor, objects: Pool, shapes: tuple[torch.Tensor, torch.Tensor],
+            crop: int, oversize: float, cfg: AugmentConfig, prob: float, g: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occluders over a batch: (B, 3k, S, S) float 0-255 images (k images a row, all covered alike: a real
+    crop and its render) and the object's visible mask m (B, S, S) -> both with the occluders.
+
+    With probability prob a row gets another object of the pool `objects` pushed anywhere over the window
+    or (cfg.occluder_shape_prob of them) one of the random shapes with its texture or colour fill; an
+    occluder that would leave less than cfg.min_visible of the visible object is dropped.
+    """
+    b = len(images)
+    occ = torch.rand(b, generator=g) < prob
+    use_shape = torch.rand(b, generator=g) < cfg.occluder_shape_prob
+    o_idx = torch.randint(len(objects["rgb"]), (b,), generator=g)
+    o_theta = jitter_thetas(g, b, oversize, 0.5, cfg.window_scale)
+    o_warp = warp(torch.cat([objects["rgb"][o_idx].permute(0, 3, 1, 2).float(),
+                             objects["mask"][o_idx].float().unsqueeze(1)], 1), o_theta, crop, "bilinear")
+    o_rgb, o_alpha = o_warp[:, :3], o_warp[:, 3:]
+    o_mask = o_alpha[:, 0] > 0.5
+    s_idx = torch.randint(len(shapes[0]), (b,), generator=g)
+    s_mask = shapes[0][s_idx]
+    if s_mask.shape[-1] != crop:
+        s_mask = F.interpolate(s_mask.float().unsqueeze(1), size=(crop, crop), mode="nearest")[:, 0] > 0.5
+    s_fill = F.interpolate(shapes[1][s_idx].permute(0, 3, 1, 2).float(), size=(crop, crop), mode="nearest")
+    hide = torch.where(use_shape.view(-1, 1, 1), s_mask, o_mask) & occ.view(-1, 1, 1)
+    before = m.flatten(1).sum(1).clamp_min(1)
+    after = (m & ~hide).flatten(1).sum(1)
+    keep = (occ & (after >= cfg.min_visible * before)).view(-1, 1, 1)
+    hide &= keep
+    k = images.shape[1] // 3
+    fill = torch.where(use_shape.view(-1, 1, 1, 1), s_fill, o_rgb).repeat(1, k, 1, 1)
+    # Shapes cover fully; object occluders composite with their coverage as alpha (premultiplied).
+    alpha_o = torch.where(use_shape.view(-1, 1, 1, 1), hide.unsqueeze(1).float(), o_alpha * keep.unsqueeze(1))
+    o_rgb = o_rgb.repeat(1, k, 1, 1)
+    images = torch.where(use_shape.view(-1, 1, 1, 1), images * (1 - alpha_o) + fill * alpha_o,
+                         images * (1 - alpha_o) + o_rgb * keep.unsqueeze(1))
+    return images, m & ~hide
+
+
 def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
                       shapes: tuple[torch.Tensor, torch.Tensor],
                       crop: int, oversize: float, cfg: AugmentConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -365,31 +406,7 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
     bg = backgrounds[torch.randint(len(backgrounds), (b,), generator=g)].permute(0, 3, 1, 2).float()
     img = img + (1.0 - alpha) * bg
     if cfg.occluder_prob > 0:
-        occ = torch.rand(b, generator=g) < cfg.occluder_prob
-        use_shape = torch.rand(b, generator=g) < cfg.occluder_shape_prob
-        # Other pool objects, pushed anywhere over the window; or random shapes with texture or colour fills.
-        o_idx = torch.randint(len(pool["rgb"]), (b,), generator=g)
-        o_theta = jitter_thetas(g, b, oversize, 0.5, cfg.window_scale)
-        o_warp = warp(torch.cat([pool["rgb"][o_idx].permute(0, 3, 1, 2).float(),
-                                 pool["mask"][o_idx].float().unsqueeze(1)], 1), o_theta, crop, "bilinear")
-        o_rgb, o_alpha = o_warp[:, :3], o_warp[:, 3:]
-        o_mask = o_alpha[:, 0] > 0.5
-        s_idx = torch.randint(len(shapes[0]), (b,), generator=g)
-        s_mask = shapes[0][s_idx]
-        if s_mask.shape[-1] != crop:
-            s_mask = F.interpolate(s_mask.float().unsqueeze(1), size=(crop, crop), mode="nearest")[:, 0] > 0.5
-        s_fill = F.interpolate(shapes[1][s_idx].permute(0, 3, 1, 2).float(), size=(crop, crop), mode="nearest")
-        hide = torch.where(use_shape.view(-1, 1, 1), s_mask, o_mask) & occ.view(-1, 1, 1)
-        fill = torch.where(use_shape.view(-1, 1, 1, 1), s_fill, o_rgb)
-        before = m.flatten(1).sum(1).clamp_min(1)
-        after = (m & ~hide).flatten(1).sum(1)
-        keep = (occ & (after >= cfg.min_visible * before)).view(-1, 1, 1)
-        hide &= keep
-        # Shapes cover fully; object occluders composite with their coverage as alpha (premultiplied).
-        alpha_o = torch.where(use_shape.view(-1, 1, 1, 1), hide.unsqueeze(1).float(), o_alpha * keep.unsqueeze(1))
-        img = torch.where(use_shape.view(-1, 1, 1, 1), img * (1 - alpha_o) + fill * alpha_o,
-                          img * (1 - alpha_o) + o_rgb * keep.unsqueeze(1))
-        m = m & ~hide
+        img, m = occlude(img, m, pool, shapes, crop, oversize, cfg, cfg.occluder_prob, g)
     img = photometric(img, g, cfg.colour_gain, cfg.brightness, cfg.blur_prob, cfg.noise_std)
     coords_t, vis = block_targets(c, m)
     return {"image": _to_input(img), "target": warp_corners(pool["target"][idx], theta),
@@ -398,15 +415,25 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
 
 
 def augment_pairs(pool: Pool, idx: torch.Tensor, crop: int, oversize: float, cfg: AugmentConfig,
-                  g: torch.Generator) -> dict[str, torch.Tensor]:
-    """A batch of real/synthetic pairs, both resampled in the same jittered window (real colours jittered)."""
+                  g: torch.Generator, occluders: tuple[Pool, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  occluder_oversize: float = 1.25) -> dict[str, torch.Tensor]:
+    """A batch of real/synthetic pairs, both resampled in the same jittered window (real colours jittered).
+
+    occluders: the synthetic pool and shape bank that cfg.real_occluder_prob draws occluders from (stored
+    at occluder_oversize), each pasted over the real crop and its render alike; needed when that is > 0.
+    """
     b = len(idx)
     theta = jitter_thetas(g, b, oversize, cfg.window_shift, cfg.window_scale)
     both = torch.cat([pool["real"][idx].permute(0, 3, 1, 2).float(), pool["syn"][idx].permute(0, 3, 1, 2).float()], 1)
     both = warp(both, theta, crop, "bilinear")
     geo_maps = warp(torch.cat([pool["mask"][idx].float().unsqueeze(1), pool["coords"][idx].float()], 1), theta, crop,
                     "nearest")
-    coords_t, vis = block_targets(geo_maps[:, 1:], geo_maps[:, 0] > 0.5)
+    m = geo_maps[:, 0] > 0.5
+    if cfg.real_occluder_prob > 0:
+        if occluders is None:
+            raise StreamError("real_occluder_prob > 0 needs the pool and shapes to draw the occluders from")
+        both, m = occlude(both, m, occluders[0], occluders[1], crop, occluder_oversize, cfg, cfg.real_occluder_prob, g)
+    coords_t, vis = block_targets(geo_maps[:, 1:], m)
     real = photometric(both[:, :3], g, cfg.real_colour_gain, cfg.brightness / 2, 0.0, 0.0)
     return {"real": _to_input(real), "syn": _to_input(both[:, 3:]), "target": warp_corners(pool["target"][idx], theta),
             "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis,

@@ -250,7 +250,8 @@ def objects_pool_task_data(
         p = ensure()
 
         def make(idx: torch.Tensor, g: torch.Generator) -> Batch:
-            return augment_pairs(p["pairs"], idx, S, pool_cfg.pair_oversize, aug, g)
+            return augment_pairs(p["pairs"], idx, S, pool_cfg.pair_oversize, aug, g, (p["syn"], p["shapes"]),
+                                 pool_cfg.oversize)
 
         return endless_batches(len(p["pairs"]["real"]), ctx.batch_size, _derived_seed(seed, ctx.seed, ctx.rank, 2),
                                ctx.start_step, make)

@@ -40,7 +40,14 @@ import torch
 from featmap_ros.backends import own_object_outputs
 from featmap_ros.bop_scoring import run_bop, write_object_report, write_overlays
 from featmap_ros.datasets import bop
-from featmap_ros.datasets.pool import PoolConfig, augment_synthetic, background_bank, render_object_pool, shape_bank
+from featmap_ros.datasets.pool import (
+    AugmentConfig,
+    PoolConfig,
+    augment_synthetic,
+    background_bank,
+    render_object_pool,
+    shape_bank,
+)
 from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS, ObjectStreamConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
 from featmap_ros.evaluation import score_objects
@@ -95,6 +102,9 @@ class LmoBudget:
     # Pools rendered once and augmented on the fly (datasets/pool.py), shared by every method.
     pool_per_object: int = 1500
     exemplars_per_object: int = 2000
+    # The share of real training crops that get a synthetic occluder, pasted alike over the pair's render
+    # (AugmentConfig.real_occluder_prob): the real crops are few, and a net can learn them by heart.
+    real_occluder_prob: float = 0.0
     # Synthetic images: backgrounds cut from the real *training* frames (this share; the rest are
     # random colours, noise and textures), camera noise and blur like the real crops'.
     train_frame_backgrounds: float = 0.5
@@ -126,6 +136,12 @@ QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, d
                   stage1_steps=4, stage2_steps=3, warmup_steps=2, pool_per_object=6, exemplars_per_object=16,
                   validation_frames=1, curve_every=4, synthetic_probe_per_object=2, overlays=1,
                   compare_heads=("bb8", "keypoints"))
+
+
+def lmo_pool_config(budget: LmoBudget) -> PoolConfig:
+    """The pools' sizes and augmentation of every method."""
+    return PoolConfig(n_per_object=budget.pool_per_object,
+                      augment=AugmentConfig(real_occluder_prob=budget.real_occluder_prob))
 
 
 def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", head: str | None = None) -> TrainConfig:
@@ -435,7 +451,7 @@ def run_lmo_experiment(
     fit_ids, val_ids = split_validation(train_ids, budget.validation_frames)
     stream_cfg = lmo_stream_config(budget, scene, fit_ids, obj_ids)
     data = xdata.objects_pool_task_data(bop_root, scene_id, fit_ids, obj_ids, stream_cfg,
-                                        PoolConfig(n_per_object=budget.pool_per_object), names=names, head=budget.head,
+                                        lmo_pool_config(budget), names=names, head=budget.head,
                                         with_keypoints="keypoints" in (budget.head, *budget.compare_heads))
     infos, meshes = _eval_models(bop_root)
     held_out = synthetic_validation_crops(bop_root, stream_cfg, budget.synthetic_probe_per_object)
