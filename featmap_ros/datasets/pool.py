@@ -377,14 +377,14 @@ def occlude(images: torch.Tensor, m: torch.Tensor, objects: Pool, shapes: tuple[
     after = (m & ~hide).flatten(1).sum(1)
     keep = (occ & (after >= cfg.min_visible * before)).view(-1, 1, 1)
     hide &= keep
-    k = images.shape[1] // 3
-    fill = torch.where(use_shape.view(-1, 1, 1, 1), s_fill, o_rgb).repeat(1, k, 1, 1)
+    fill = torch.where(use_shape.view(-1, 1, 1, 1), s_fill, o_rgb)
     # Shapes cover fully; object occluders composite with their coverage as alpha (premultiplied).
     alpha_o = torch.where(use_shape.view(-1, 1, 1, 1), hide.unsqueeze(1).float(), o_alpha * keep.unsqueeze(1))
-    o_rgb = o_rgb.repeat(1, k, 1, 1)
-    images = torch.where(use_shape.view(-1, 1, 1, 1), images * (1 - alpha_o) + fill * alpha_o,
-                         images * (1 - alpha_o) + o_rgb * keep.unsqueeze(1))
-    return images, m & ~hide
+    # (B, k, 3, S, S): each of a row's k images under the row's one occluder.
+    x, a = images.view(b, -1, 3, crop, crop), alpha_o.unsqueeze(1)
+    x = torch.where(use_shape.view(-1, 1, 1, 1, 1), x * (1 - a) + fill.unsqueeze(1) * a,
+                    x * (1 - a) + (o_rgb * keep.unsqueeze(1)).unsqueeze(1))
+    return x.reshape(images.shape), m & ~hide
 
 
 def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
@@ -416,7 +416,7 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
 
 def augment_pairs(pool: Pool, idx: torch.Tensor, crop: int, oversize: float, cfg: AugmentConfig,
                   g: torch.Generator, occluders: tuple[Pool, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  occluder_oversize: float = 1.25) -> dict[str, torch.Tensor]:
+                  occluder_oversize: float = PoolConfig.oversize) -> dict[str, torch.Tensor]:
     """A batch of real/synthetic pairs, both resampled in the same jittered window (real colours jittered).
 
     occluders: the synthetic pool and shape bank that cfg.real_occluder_prob draws occluders from (stored
