@@ -341,12 +341,15 @@ def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lm
     assert not free.pose_anchors and not free.photo_paths  # the stream's own LM-O ranges, no photo
 
 
-def test_lmo_pool_config_takes_the_budgets_pool_size_and_real_occluders() -> None:
+def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_and_tone_changes() -> None:
     from featmap_ros.experiments.lmo import LmoBudget, lmo_pool_config
 
-    cfg = lmo_pool_config(LmoBudget(pool_per_object=7, real_occluder_prob=0.5))
+    cfg = lmo_pool_config(LmoBudget(pool_per_object=7, real_occluder_prob=0.5, colour_contrast=0.3,
+                                    colour_saturation=0.4, colour_gamma=0.2))
     assert cfg.n_per_object == 7 and cfg.augment.real_occluder_prob == 0.5
-    assert lmo_pool_config(LmoBudget()).augment.real_occluder_prob == 0.0  # off unless a budget asks
+    assert (cfg.augment.contrast, cfg.augment.saturation, cfg.augment.gamma) == (0.3, 0.4, 0.2)
+    default = lmo_pool_config(LmoBudget()).augment
+    assert default.real_occluder_prob == 0.0 and default.contrast == default.saturation == default.gamma == 0.0
 
 
 def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:

@@ -428,6 +428,14 @@ def test_quaternion_is_xyzw_at_the_boundary(factory: MessageFactory) -> None:
     assert (q.x, q.y, q.z, q.w) == pytest.approx((0.5, 0.0, 0.0, math.sqrt(3) / 2))
     q = factory.quaternion(ta.axangle2mat([0, 0, 1], np.pi / 2))
     assert (q.x, q.y, q.z, q.w) == pytest.approx((0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)))
+    # Solved once per distinct matrix (a cache by value): one changed in place, or given as float32 or as
+    # nested lists, gets its own quaternion.
+    R[:] = ta.axangle2mat([0, 1, 0], np.pi / 3)
+    q = factory.quaternion(R)
+    assert (q.x, q.y, q.z, q.w) == pytest.approx((0.0, 0.5, 0.0, math.sqrt(3) / 2))
+    for same in (R.astype(np.float32), R.tolist()):
+        q = factory.quaternion(same)
+        assert (q.x, q.y, q.z, q.w) == pytest.approx((0.0, 0.5, 0.0, math.sqrt(3) / 2), abs=1e-6)
 
 
 def test_tf_frames_carry_the_image_stamp_and_camera_frame(factory: MessageFactory) -> None:

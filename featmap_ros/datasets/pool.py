@@ -14,6 +14,7 @@ window can be shifted and scaled without leaving the stored crop (what matters f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,13 +62,22 @@ class AugmentConfig:
     blur_prob: float = 0.3
     noise_std: float = 3.0  # 0-255 units
     real_colour_gain: float = 0.1  # real crops: milder colour changes, no backgrounds
+    # Synthetic crops only, each drawn per image (0: off, and no random draws): contrast about the image's mean
+    # in [1 - c, 1 + c], saturation (a blend with the grey image) in [1 - s, 1 + s], and a gamma curve with an
+    # exponent in [1 / (1 + gamma), 1 + gamma], for the camera's tone response the renders lack.
+    contrast: float = 0.0
+    saturation: float = 0.0
+    gamma: float = 0.0
     # Real crops: the share that get an occluder (as the synthetic ones do), pasted alike over the pair's render.
     real_occluder_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob", "real_occluder_prob"):
+        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob", "real_occluder_prob",
+                     "contrast", "saturation"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.gamma <= 2.0:
+            raise StreamError(f"gamma must be in [0, 2], got {self.gamma}")
         lo, hi = self.window_scale
         if not (0 < lo <= hi and self.window_shift >= 0 and self.noise_std >= 0 and self.colour_gain >= 0):
             raise StreamError(f"window_scale must be 0 < lo <= hi and shift, noise, gain >= 0: {self}")
@@ -305,12 +315,32 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+# ITU-R BT.601 luma weights: the grey image a saturation change blends with.
+_LUMA = (0.299, 0.587, 0.114)
+
+
 def photometric(x: torch.Tensor, g: torch.Generator, gain: float, brightness: float, blur_prob: float,
-                noise_std: float) -> torch.Tensor:
-    """(B, 3, S, S) float 0-255 -> colour gain and offset, blur, Gaussian noise; clipped to [0, 255]."""
+                noise_std: float, contrast: float = 0.0, saturation: float = 0.0, gamma: float = 0.0
+                ) -> torch.Tensor:
+    """(B, 3, S, S) float 0-255 -> colour gain and offset, contrast, saturation, gamma, blur, Gaussian noise;
+    clipped to [0, 255]. A change whose strength is 0 draws no random numbers (AugmentConfig has the ranges)."""
     b = len(x)
+
+    def factor(strength: float) -> torch.Tensor:
+        return 1 + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * strength
+
     x = x * (1 + (torch.rand(b, 3, 1, 1, generator=g) * 2 - 1) * gain)
     x = x + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * brightness
+    if contrast > 0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factor(contrast) + mean
+    if saturation > 0:
+        grey = (x * torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = grey + (x - grey) * factor(saturation)
+    if gamma > 0:
+        span = math.log1p(gamma)
+        exponent = torch.exp((torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * span)
+        x = 255.0 * (x.clamp(0, 255) / 255.0) ** exponent
     if blur_prob > 0:
         which = torch.randint(len(_BLUR_SIGMAS), (b,), generator=g)
         on = torch.rand(b, generator=g) < blur_prob
@@ -407,7 +437,8 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
     img = img + (1.0 - alpha) * bg
     if cfg.occluder_prob > 0:
         img, m = occlude(img, m, pool, shapes, crop, oversize, cfg, cfg.occluder_prob, g)
-    img = photometric(img, g, cfg.colour_gain, cfg.brightness, cfg.blur_prob, cfg.noise_std)
+    img = photometric(img, g, cfg.colour_gain, cfg.brightness, cfg.blur_prob, cfg.noise_std, cfg.contrast,
+                      cfg.saturation, cfg.gamma)
     coords_t, vis = block_targets(c, m)
     return {"image": _to_input(img), "target": warp_corners(pool["target"][idx], theta),
             "obj_index": pool["obj_index"][idx], "coords": coords_t, "visibility": vis,

@@ -110,6 +110,10 @@ class LmoBudget:
     train_frame_backgrounds: float = 0.5
     noise_std: float = 3.0
     blur_prob: float = 0.3
+    # The synthetic crops' tone changes on the fly, per image (AugmentConfig.contrast, saturation, gamma; 0: off).
+    colour_contrast: float = 0.0
+    colour_saturation: float = 0.0
+    colour_gamma: float = 0.0
     # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
     # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
     anchor_spread_deg: float = 25.0
@@ -141,7 +145,9 @@ QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, d
 def lmo_pool_config(budget: LmoBudget) -> PoolConfig:
     """The pools' sizes and augmentation of every method."""
     return PoolConfig(n_per_object=budget.pool_per_object,
-                      augment=AugmentConfig(real_occluder_prob=budget.real_occluder_prob))
+                      augment=AugmentConfig(real_occluder_prob=budget.real_occluder_prob,
+                                            contrast=budget.colour_contrast, saturation=budget.colour_saturation,
+                                            gamma=budget.colour_gamma))
 
 
 def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", head: str | None = None) -> TrainConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import importlib
 import struct
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,17 @@ __all__ = [
 
 class MessageError(FeatmapError, ValueError):
     """A message cannot be converted: unknown encoding, inconsistent sizes, missing calibration."""
+
+
+@functools.lru_cache(maxsize=256)
+def _quaternion_of(r_bytes: bytes) -> tuple[float, float, float, float]:
+    """(w, x, y, z) of the float64 rotation matrix whose bytes these are (quat_from_matrix, an eigen-solve).
+
+    A frame's messages ask for each object's rotation three times (TF, the marker, the detection) and for
+    the identity once per marker: the cache keeps it to one solve each (about 20 us), by value, so a matrix
+    changed in place is solved anew.
+    """
+    return tuple(float(v) for v in quat_from_matrix(np.frombuffer(r_bytes, dtype=np.float64).reshape(3, 3)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +459,7 @@ class MessageFactory:
 
     def quaternion(self, R: np.ndarray) -> Any:
         """geometry_msgs/Quaternion of a rotation matrix: our (w, x, y, z) becomes ROS (x, y, z, w) here."""
-        w, x, y, z = (float(v) for v in quat_from_matrix(R))
+        w, x, y, z = _quaternion_of(np.ascontiguousarray(R, dtype=np.float64).tobytes())
         return self.new("geometry_msgs/msg/Quaternion", x=x, y=y, z=z, w=w)
 
     def pose(self, R: np.ndarray, t: np.ndarray) -> Any:
