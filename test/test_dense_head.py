@@ -227,9 +227,11 @@ def test_pool_and_augment_configs_refuse_bad_values() -> None:
         AugmentConfig(occluder_prob=1.5)
     with pytest.raises(StreamError, match="real_occluder_prob"):
         AugmentConfig(real_occluder_prob=-0.1)
-    for bad in ({"contrast": 1.5}, {"saturation": -0.2}, {"gamma": -0.1}, {"gamma": float("nan")}):
+    for bad in ({"contrast": (1.5, 1.2)}, {"saturation": (-0.2, 1.0)}, {"gamma": (0.0, 1.0)},
+                {"gamma": (1.0, float("nan"))}, {"contrast": (1.0, 9.0)}, {"saturation": (1.0,)}):
         with pytest.raises(StreamError, match=next(iter(bad))):
             AugmentConfig(**bad)
+    assert AugmentConfig(contrast=[0.8, 2]).contrast == (0.8, 2.0)  # a YAML list becomes the range
     with pytest.raises(StreamError, match="pair_oversize"):
         PoolConfig(pair_oversize=1.1)
 
@@ -237,37 +239,38 @@ def test_pool_and_augment_configs_refuse_bad_values() -> None:
 def test_tone_changes_stay_in_their_ranges_and_draw_nothing_when_off() -> None:
     x = torch.rand(64, 3, 16, 16) * 100 + 75  # no clipping at [0, 255] under any of the changes below
     plain = photometric(x, torch.Generator().manual_seed(5), 0.25, 25.0, 0.3, 3.0)
-    # Off (strength 0): not one random number more, so the batches are those of before the option.
-    torch.testing.assert_close(photometric(x, torch.Generator().manual_seed(5), 0.25, 25.0, 0.3, 3.0, 0.0, 0.0, 0.0),
-                               plain, rtol=0, atol=0)
+    # Off ((1, 1)): not one random number more, so the batches are those of before the option.
+    off = photometric(x, torch.Generator().manual_seed(5), 0.25, 25.0, 0.3, 3.0, (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
 
-    def tone(**kw: float) -> torch.Tensor:
+    def tone(**kw: tuple[float, float]) -> torch.Tensor:
         return photometric(x, torch.Generator().manual_seed(6), 0.0, 0.0, 0.0, 0.0, **kw)
 
-    # Contrast: each image's spread about its mean scales by a factor within [1 - c, 1 + c], the mean stays.
-    out = tone(contrast=0.4)
     def spread(t: torch.Tensor) -> torch.Tensor:
         return (t - t.mean((1, 2, 3), keepdim=True)).std((1, 2, 3))
 
+    # Contrast: each image's spread about its mean scales by a factor within the range, the mean stays.
+    out = tone(contrast=(0.6, 1.5))
     ratio = spread(out) / spread(x)
-    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4 and ratio.std() > 0.05
-    # Saturation: the grey of each pixel stays, the colours move away from or toward it within [1 - s, 1 + s].
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.5 + 1e-4 and ratio.std() > 0.05
+    torch.testing.assert_close(out.mean((1, 2, 3)), x.mean((1, 2, 3)))
+    # Saturation: the grey of each pixel stays, the colours move away from or toward it within the range.
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    out = tone(saturation=0.5)
+    out = tone(saturation=(0.5, 1.5))
     torch.testing.assert_close((out * luma).sum(1), (x * luma).sum(1), rtol=1e-4, atol=1e-3)
     chroma = (out - (out * luma).sum(1, keepdim=True)).abs().sum((1, 2, 3)) / (
         x - (x * luma).sum(1, keepdim=True)).abs().sum((1, 2, 3))
-    assert chroma.min() >= 0.5 - 1e-4 and chroma.max() <= 1.5 + 1e-4
+    assert chroma.min() >= 0.5 - 1e-4 and chroma.max() <= 1.5 + 1e-4 and chroma.std() > 0.05
     grey = torch.full((2, 3, 4, 4), 90.0)
-    torch.testing.assert_close(photometric(grey, torch.Generator(), 0.0, 0.0, 0.0, 0.0, saturation=1.0), grey)
-    # Gamma: black and white stay, mid-grey lands within the exponent range [1 / (1 + g), 1 + g].
+    torch.testing.assert_close(photometric(grey, torch.Generator(), 0.0, 0.0, 0.0, 0.0, saturation=(0.2, 3.0)), grey)
+    # Gamma: black and white stay, mid-grey lands within the exponent range.
     ends = torch.tensor([0.0, 127.5, 255.0]).view(1, 1, 1, 3).expand(32, 3, 1, 3)
-    out = photometric(ends, torch.Generator().manual_seed(7), 0.0, 0.0, 0.0, 0.0, gamma=0.5)
+    out = photometric(ends, torch.Generator().manual_seed(7), 0.0, 0.0, 0.0, 0.0, gamma=(0.8, 1.5))
     torch.testing.assert_close(out[..., 0], ends[..., 0])
     torch.testing.assert_close(out[..., 2], ends[..., 2])
     mid = out[..., 1] / 255.0
-    assert mid.min() >= 0.5 ** 1.5 - 1e-5 and mid.max() <= 0.5 ** (1 / 1.5) + 1e-5 and mid.std() > 0.01
-    assert torch.isfinite(tone(contrast=1.0, saturation=1.0, gamma=2.0)).all()
+    assert mid.min() >= 0.5 ** 1.5 - 1e-5 and mid.max() <= 0.5 ** 0.8 + 1e-5 and mid.std() > 0.01
+    assert torch.isfinite(tone(contrast=(0.1, 4.0), saturation=(0.1, 4.0), gamma=(0.25, 4.0))).all()
 
 
 def test_estimator_decodes_a_dense_checkpoint_with_the_inlier_ratio_as_score(tmp_path: Path) -> None:

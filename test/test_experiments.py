@@ -344,12 +344,14 @@ def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lm
 def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_and_tone_changes() -> None:
     from featmap_ros.experiments.lmo import LmoBudget, lmo_pool_config
 
-    cfg = lmo_pool_config(LmoBudget(pool_per_object=7, real_occluder_prob=0.5, colour_contrast=0.3,
-                                    colour_saturation=0.4, colour_gamma=0.2))
+    cfg = lmo_pool_config(LmoBudget(pool_per_object=7, real_occluder_prob=0.5, colour_contrast=[0.8, 2.0],
+                                    colour_saturation=(0.7, 2.5), colour_gamma=(0.8, 1.25)))
     assert cfg.n_per_object == 7 and cfg.augment.real_occluder_prob == 0.5
-    assert (cfg.augment.contrast, cfg.augment.saturation, cfg.augment.gamma) == (0.3, 0.4, 0.2)
+    assert (cfg.augment.contrast, cfg.augment.saturation, cfg.augment.gamma) == ((0.8, 2.0), (0.7, 2.5), (0.8, 1.25))
     default = lmo_pool_config(LmoBudget()).augment
-    assert default.real_occluder_prob == 0.0 and default.contrast == default.saturation == default.gamma == 0.0
+    assert default.real_occluder_prob == 0.0 and default.contrast == default.saturation == default.gamma == (1.0, 1.0)
+    with pytest.raises(ValueError, match="contrast"):  # refused with the budget, not when the pools are made
+        LmoBudget(colour_contrast=(2.0, 1.0))
 
 
 def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:

@@ -62,22 +62,24 @@ class AugmentConfig:
     blur_prob: float = 0.3
     noise_std: float = 3.0  # 0-255 units
     real_colour_gain: float = 0.1  # real crops: milder colour changes, no backgrounds
-    # Synthetic crops only, each drawn per image (0: off, and no random draws): contrast about the image's mean
-    # in [1 - c, 1 + c], saturation (a blend with the grey image) in [1 - s, 1 + s], and a gamma curve with an
-    # exponent in [1 / (1 + gamma), 1 + gamma], for the camera's tone response the renders lack.
-    contrast: float = 0.0
-    saturation: float = 0.0
-    gamma: float = 0.0
+    # Synthetic crops only, a draw per image, each (1, 1) for off (and then no random draws): a contrast factor
+    # about the image's mean, a saturation factor (a blend with the grey image) and a gamma exponent, uniform in
+    # (low, high) (the exponent log-uniform), for the tone response of a camera that the renders lack.
+    contrast: tuple[float, float] = (1.0, 1.0)
+    saturation: tuple[float, float] = (1.0, 1.0)
+    gamma: tuple[float, float] = (1.0, 1.0)
     # Real crops: the share that get an occluder (as the synthetic ones do), pasted alike over the pair's render.
     real_occluder_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob", "real_occluder_prob",
-                     "contrast", "saturation"):
+        for name in ("occluder_prob", "occluder_shape_prob", "min_visible", "blur_prob", "real_occluder_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 2.0:
-            raise StreamError(f"gamma must be in [0, 2], got {self.gamma}")
+        for name in ("contrast", "saturation", "gamma"):
+            span = tuple(float(v) for v in getattr(self, name))
+            if len(span) != 2 or not 0.0 < span[0] <= span[1] <= 4.0:
+                raise StreamError(f"{name} must be a range (low, high) with 0 < low <= high <= 4, got {span}")
+            object.__setattr__(self, name, span)
         lo, hi = self.window_scale
         if not (0 < lo <= hi and self.window_shift >= 0 and self.noise_std >= 0 and self.colour_gain >= 0):
             raise StreamError(f"window_scale must be 0 < lo <= hi and shift, noise, gain >= 0: {self}")
@@ -320,26 +322,26 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def photometric(x: torch.Tensor, g: torch.Generator, gain: float, brightness: float, blur_prob: float,
-                noise_std: float, contrast: float = 0.0, saturation: float = 0.0, gamma: float = 0.0
+                noise_std: float, contrast: tuple[float, float] = (1.0, 1.0),
+                saturation: tuple[float, float] = (1.0, 1.0), gamma: tuple[float, float] = (1.0, 1.0)
                 ) -> torch.Tensor:
     """(B, 3, S, S) float 0-255 -> colour gain and offset, contrast, saturation, gamma, blur, Gaussian noise;
-    clipped to [0, 255]. A change whose strength is 0 draws no random numbers (AugmentConfig has the ranges)."""
+    clipped to [0, 255]. contrast, saturation, gamma: AugmentConfig's ranges; (1, 1) draws no random numbers."""
     b = len(x)
 
-    def factor(strength: float) -> torch.Tensor:
-        return 1 + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * strength
+    def draw(span: tuple[float, float]) -> torch.Tensor:
+        return span[0] + torch.rand(b, 1, 1, 1, generator=g) * (span[1] - span[0])
 
     x = x * (1 + (torch.rand(b, 3, 1, 1, generator=g) * 2 - 1) * gain)
     x = x + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * brightness
-    if contrast > 0:
+    if tuple(contrast) != (1.0, 1.0):
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * factor(contrast) + mean
-    if saturation > 0:
+        x = (x - mean) * draw(contrast) + mean
+    if tuple(saturation) != (1.0, 1.0):
         grey = (x * torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = grey + (x - grey) * factor(saturation)
-    if gamma > 0:
-        span = math.log1p(gamma)
-        exponent = torch.exp((torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * span)
+        x = grey + (x - grey) * draw(saturation)
+    if tuple(gamma) != (1.0, 1.0):
+        exponent = torch.exp(draw((math.log(gamma[0]), math.log(gamma[1]))))
         x = 255.0 * (x.clamp(0, 255) / 255.0) ** exponent
     if blur_prob > 0:
         which = torch.randint(len(_BLUR_SIGMAS), (b,), generator=g)

@@ -110,10 +110,11 @@ class LmoBudget:
     train_frame_backgrounds: float = 0.5
     noise_std: float = 3.0
     blur_prob: float = 0.3
-    # The synthetic crops' tone changes on the fly, per image (AugmentConfig.contrast, saturation, gamma; 0: off).
-    colour_contrast: float = 0.0
-    colour_saturation: float = 0.0
-    colour_gamma: float = 0.0
+    # The synthetic crops' tone changes on the fly, per image: ranges (low, high) of AugmentConfig.contrast,
+    # saturation and gamma; (1, 1): off.
+    colour_contrast: tuple[float, float] = (1.0, 1.0)
+    colour_saturation: tuple[float, float] = (1.0, 1.0)
+    colour_gamma: tuple[float, float] = (1.0, 1.0)
     # Synthetic viewpoints drawn around the training frames' annotated poses (turned by up to this
     # many degrees); 0 draws from ObjectStreamConfig's full LM-O ranges instead.
     anchor_spread_deg: float = 25.0
@@ -134,6 +135,10 @@ class LmoBudget:
         if any(h not in OBJECT_HEADS for h in heads):
             raise ValueError(f"head and compare_heads must be among {OBJECT_HEADS}, got {heads}")
         object.__setattr__(self, "compare_heads", tuple(self.compare_heads))
+        for name in ("colour_contrast", "colour_saturation", "colour_gamma"):  # a budget file gives YAML lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        # The augmentation's own checks, at once rather than when the pools are made.
+        AugmentConfig(contrast=self.colour_contrast, saturation=self.colour_saturation, gamma=self.colour_gamma)
 
 
 QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
