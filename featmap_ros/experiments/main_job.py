@@ -39,10 +39,11 @@ class MainJobSize:
     # (32 -> 16) on validation data (docs/results.md, session 11). With the coordinate bins (below) the object
     # model needs fewer steps: on the validation frames 69% (ADD 64%) at 2,000 + 1,200 (53% without bins),
     # 66% (64%) at 1,200 + 1,200, 63% (59%) at 1,200 + 1,000, 60% (52%) at 1,200 + 800 (session 21); 67% (52%)
-    # at 1,000 + 1,100 and 62% (58%) at 900 + 1,150 (session 23). Stage 2, where the real pairs come in, is
-    # what ADD needs. 1,200 + 1,000 since session 23: 30 s less object training, so that it ends with the hand
-    # model's, which now starts while the assets are written (the job's test frames: 83% before).
-    object_steps: tuple[int, int] = (1200, 1000)
+    # at 1,000 + 1,100 and 62% (58%) at 900 + 1,150 (session 23); 62% (51%) at 1,000 + 800 and 59% (48%) at
+    # 800 + 1,000 (session 24). Stage 2, where the real pairs come in, is what ADD needs. 1,000 + 800 since
+    # session 24: the object model ends about 45 s before the hand model and hands it its core, so the job's
+    # two trainings end sooner (1,200 + 1,000 in session 23: 82% on the job's test frames, ADD 57%).
+    object_steps: tuple[int, int] = (1000, 800)
     object_batch: int = 8
     hand_steps: tuple[int, int] = (1000, 600)
     hand_batch: int = 16
@@ -414,14 +415,6 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
 
 def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: bool = False) -> dict:
     """Run the main job into `out`; return the summary it prints (also saved as summary.json)."""
-    import numpy as np
-
-    from featmap_ros.bag import make as bag
-    from featmap_ros.bag.replay import default_node_config, eval_bag
-    from featmap_ros.datasets.nyu import NYU_INTRINSICS
-    from featmap_ros.estimator import model_meta
-    from featmap_ros.render.hand import HandShape
-
     size = TINY if tiny else MainJobSize()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,6 +432,16 @@ def run_main_job(out: Path, tiny: bool = False, device: str = "auto", retrain: b
             assets.write_real_scene(root, size.real_frames, seed=0)
 
     models = _train_models(root, out, size, device, retrain, timings, build_assets)
+
+    # Imported only now: the bag and replay modules bring torch, rendering and plotting into this process
+    # (2-4 s of a core), which before the training delayed the hand worker's start by as much.
+    import numpy as np
+
+    from featmap_ros.bag import make as bag
+    from featmap_ros.bag.replay import default_node_config, eval_bag
+    from featmap_ros.datasets.nyu import NYU_INTRINSICS
+    from featmap_ros.estimator import model_meta
+    from featmap_ros.render.hand import HandShape
 
     t = time.perf_counter()
     test_ids = f"{size.train_frames}-{size.real_frames - 1}"
