@@ -228,7 +228,8 @@ def test_pool_and_augment_configs_refuse_bad_values() -> None:
     with pytest.raises(StreamError, match="real_occluder_prob"):
         AugmentConfig(real_occluder_prob=-0.1)
     for bad in ({"contrast": (1.5, 1.2)}, {"saturation": (-0.2, 1.0)}, {"gamma": (0.0, 1.0)},
-                {"gamma": (1.0, float("nan"))}, {"contrast": (1.0, 9.0)}, {"saturation": (1.0,)}):
+                {"gamma": (1.0, float("nan"))}, {"contrast": (1.0, 9.0)}, {"saturation": (1.0,)},
+                {"contrast": 1.5}, {"gamma": ("low", "high")}):
         with pytest.raises(StreamError, match=next(iter(bad))):
             AugmentConfig(**bad)
     assert AugmentConfig(contrast=[0.8, 2]).contrast == (0.8, 2.0)  # a YAML list becomes the range

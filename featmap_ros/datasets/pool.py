@@ -76,7 +76,10 @@ class AugmentConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("contrast", "saturation", "gamma"):
-            span = tuple(float(v) for v in getattr(self, name))
+            try:
+                span = tuple(float(v) for v in getattr(self, name))
+            except (TypeError, ValueError):
+                raise StreamError(f"{name} must be a range (low, high), got {getattr(self, name)!r}") from None
             if len(span) != 2 or not 0.0 < span[0] <= span[1] <= 4.0:
                 raise StreamError(f"{name} must be a range (low, high) with 0 < low <= high <= 4, got {span}")
             object.__setattr__(self, name, span)

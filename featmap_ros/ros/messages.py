@@ -42,9 +42,9 @@ class MessageError(FeatmapError, ValueError):
 def _quaternion_of(r_bytes: bytes) -> tuple[float, float, float, float]:
     """(w, x, y, z) of the float64 rotation matrix whose bytes these are (quat_from_matrix, an eigen-solve).
 
-    A frame's messages ask for each object's rotation three times (TF, the marker, the detection) and for
-    the identity once per marker: the cache keeps it to one solve each (about 20 us), by value, so a matrix
-    changed in place is solved anew.
+    A frame's messages ask for each object's rotation three times (its TF and the detection's two poses) and
+    for the identity once per marker: the cache keeps it to one solve each (about 20 us), by value, so a
+    matrix changed in place is solved anew.
     """
     return tuple(float(v) for v in quat_from_matrix(np.frombuffer(r_bytes, dtype=np.float64).reshape(3, 3)))
 
