@@ -374,6 +374,8 @@ def test_decoding_in_threads_gives_the_poses_and_counts_of_one_thread(tmp_path: 
     runs = {}
     for threads in (1, 3):
         est = ObjectEstimator(model, meta, device="cpu", decode_threads=threads)
+        # Four LM rounds, the widest first: with random weights they still fit poses to several crops.
+        est.dense_cfg = dense.DenseDecodeConfig(lm_scales=(8.0, 4.0, 2.0, 1.0))
         runs[threads] = (est.estimate(rgb, geo.Intrinsics.from_K(K, 640, 480), dets), dict(est.skipped))
     (one, skipped_one), (three, skipped_three) = runs[1], runs[3]
     assert skipped_one == skipped_three and skipped_one["unknown_object"] == 1 and skipped_one["bad_box"] == 1
