@@ -341,6 +341,15 @@ def test_lmo_stream_draws_views_and_backgrounds_from_the_training_frames_only(lm
     assert not free.pose_anchors and not free.photo_paths  # the stream's own LM-O ranges, no photo
 
 
+def test_lmo_budget_seed_reaches_the_training_and_nothing_else() -> None:
+    from featmap_ros.experiments.lmo import LmoBudget, lmo_pool_config, lmo_train_config
+
+    one, two = LmoBudget(), LmoBudget(seed=7)
+    assert lmo_train_config(one, 8).seed == 0 and lmo_train_config(two, 8).seed == 7
+    assert dataclasses.replace(lmo_train_config(two, 8), seed=0) == lmo_train_config(one, 8)
+    assert lmo_pool_config(one) == lmo_pool_config(two)  # the pools (and their augmentation) are the same
+
+
 def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_and_tone_changes() -> None:
     from featmap_ros.experiments.lmo import LmoBudget, lmo_pool_config
 

@@ -129,6 +129,9 @@ class LmoBudget:
     curve_every: int = 400
     synthetic_probe_per_object: int = 48
     overlays: int = 3
+    # Every method's TrainConfig.seed (initial weights, batch draws); the pools, the held-out crops and the
+    # frames keep theirs, so two seeds' runs differ only in how the networks train (as HandsBudget.seed).
+    seed: int = 0
 
     def __post_init__(self) -> None:
         heads = (self.head, *self.compare_heads)
@@ -166,7 +169,7 @@ def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", hea
     return TrainConfig(method="fm", net=net, optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
                        batch_size=budget.batch_size, stage1_steps=budget.stage1_steps,
                        stage2_steps=budget.stage2_steps, checkpoint_every=500, log_every=50, device=device,
-                       tensorboard=False, loss=LossConfig(feat_through_f=budget.feat_through_f,
+                       tensorboard=False, seed=budget.seed, loss=LossConfig(feat_through_f=budget.feat_through_f,
                                                      dense_coord_weight=budget.dense_coord_weight))
 
 
