@@ -178,8 +178,11 @@ def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_pat
 
     calls = []
 
+    found = []  # whether each call found its folder's old checkpoint (train() would resume from it)
+
     def fake_train(task, root, folder, size, device):
         calls.append(task)
+        found.append((folder / "model.json").is_file())
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "model.json").write_text("{}")
         return folder / "model.json"
@@ -196,8 +199,12 @@ def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_pat
     (tmp_path / "models" / "objects" / mj.TRAINED_MARK).write_text('{"model": "model.js')  # a truncated mark
     _train_models(tmp_path, tmp_path, size, "cpu", False, {})
     assert calls[3:] == ["objects"]
+    assert found == [False, False, True, True]  # a killed training keeps its checkpoint, to resume from it
     _train_models(tmp_path, tmp_path, dataclasses.replace(size, hand_steps=(5, 1)), "cpu", False, {})
     assert calls[4:] == ["objects", "hands"] and "other sizes" in capsys.readouterr().out  # the whole size is compared
+    # Trained with other sizes: a fresh start, not a resume (train() would call a checkpoint at or past the new
+    # step count done and give the old model back).
+    assert found[4:] == [False, False]
     assert json.loads((tmp_path / "models" / "hands" / mj.TRAINED_MARK).read_text())["size"]["hand_steps"] == [5, 1]
     assert not list(tmp_path.glob("models/*/*.tmp"))
     # A mark written before a size field existed holds what was trained then (object_coord_bins: 0).
@@ -210,7 +217,11 @@ def test_only_models_whose_training_finished_with_these_sizes_are_reused(tmp_pat
     _train_models(tmp_path, tmp_path, size, "cpu", False, {})
     assert calls[6:] == []
     _train_models(tmp_path, tmp_path, dataclasses.replace(size, object_coord_bins=16), "cpu", False, {})
-    assert calls[6:] == ["objects", "hands"]
+    assert calls[6:] == ["objects", "hands"] and found[6:] == [False, False]
+    (tmp_path / "models" / "hands" / "history.jsonl").write_text("{}\n")
+    _train_models(tmp_path, tmp_path, dataclasses.replace(size, object_coord_bins=16), "cpu", True, {})  # --retrain
+    assert calls[8:] == ["objects", "hands"] and found[8:] == [False, False]
+    assert not (tmp_path / "models" / "hands" / "history.jsonl").exists()  # the old training's files are gone
 
 
 @pytest.mark.skipif(_cpu_cores() < 2, reason="the two trainings run side by side only on 2+ cores")

@@ -41,7 +41,7 @@ class MainJobSize:
     # 66% (64%) at 1,200 + 1,200, 63% (59%) at 1,200 + 1,000, 60% (52%) at 1,200 + 800 (session 21); 67% (52%)
     # at 1,000 + 1,100 and 62% (58%) at 900 + 1,150 (session 23); 62% (51%) at 1,000 + 800 and 59% (48%) at
     # 800 + 1,000 (session 24). Stage 2, where the real pairs come in, is what ADD needs. 1,000 + 800 since
-    # session 24: the object model ends about 45 s before the hand model and hands it its core, so the job's
+    # session 24: the object model ends about 30 s before the hand model and hands it its core, so the job's
     # two trainings end sooner (1,200 + 1,000 in session 23: 82% on the job's test frames, ADD 57%).
     object_steps: tuple[int, int] = (1000, 800)
     object_batch: int = 8
@@ -223,8 +223,9 @@ def _init_worker(freed: Any) -> None:
 def take_freed_cores(freed: Any, threads: int, every: int = 20) -> Callable[[int], None]:
     """A train() on_step hook: once `freed` is set (the other training ended), train with `threads` threads.
 
-    The two trainings rarely end together (the hand model before the object model on the Intel Xeon
-    without bf16, by 50-100 s in session 20 and 21-24 s in session 21), and a step at two threads runs
+    The two trainings rarely end together (the hand model first by 50-100 s in session 20 and 21-24 s in
+    session 21 on the Intel Xeon without bf16; since session 24 the object model first, by about 30 s), and
+    a step at two threads runs
     1.5-2.2x as fast as at one here (bench/bench_memory_format.py), so the one left takes the other's
     core. torch's thread count is per calling thread under OpenMP, hence a hook between steps in the
     training's own thread.
@@ -318,8 +319,23 @@ def _finished_model(folder: Path, size: MainJobSize) -> str | None:
         return "its training did not finish: it resumes from its last checkpoint"
     trained = mark.get("size") if isinstance(mark, dict) else None
     if not isinstance(trained, dict) or {**_FIELDS_ADDED, **trained} != _size_doc(size):
-        return "it was trained with other sizes"
+        return OTHER_SIZES
     return None
+
+
+OTHER_SIZES = "it was trained with other sizes"
+
+
+def _start_afresh(folder: Path) -> None:
+    """Remove a finished model's folder before it is trained again (--retrain, other sizes).
+
+    train() resumes from a checkpoint of the same method and net, and one that has reached the new step count
+    counts as done: without this the old model would come back unchanged and be marked with the new sizes.
+    """
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(folder)
 
 
 def _worker_died(why: str) -> RuntimeError:
@@ -355,6 +371,8 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         why = "--retrain" if retrain else _finished_model(folder, size)
         if why:
             print(f"[2/4] training Feature Mapping for {task} -> {folder} ({why})")
+            if why in ("--retrain", OTHER_SIZES):  # not a killed training, which resumes from its checkpoint
+                _start_afresh(folder)
             todo.append(task)
         else:
             print(f"[2/4] using the {task} model trained before: {folder / 'model.json'} (--retrain to train again)")
