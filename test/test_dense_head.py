@@ -227,9 +227,10 @@ def test_pool_and_augment_configs_refuse_bad_values() -> None:
         AugmentConfig(occluder_prob=1.5)
     with pytest.raises(StreamError, match="real_occluder_prob"):
         AugmentConfig(real_occluder_prob=-0.1)
-    for bad in ({"contrast": (1.5, 1.2)}, {"saturation": (-0.2, 1.0)}, {"gamma": (0.0, 1.0)},
+    for bad in ({"contrast": (1.5, 1.2)}, {"saturation": (-0.2, 1.0)}, {"gamma": (0.0, 1.0)}, {"gamma": (1e-30, 1.0)},
                 {"gamma": (1.0, float("nan"))}, {"contrast": (1.0, 9.0)}, {"saturation": (1.0,)},
-                {"contrast": 1.5}, {"gamma": ("low", "high")}):
+                {"contrast": 1.5}, {"gamma": ("low", "high")}, {"contrast": "12"}, {"saturation": b"\x01\x02"},
+                {"gamma": {1: 0, 2: 0}}, {"contrast": None}):
         with pytest.raises(StreamError, match=next(iter(bad))):
             AugmentConfig(**bad)
     assert AugmentConfig(contrast=[0.8, 2]).contrast == (0.8, 2.0)  # a YAML list becomes the range
@@ -239,10 +240,17 @@ def test_pool_and_augment_configs_refuse_bad_values() -> None:
 
 def test_tone_changes_stay_in_their_ranges_and_draw_nothing_when_off() -> None:
     x = torch.rand(64, 3, 16, 16) * 100 + 75  # no clipping at [0, 255] under any of the changes below
-    plain = photometric(x, torch.Generator().manual_seed(5), 0.25, 25.0, 0.3, 3.0)
-    # Off ((1, 1)): not one random number more, so the batches are those of before the option.
-    off = photometric(x, torch.Generator().manual_seed(5), 0.25, 25.0, 0.3, 3.0, (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
-    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    # Off ((1, 1)): not one random number more, so the batches are those of before the option. With no blur and
+    # no noise, the only draws are the gain's (B x 3) and the offset's (B): the generator must end exactly there.
+    g = torch.Generator().manual_seed(5)
+    off = photometric(x, g, 0.25, 25.0, 0.0, 0.0, (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+    ref = torch.Generator().manual_seed(5)
+    gain, offset = torch.rand(64, 3, 1, 1, generator=ref), torch.rand(64, 1, 1, 1, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    torch.testing.assert_close(off, (x * (1 + (gain * 2 - 1) * 0.25) + (offset * 2 - 1) * 25.0).clamp(0, 255))
+    g = torch.Generator().manual_seed(5)
+    photometric(x, g, 0.25, 25.0, 0.0, 0.0, contrast=(0.8, 1.2))
+    assert not torch.equal(g.get_state(), ref.get_state())  # on: it draws
 
     def tone(**kw: tuple[float, float]) -> torch.Tensor:
         return photometric(x, torch.Generator().manual_seed(6), 0.0, 0.0, 0.0, 0.0, **kw)
@@ -374,8 +382,6 @@ def test_decoding_in_threads_gives_the_poses_and_counts_of_one_thread(tmp_path: 
     runs = {}
     for threads in (1, 3):
         est = ObjectEstimator(model, meta, device="cpu", decode_threads=threads)
-        # Four LM rounds, the widest first: with random weights they still fit poses to several crops.
-        est.dense_cfg = dense.DenseDecodeConfig(lm_scales=(8.0, 4.0, 2.0, 1.0))
         runs[threads] = (est.estimate(rgb, geo.Intrinsics.from_K(K, 640, 480), dets), dict(est.skipped))
     (one, skipped_one), (three, skipped_three) = runs[1], runs[3]
     assert skipped_one == skipped_three and skipped_one["unknown_object"] == 1 and skipped_one["bad_box"] == 1
@@ -443,6 +449,38 @@ def test_the_lm_rounds_follow_lm_scales(monkeypatch) -> None:
     for bad in [(), (0.0,), (2.0, float("nan"))]:
         with pytest.raises(ValueError, match="lm_scales"):
             dense.DenseDecodeConfig(lm_scales=bad)
+    with pytest.raises(ValueError, match="lm_fallback"):
+        dense.DenseDecodeConfig(lm_fallback=(4.0, -1.0))
+    assert dense.DenseDecodeConfig(lm_fallback=()).lm_fallback == ()  # no fallback: allowed
+
+
+def test_a_decode_whose_rounds_find_no_pose_falls_back_to_the_wider_schedule(lmo_pool) -> None:
+    """One tight round alone cannot shed 20% outliers (the test above); the fallback rounds (8-4-2-1) can."""
+    pool, infos, meshes, cfg = lmo_pool
+    P = pool["rgb"].shape[1]
+    identity = geo.CropWindow(P / 2 - 0.5, P / 2 - 0.5, float(P), P)
+    rng = np.random.default_rng(1)
+    tight = dense.DenseDecodeConfig(lm_scales=(1.0,), lm_fallback=())
+    backed = dense.DenseDecodeConfig(lm_scales=(1.0,))
+    errors = []  # of the poses the fallback found where the tight round alone found none
+    for i in range(len(pool["rgb"])):
+        oid = cfg.obj_ids[int(pool["obj_index"][i])]
+        K = pool["K_crop"][i].double().numpy()
+        channels = _perfect_channels(pool["coords"][i], pool["mask"][i])
+        visible = np.flatnonzero(channels[0].ravel() > 0)
+        wrong = rng.choice(visible, size=len(visible) // 5, replace=False)
+        channels[1:].reshape(3, -1)[:, wrong] = rng.uniform(-1, 1, (3, len(wrong)))
+        args = (channels, identity, K, infos[oid].min_xyz, infos[oid].size_xyz)
+        found = dense.decode(*args, backed)
+        try:
+            alone = dense.decode(*args, tight)
+        except geo.GeometryError:
+            errors.append(proj_2d(found.R, found.t, pool["R"][i].double().numpy(), pool["t"][i].double().numpy(), K,
+                                  meshes[oid].vertices))
+            continue
+        np.testing.assert_array_equal(found.R, alone.R)  # where the rounds find a pose, the fallback never runs
+    assert errors, "no crop needed the fallback: the test does not test it"
+    assert max(errors) < 1.0, errors
 
 
 def _one_object_meta() -> dict:

@@ -359,8 +359,10 @@ def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_and_tone_cha
     assert (cfg.augment.contrast, cfg.augment.saturation, cfg.augment.gamma) == ((0.8, 2.0), (0.7, 2.5), (0.8, 1.25))
     default = lmo_pool_config(LmoBudget()).augment
     assert default.real_occluder_prob == 0.0 and default.contrast == default.saturation == default.gamma == (1.0, 1.0)
-    with pytest.raises(ValueError, match="contrast"):  # refused with the budget, not when the pools are made
-        LmoBudget(colour_contrast=(2.0, 1.0))
+    for bad in ((2.0, 1.0), 1.5, "12"):  # refused with the budget, named as the budget names it
+        with pytest.raises(ValueError, match="colour_contrast"):
+            LmoBudget(colour_contrast=bad)
+    assert LmoBudget(colour_gamma=[1, 2]).colour_gamma == (1.0, 2.0)  # stored as floats, as the augmentation's
 
 
 def test_main_job_object_coord_bins_reach_its_net(tmp_path: Path, monkeypatch) -> None:

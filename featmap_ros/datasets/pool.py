@@ -76,16 +76,27 @@ class AugmentConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("contrast", "saturation", "gamma"):
-            try:
-                span = tuple(float(v) for v in getattr(self, name))
-            except (TypeError, ValueError):
-                raise StreamError(f"{name} must be a range (low, high), got {getattr(self, name)!r}") from None
-            if len(span) != 2 or not 0.0 < span[0] <= span[1] <= 4.0:
-                raise StreamError(f"{name} must be a range (low, high) with 0 < low <= high <= 4, got {span}")
-            object.__setattr__(self, name, span)
+            object.__setattr__(self, name, tone_range(name, getattr(self, name)))
         lo, hi = self.window_scale
         if not (0 < lo <= hi and self.window_shift >= 0 and self.noise_std >= 0 and self.colour_gain >= 0):
             raise StreamError(f"window_scale must be 0 < lo <= hi and shift, noise, gain >= 0: {self}")
+
+
+def tone_range(name: str, value: Any) -> tuple[float, float]:
+    """A tone change's range (AugmentConfig.contrast, saturation, gamma) as two floats, 0.1 <= low <= high <= 4.
+
+    Raises:
+        StreamError: anything else (a number, text, a mapping, NaN, a reversed or out-of-bounds range).
+    """
+    span: tuple[float, ...] = ()
+    if not isinstance(value, str | bytes | Mapping):
+        try:
+            span = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            span = ()
+    if len(span) != 2 or not 0.1 <= span[0] <= span[1] <= 4.0:
+        raise StreamError(f"{name} must be a range (low, high) of numbers with 0.1 <= low <= high <= 4, got {value!r}")
+    return span[0], span[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from featmap_ros.datasets.pool import (
     background_bank,
     render_object_pool,
     shape_bank,
+    tone_range,
 )
 from featmap_ros.datasets.streams import LMO_K, LMO_OBJ_IDS, ObjectStreamConfig
 from featmap_ros.estimator import ObjectEstimator, load_estimator
@@ -138,10 +139,9 @@ class LmoBudget:
         if any(h not in OBJECT_HEADS for h in heads):
             raise ValueError(f"head and compare_heads must be among {OBJECT_HEADS}, got {heads}")
         object.__setattr__(self, "compare_heads", tuple(self.compare_heads))
-        for name in ("colour_contrast", "colour_saturation", "colour_gamma"):  # a budget file gives YAML lists
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        # The augmentation's own checks, at once rather than when the pools are made.
-        AugmentConfig(contrast=self.colour_contrast, saturation=self.colour_saturation, gamma=self.colour_gamma)
+        # The augmentation's own checks, at once rather than when the pools are made (a budget file gives lists).
+        for name in ("colour_contrast", "colour_saturation", "colour_gamma"):
+            object.__setattr__(self, name, tone_range(name, getattr(self, name)))
 
 
 QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
@@ -244,8 +244,10 @@ def synthetic_validation_crops(bop_root: Path, stream_cfg: ObjectStreamConfig, n
                                seed: int = 90_001) -> dict[str, torch.Tensor]:
     """Fresh crops like the training pool's, drawn with another seed: the same held-out set for every method.
 
-    Backgrounds, occluders, colour, blur and noise as in training, but no window jitter, so each
-    crop's camera is known: K (N, 3, 3) of the output crop, with R, t (canonical) and obj_index.
+    Backgrounds, occluders, colour, blur and noise as the default augmentation (PoolConfig()) makes them,
+    whatever a budget's own (its tone changes, LmoBudget.colour_*, included), so every budget is measured on
+    the same crops; no window jitter, so each crop's camera is known: K (N, 3, 3) of the output crop, with
+    R, t (canonical) and obj_index.
     """
     infos = bop.load_models_info(bop_root / "models" / "models_info.json")
     meshes = {i: bop.load_ply(bop.model_path(bop_root, i)) for i in stream_cfg.obj_ids}

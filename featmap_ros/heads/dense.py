@@ -50,10 +50,14 @@ class DenseDecodeConfig:
     # scored 38.1% 2D-proj@5px at 3.4 ms per object, RANSAC with 150 AP3P hypotheses 36.5% at 5.6 ms.
     ransac_iterations: int = 0
     # Without RANSAC: the multiples of the inlier threshold of the Levenberg-Marquardt rounds, widest first.
-    # Two rounds since session 24 (four, 8-4-2-1, before): 1.5-1.6x faster decodes at the same accuracy on
+    # Two rounds since session 24 (four, 8-4-2-1, before): 1.4-1.6x faster decodes at the same accuracy on
     # training frames only (three models, 356 instances: 50.5% against 50.7% 2D-proj@5px in the mean;
     # bench/bench_dense_decode.py, docs/results.md). A round is a solvePnPRefineLM call: ~0.25 ms on 200.
     lm_scales: tuple[float, ...] = (4.0, 1.0)
+    # Where those rounds leave fewer than 4 correspondences within the threshold: these rounds from the EPnP
+    # pose instead, before giving up (the four-round schedule of before, wider first, which finds a pose in more
+    # noisy outputs: an early model's, a hard object's); () gives up at once. Costs time on such failures only.
+    lm_fallback: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
     ransac_confidence: float = 0.999
     # The minimal solver inside RANSAC: "ap3p" (4 points, about 3x faster than EPnP's 5-point
     # samples at equal accuracy) or "epnp"; Levenberg-Marquardt on all inliers polishes either.
@@ -66,10 +70,12 @@ class DenseDecodeConfig:
         if not 4 <= self.min_points <= self.max_points:
             raise ValueError(f"need 4 <= min_points <= max_points (PnP takes 4 or more), got {self.min_points} "
                              f"and {self.max_points}")
-        scales = tuple(float(v) for v in self.lm_scales)
-        if not scales or not all(np.isfinite(v) and v > 0 for v in scales):
-            raise ValueError(f"lm_scales must be positive finite multiples of the threshold, got {self.lm_scales!r}")
-        object.__setattr__(self, "lm_scales", scales)
+        for name, allow_empty in (("lm_scales", False), ("lm_fallback", True)):
+            scales = tuple(float(v) for v in getattr(self, name))
+            if (not scales and not allow_empty) or not all(np.isfinite(v) and v > 0 for v in scales):
+                raise ValueError(f"{name} must be positive finite multiples of the threshold, got "
+                                 f"{getattr(self, name)!r}")
+            object.__setattr__(self, name, scales)
 
 
 _SOLVERS = {"ap3p": cv2.SOLVEPNP_AP3P, "epnp": cv2.SOLVEPNP_EPNP}
@@ -192,7 +198,12 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
             idx = inliers[:, 0]
             rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
         else:
-            rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_scales)
+            try:
+                rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_scales)
+            except geo.GeometryError:
+                if not cfg.lm_fallback or cfg.lm_fallback == cfg.lm_scales:
+                    raise
+                rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_fallback)
     except cv2.error as err:  # degenerate correspondences (all 3D points equal, early in training)
         raise geo.GeometryError(f"OpenCV PnP-RANSAC failed on {len(keep)} correspondences: {err}") from err
     R, _ = cv2.Rodrigues(rvec)
