@@ -225,10 +225,9 @@ def take_freed_cores(freed: Any, threads: int, every: int = 20) -> Callable[[int
 
     The two trainings rarely end together (the hand model first by 50-100 s in session 20 and 21-24 s in
     session 21 on the Intel Xeon without bf16; since session 24 the object model first, by about 30 s), and
-    a step at two threads runs
-    1.5-2.2x as fast as at one here (bench/bench_memory_format.py), so the one left takes the other's
-    core. torch's thread count is per calling thread under OpenMP, hence a hook between steps in the
-    training's own thread.
+    a step at two threads runs 1.5-2.2x as fast as at one here (bench/bench_memory_format.py), so the one
+    left takes the other's core. torch's thread count is per calling thread under OpenMP, hence a hook
+    between steps in the training's own thread.
     """
     import torch
 
