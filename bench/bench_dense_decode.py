@@ -32,7 +32,8 @@ from featmap_ros.experiments.lmo import _eval_models
 from featmap_ros.heads.dense import DenseDecodeConfig
 
 # (most correspondences, RANSAC iterations; 0: no RANSAC, EPnP then LM on shrinking inlier sets whose
-# thresholds are the given multiples of the inlier threshold: four rounds, the default until session 24, or two)
+# thresholds are the given multiples of the inlier threshold: four rounds, the default until session 24, or two;
+# each row keeps the decode's fallback to four rounds where its own find no pose, DenseDecodeConfig.lm_fallback)
 FOUR, TWO = (8.0, 4.0, 2.0, 1.0), (4.0, 1.0)
 SWEEP = [(400, 150, FOUR), (200, 150, FOUR), (100, 150, FOUR), (200, 60, FOUR), (100, 60, FOUR), (400, 0, FOUR),
          (200, 0, FOUR), (150, 0, FOUR), (100, 0, FOUR), (400, 0, TWO), (400, 0, (2.0, 1.0)), (200, 0, (8.0, 2.0, 1.0)),
