@@ -308,6 +308,9 @@ def _mark_trained(folder: Path, size: MainJobSize) -> None:
     atomic_write(folder / TRAINED_MARK, json.dumps({"size": _size_doc(size)}, indent=1).encode())
 
 
+OTHER_SIZES = "it was trained with other sizes"  # _finished_model's reason for a finished model of other sizes
+
+
 def _finished_model(folder: Path, size: MainJobSize) -> str | None:
     """None where folder holds a model trained to the end with this size, else why it must be trained (again)."""
     if not (folder / "model.json").is_file():
@@ -320,9 +323,6 @@ def _finished_model(folder: Path, size: MainJobSize) -> str | None:
     if not isinstance(trained, dict) or {**_FIELDS_ADDED, **trained} != _size_doc(size):
         return OTHER_SIZES
     return None
-
-
-OTHER_SIZES = "it was trained with other sizes"
 
 
 def _start_afresh(folder: Path) -> None:
@@ -370,7 +370,7 @@ def _train_models(root: Path, out: Path, size: MainJobSize, device: str, retrain
         why = "--retrain" if retrain else _finished_model(folder, size)
         if why:
             print(f"[2/4] training Feature Mapping for {task} -> {folder} ({why})")
-            if why in ("--retrain", OTHER_SIZES):  # not a killed training, which resumes from its checkpoint
+            if retrain or why == OTHER_SIZES:  # not a killed training, which resumes from its checkpoint
                 _start_afresh(folder)
             todo.append(task)
         else:

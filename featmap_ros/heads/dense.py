@@ -119,26 +119,33 @@ class DenseDecoded:
 
 
 def _shrinking_lm(xyz: np.ndarray, uv: np.ndarray, K: np.ndarray, threshold: float, n: int,
-                  scales: tuple[float, ...] = (4.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EPnP on all correspondences, then LM on those within scales x threshold; (rvec, tvec, inlier indices)."""
+                  scales: tuple[float, ...], fallback: tuple[float, ...] = ()
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EPnP on all correspondences, then LM on those within scales x threshold; (rvec, tvec, inlier indices).
+
+    Where those rounds leave fewer than 4 correspondences within the threshold, the `fallback` rounds run from
+    the same EPnP pose before giving up (DenseDecodeConfig.lm_fallback).
+    """
     xyz, uv = np.ascontiguousarray(xyz), np.ascontiguousarray(uv)
-    ok, rvec, tvec = cv2.solvePnP(xyz, uv, K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP)
+    ok, rvec0, tvec0 = cv2.solvePnP(xyz, uv, K, np.zeros(4), flags=cv2.SOLVEPNP_EPNP)
     if not ok:
         raise geo.GeometryError(f"EPnP found no pose from {n} correspondences")
-    idx = np.arange(len(xyz))
-    for scale in scales:
+
+    def within(rvec: np.ndarray, tvec: np.ndarray, limit: float) -> np.ndarray:
         proj, _ = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))
-        err = np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1)
-        within = np.flatnonzero(err < scale * threshold)
-        if len(within) < 4:
-            break
-        idx = within
-        rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
-    proj, _ = cv2.projectPoints(xyz, rvec, tvec, K, np.zeros(4))
-    idx = np.flatnonzero(np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1) < threshold)
-    if len(idx) < 4:
-        raise geo.GeometryError(f"no pose fits 4 of {n} correspondences within {threshold:.2f} px")
-    return rvec, tvec, idx
+        return np.flatnonzero(np.linalg.norm(proj.reshape(-1, 2) - uv, axis=1) < limit)
+
+    for schedule in (scales, fallback) if fallback and fallback != scales else (scales,):
+        rvec, tvec = rvec0, tvec0
+        for scale in schedule:
+            idx = within(rvec, tvec, scale * threshold)
+            if len(idx) < 4:
+                break
+            rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
+        idx = within(rvec, tvec, threshold)
+        if len(idx) >= 4:
+            return rvec, tvec, idx
+    raise geo.GeometryError(f"no pose fits 4 of {n} correspondences within {threshold:.2f} px")
 
 
 def most_visible(logits: np.ndarray, min_visibility: float, min_points: int, max_points: int
@@ -198,12 +205,7 @@ def decode(channels: np.ndarray, window: geo.CropWindow, K: np.ndarray, min_xyz:
             idx = inliers[:, 0]
             rvec, tvec = cv2.solvePnPRefineLM(xyz[idx], uv[idx], K, np.zeros(4), rvec, tvec)
         else:
-            try:
-                rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_scales)
-            except geo.GeometryError:
-                if not cfg.lm_fallback or cfg.lm_fallback == cfg.lm_scales:
-                    raise
-                rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_fallback)
+            rvec, tvec, idx = _shrinking_lm(xyz, uv, K, threshold, len(keep), cfg.lm_scales, cfg.lm_fallback)
     except cv2.error as err:  # degenerate correspondences (all 3D points equal, early in training)
         raise geo.GeometryError(f"OpenCV PnP-RANSAC failed on {len(keep)} correspondences: {err}") from err
     R, _ = cv2.Rodrigues(rvec)
