@@ -313,3 +313,40 @@ def test_the_torch_backend_on_a_cpu_runs_channels_last_with_the_models_own_outpu
     out, _ = net.run(x, objects)
     assert out.shape == reference.shape and out.flags.c_contiguous  # numpy's own row-major layout for callers
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_runs_bf16_channels_last_maps_in_nchw_and_float32_ones_as_they_are(monkeypatch) -> None:
+    from featmap_ros.model import nets
+
+    torch.manual_seed(0)
+    norm = nets.GroupNorm(2, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    plain = torch.nn.GroupNorm(2, 8)
+    plain.load_state_dict(norm.state_dict())  # the same parameters, under the same names
+    seen: list[tuple[torch.dtype, bool]] = []
+    group_norm = torch.nn.functional.group_norm
+
+    def spy(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        seen.append((x.dtype, x.is_contiguous()))
+        return group_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "group_norm", spy)
+    x = (3 * torch.randn(4, 8, 16, 16) + 1).contiguous(memory_format=torch.channels_last)
+    for dtype in (torch.bfloat16, torch.float32):
+        a = x.to(dtype).detach().clone(memory_format=torch.channels_last).requires_grad_()
+        b = x.to(dtype).detach().contiguous().requires_grad_()
+        grad = torch.randn(4, 8, 16, 16).to(dtype)
+        out = norm(a)
+        ref = plain(b)
+        out.backward(grad.contiguous(memory_format=torch.channels_last))
+        ref.backward(grad)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
+    # bf16: the NCHW kernel, as the reference's; float32: channels_last, as the convolutions' output came
+    assert seen == [(torch.bfloat16, True), (torch.bfloat16, True), (torch.float32, False), (torch.float32, True)]
+    model = FeatureMappingModel(NetConfig(task="hands", input_size=32, width=4, feature_dim=8))
+    kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert kinds == {nets.GroupNorm}

@@ -141,6 +141,22 @@ class NetConfig:
         return d
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises bf16 channels_last maps in NCHW memory (the same parameters and state_dict).
+
+    Under bf16 autocast on a CPU, torch's GroupNorm kernels for channels_last maps are several times slower
+    than for NCHW ones (the main job's hand extractor: 29 of its 52 ms a step on an AMD EPYC with
+    AVX512-BF16, docs/results.md, session 25), while the convolutions want channels_last. Copying the map
+    to NCHW and back costs less than the difference there; in float32 the channels_last kernel is kept.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.dim() == 4 and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def _norm(channels: int, kind: str) -> nn.Module:
     """GroupNorm with up to 8 groups of at least 4 channels, or identity."""
     if kind == "none":
@@ -150,7 +166,7 @@ def _norm(channels: int, kind: str) -> nn.Module:
     # colour or depth offset); narrow CPU-sized nets get fewer, wider groups instead.
     while groups > 1 and channels // groups < 4:
         groups //= 2
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, norm: str) -> nn.Sequential:
