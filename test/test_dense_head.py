@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -178,6 +179,35 @@ def test_window_jitter_moves_corners_with_the_image() -> None:
     torch.testing.assert_close(back.reshape(4, 16), uv)
     identity = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
     torch.testing.assert_close(warp_corners(uv[:1], identity), uv[:1])
+
+
+def test_rotated_windows_move_image_and_corners_alike() -> None:
+    from featmap_ros.datasets.pool import warp
+
+    # A stored crop (oversize 1.5, 96 px for a 64 px window) with one bright 3 x 3 dot at a known point.
+    g = torch.Generator().manual_seed(0)
+    plain = jitter_thetas(torch.Generator().manual_seed(0), 6, 1.5, 0.08, (0.8, 1.2))
+    theta = jitter_thetas(g, 6, 1.5, 0.08, (0.8, 1.2), rotation_deg=30.0)
+    turned = torch.atan2(theta[:, 1, 0], theta[:, 0, 0])
+    assert (turned.abs() > 1e-3).all() and (turned.abs() <= math.radians(30.0) + 1e-6).all()
+    # Scale and shift are drawn first, so they are the unrotated windows' (rotation 0 draws nothing more).
+    torch.testing.assert_close(theta[:, :, :2].square().sum(1), plain[:, :, :2].square().sum(1))
+    torch.testing.assert_close(theta[:, :, 2], plain[:, :, 2])
+    stored = torch.zeros(6, 1, 96, 96)
+    dot = torch.tensor([[0.3, -0.2]])  # normalised over the stored crop (x, y)
+    u, v = ((dot[0] + 1) * 96 / 2 - 0.5).round().long().tolist()
+    stored[:, :, v - 1:v + 2, u - 1:u + 2] = 1.0
+    out = warp(stored, theta, 64, "nearest")[:, 0]
+    where = warp_corners(dot.expand(6, 2), theta)  # the dot's place in each output window, normalised
+    for i in range(6):
+        vs, us = torch.nonzero(out[i] > 0.5, as_tuple=True)
+        centre = torch.stack([us.float().mean(), vs.float().mean()])
+        expected = (where[i] + 1) * 64 / 2 - 0.5
+        assert torch.dist(centre, expected) < 1.0, (i, centre, expected)
+    with pytest.raises(StreamError, match="rotation_deg"):
+        AugmentConfig(rotation_deg=float("nan"))
+    with pytest.raises(StreamError, match="rotation_deg"):
+        AugmentConfig(rotation_deg=-5.0)
 
 
 def test_augmented_batches_have_both_heads_targets(lmo_pool) -> None:

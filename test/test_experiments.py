@@ -350,12 +350,16 @@ def test_lmo_budget_seed_reaches_the_training_and_nothing_else() -> None:
     assert lmo_pool_config(one) == lmo_pool_config(two)  # the pools (and their augmentation) are the same
 
 
-def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_and_tone_changes() -> None:
+def test_lmo_pool_config_takes_the_budgets_pool_size_real_occluders_rotation_and_tone_changes() -> None:
     from featmap_ros.experiments.lmo import LmoBudget, lmo_pool_config
 
     cfg = lmo_pool_config(LmoBudget(pool_per_object=7, real_occluder_prob=0.5, colour_contrast=[0.8, 2.0],
-                                    colour_saturation=(0.7, 2.5), colour_gamma=(0.8, 1.25)))
-    assert cfg.n_per_object == 7 and cfg.augment.real_occluder_prob == 0.5
+                                    colour_saturation=(0.7, 2.5), colour_gamma=(0.8, 1.25), rotation_deg=20))
+    assert cfg.n_per_object == 7 and cfg.augment.real_occluder_prob == 0.5 and cfg.augment.rotation_deg == 20
+    assert lmo_pool_config(LmoBudget()).augment.rotation_deg == 0.0
+    for bad in (-1.0, 200.0, float("nan")):
+        with pytest.raises(ValueError, match="rotation_deg"):
+            LmoBudget(rotation_deg=bad)
     assert (cfg.augment.contrast, cfg.augment.saturation, cfg.augment.gamma) == ((0.8, 2.0), (0.7, 2.5), (0.8, 1.25))
     default = lmo_pool_config(LmoBudget()).augment
     assert default.real_occluder_prob == 0.0 and default.contrast == default.saturation == default.gamma == (1.0, 1.0)

@@ -54,6 +54,9 @@ class AugmentConfig:
 
     window_shift: float = 0.08  # max centre shift, fraction of the window side
     window_scale: tuple[float, float] = (0.8, 1.2)
+    # In-plane rotation of the window about its centre, uniform in +- this many degrees (0: none, and no random
+    # draw): a camera roll, synthetic crops and real pairs alike (image, mask, coordinates and corners together).
+    rotation_deg: float = 0.0
     occluder_prob: float = 0.5
     occluder_shape_prob: float = 0.5  # share of occluders that are random shapes, not other pool objects
     min_visible: float = 0.4  # an occluder hiding more than 1 - this of the object is dropped
@@ -77,6 +80,8 @@ class AugmentConfig:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("contrast", "saturation", "gamma"):
             object.__setattr__(self, name, tone_range(name, getattr(self, name)))
+        if not 0.0 <= self.rotation_deg <= 180.0:  # also refuses NaN
+            raise StreamError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
         lo, hi = self.window_scale
         if not (0 < lo <= hi and self.window_shift >= 0 and self.noise_std >= 0 and self.colour_gain >= 0):
             raise StreamError(f"window_scale must be 0 < lo <= hi and shift, noise, gain >= 0: {self}")
@@ -275,13 +280,18 @@ def shape_bank(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 # Batches from the pools
 
 
-def jitter_thetas(g: torch.Generator, n: int, oversize: float, shift: float, scale: tuple[float, float]
-                  ) -> torch.Tensor:
-    """(n, 2, 3) affine_grid matrices: output window (scale s, shift d of the window side) in the stored crop."""
+def jitter_thetas(g: torch.Generator, n: int, oversize: float, shift: float, scale: tuple[float, float],
+                  rotation_deg: float = 0.0) -> torch.Tensor:
+    """(n, 2, 3) affine_grid matrices: output window (scale s, shift d of the window side, turned by up to
+    +- rotation_deg about its centre) in the stored crop. rotation_deg 0 draws no angle (the same stream as before)."""
     s = torch.empty(n).uniform_(scale[0], scale[1], generator=g)
     d = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = s / oversize
+    if rotation_deg > 0:
+        a = torch.deg2rad((torch.rand(n, generator=g) * 2 - 1) * rotation_deg)
+        c, si = torch.cos(a) * s / oversize, torch.sin(a) * s / oversize
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = c, -si, si, c
     theta[:, :, 2] = 2 * d / oversize
     return theta
 
@@ -439,7 +449,7 @@ def augment_synthetic(pool: Pool, idx: torch.Tensor, backgrounds: torch.Tensor,
     """A training batch from pool rows idx: image (B, 3, S, S) in [-1, 1], target (B, 16), obj_index,
     coords (B, 3, S/2, S/2) and visibility (B, S/2, S/2) of the dense head."""
     b = len(idx)
-    theta = jitter_thetas(g, b, oversize, cfg.window_shift, cfg.window_scale)
+    theta = jitter_thetas(g, b, oversize, cfg.window_shift, cfg.window_scale, cfg.rotation_deg)
     rgb = pool["rgb"][idx].permute(0, 3, 1, 2).float()
     mask = pool["mask"][idx].float().unsqueeze(1)
     coords = pool["coords"][idx].float()
@@ -470,7 +480,7 @@ def augment_pairs(pool: Pool, idx: torch.Tensor, crop: int, oversize: float, cfg
     at occluder_oversize), each pasted over the real crop and its render alike; needed when that is > 0.
     """
     b = len(idx)
-    theta = jitter_thetas(g, b, oversize, cfg.window_shift, cfg.window_scale)
+    theta = jitter_thetas(g, b, oversize, cfg.window_shift, cfg.window_scale, cfg.rotation_deg)
     both = torch.cat([pool["real"][idx].permute(0, 3, 1, 2).float(), pool["syn"][idx].permute(0, 3, 1, 2).float()], 1)
     both = warp(both, theta, crop, "bilinear")
     geo_maps = warp(torch.cat([pool["mask"][idx].float().unsqueeze(1), pool["coords"][idx].float()], 1), theta, crop,

@@ -106,6 +106,8 @@ class LmoBudget:
     # The share of real training crops that get a synthetic occluder, pasted alike over the pair's render
     # (AugmentConfig.real_occluder_prob): the real crops are few, and a net can learn them by heart.
     real_occluder_prob: float = 0.0
+    # In-plane rotation of every training crop's window, up to +- this many degrees (AugmentConfig.rotation_deg).
+    rotation_deg: float = 0.0
     # Synthetic images: backgrounds cut from the real *training* frames (this share; the rest are
     # random colours, noise and textures), camera noise and blur like the real crops'.
     train_frame_backgrounds: float = 0.5
@@ -142,6 +144,8 @@ class LmoBudget:
         # The augmentation's own checks, at once rather than when the pools are made (a budget file gives lists).
         for name in ("colour_contrast", "colour_saturation", "colour_gamma"):
             object.__setattr__(self, name, tone_range(name, getattr(self, name)))
+        if not 0.0 <= self.rotation_deg <= 180.0:  # also refuses NaN
+            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
 
 
 QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
@@ -154,8 +158,8 @@ def lmo_pool_config(budget: LmoBudget) -> PoolConfig:
     """The pools' sizes and augmentation of every method."""
     return PoolConfig(n_per_object=budget.pool_per_object,
                       augment=AugmentConfig(real_occluder_prob=budget.real_occluder_prob,
-                                            contrast=budget.colour_contrast, saturation=budget.colour_saturation,
-                                            gamma=budget.colour_gamma))
+                                            rotation_deg=budget.rotation_deg, contrast=budget.colour_contrast,
+                                            saturation=budget.colour_saturation, gamma=budget.colour_gamma))
 
 
 def lmo_train_config(budget: LmoBudget, n_objects: int, device: str = "cpu", head: str | None = None) -> TrainConfig:
