@@ -80,8 +80,7 @@ class AugmentConfig:
                 raise StreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("contrast", "saturation", "gamma"):
             object.__setattr__(self, name, tone_range(name, getattr(self, name)))
-        if not 0.0 <= self.rotation_deg <= 180.0:  # also refuses NaN
-            raise StreamError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        object.__setattr__(self, "rotation_deg", rotation_bound("rotation_deg", self.rotation_deg))
         lo, hi = self.window_scale
         if not (0 < lo <= hi and self.window_shift >= 0 and self.noise_std >= 0 and self.colour_gain >= 0):
             raise StreamError(f"window_scale must be 0 < lo <= hi and shift, noise, gain >= 0: {self}")
@@ -102,6 +101,21 @@ def tone_range(name: str, value: Any) -> tuple[float, float]:
     if len(span) != 2 or not 0.1 <= span[0] <= span[1] <= 4.0:
         raise StreamError(f"{name} must be a range (low, high) of numbers with 0.1 <= low <= high <= 4, got {value!r}")
     return span[0], span[1]
+
+
+def rotation_bound(name: str, value: Any) -> float:
+    """An in-plane rotation bound in degrees (AugmentConfig.rotation_deg) as a float in [0, 180].
+
+    Raises:
+        StreamError: anything else (text, NaN, a negative or larger bound).
+    """
+    try:
+        bound = float(value) if not isinstance(value, str | bytes | bool) else math.nan
+    except (TypeError, ValueError):
+        bound = math.nan
+    if not 0.0 <= bound <= 180.0:  # also refuses NaN
+        raise StreamError(f"{name} must be a number of degrees in [0, 180], got {value!r}")
+    return bound
 
 
 # --------------------------------------------------------------------------------------------

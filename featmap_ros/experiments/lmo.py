@@ -46,6 +46,7 @@ from featmap_ros.datasets.pool import (
     augment_synthetic,
     background_bank,
     render_object_pool,
+    rotation_bound,
     shape_bank,
     tone_range,
 )
@@ -144,8 +145,7 @@ class LmoBudget:
         # The augmentation's own checks, at once rather than when the pools are made (a budget file gives lists).
         for name in ("colour_contrast", "colour_saturation", "colour_gamma"):
             object.__setattr__(self, name, tone_range(name, getattr(self, name)))
-        if not 0.0 <= self.rotation_deg <= 180.0:  # also refuses NaN
-            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        object.__setattr__(self, "rotation_deg", rotation_bound("rotation_deg", self.rotation_deg))
 
 
 QUICK = LmoBudget(input_size=32, width=4, feature_dim=32, dense_feature_dim=8, dropout=0.1, batch_size=4,
